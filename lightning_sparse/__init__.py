@@ -1,0 +1,18 @@
+"""lightning-sparse: train PyTorch Lightning models sparse from scratch with one callback."""
+
+from lightning_sparse.algorithms import ALGORITHMS, LayerState, SparseAlgorithm, UpdateResult
+from lightning_sparse.callback import SparseTrainingCallback
+from lightning_sparse.masking import Masking, maskable_parameters
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ALGORITHMS",
+    "LayerState",
+    "Masking",
+    "SparseAlgorithm",
+    "SparseTrainingCallback",
+    "UpdateResult",
+    "__version__",
+    "maskable_parameters",
+]

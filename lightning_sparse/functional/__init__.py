@@ -1,0 +1,40 @@
+"""Tensor math of sparse training, free of Lightning: initialization, pruning, growth, redistribution,
+schedules. Every function works on plain tensors and can be tested on small hand-made examples."""
+
+from lightning_sparse.functional.init import INIT_METHODS, largest_remainder, layer_active_counts, random_mask
+from lightning_sparse.functional.prune_grow import (
+    add_highest,
+    drop_lowest,
+    magnitude_prune,
+    random_growth,
+    score_growth,
+)
+from lightning_sparse.functional.redistribute import (
+    allocate_regrowth,
+    magnitude_shares,
+    momentum_shares,
+    nonzero_shares,
+    prune_counts,
+)
+from lightning_sparse.functional.schedules import PRUNE_RATE_SCHEDULES, constant, cosine_decay, linear_decay
+
+__all__ = [
+    "INIT_METHODS",
+    "PRUNE_RATE_SCHEDULES",
+    "add_highest",
+    "allocate_regrowth",
+    "constant",
+    "cosine_decay",
+    "drop_lowest",
+    "largest_remainder",
+    "layer_active_counts",
+    "linear_decay",
+    "magnitude_prune",
+    "magnitude_shares",
+    "momentum_shares",
+    "nonzero_shares",
+    "prune_counts",
+    "random_growth",
+    "random_mask",
+    "score_growth",
+]

@@ -1,0 +1,116 @@
+"""Redistribution: how the pruned weights are handed back to the layers.
+
+A redistribution rule turns per-layer statistics into shares (non-negative, summing to one) on the device.
+``prune_counts`` and ``allocate_regrowth`` then turn a pruning rate and the shares into exact integer
+counts on the host. Pure tensor math, no Lightning.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from lightning_sparse.functional.init import largest_remainder
+
+# A count computed from a float product such as 0.3 * 10 must not round up because of the last bit.
+_EPS = 1e-7
+
+
+def momentum_shares(momenta: Sequence[Tensor], masks: Sequence[Tensor]) -> Tensor:
+    """Sparse momentum's redistribution: ``mean |M|`` over each layer's active weights, sum-normalized.
+
+    Returns a 1-D float32 tensor of shares on the device of the first momentum (no host synchronization).
+    A layer with no active weight has share 0. If every mean is zero, the shares are uniform.
+    """
+    means = torch.stack(
+        [
+            (m.detach().abs().float() * k).sum() / k.sum().clamp_min(1)
+            for m, k in zip(momenta, masks)
+        ]
+    )
+    return _normalize(means)
+
+
+def magnitude_shares(weights: Sequence[Tensor], masks: Sequence[Tensor]) -> Tensor:
+    """Shares proportional to each layer's mean ``|W|`` over its active weights."""
+    return momentum_shares(weights, masks)
+
+
+def nonzero_shares(masks: Sequence[Tensor]) -> Tensor:
+    """Shares proportional to each layer's number of active weights (DSR's rule)."""
+    return _normalize(torch.stack([k.sum() for k in masks]).float())
+
+
+def _normalize(values: Tensor) -> Tensor:
+    total = values.sum()
+    uniform = torch.full_like(values, 1.0 / values.numel())
+    return torch.where(total > 0, values / total.clamp_min(torch.finfo(values.dtype).tiny), uniform)
+
+
+def prune_counts(
+    rate: float,
+    active: Sequence[int],
+    sizes: Sequence[int],
+    shares: Sequence[float] | None = None,
+    dense_threshold: float = 0.8,
+) -> list[int]:
+    """How many active weights each layer loses: ``ceil(p_l * active_l)``.
+
+    ``p_l = rate``, except sparse momentum's second edge case (section 3.2): a layer that is nearly dense
+    (density above ``dense_threshold``) and whose share exceeds the uniform share ``1/L`` is still growing,
+    so its rate is reduced to ``min(rate, sparsity_l)``. Pass ``shares=None`` to switch the edge case off.
+    """
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"the pruning rate must be in [0, 1], got {rate}")
+    uniform_share = 1.0 / len(active) if active else 0.0
+    counts = []
+    for i, (a, n) in enumerate(zip(active, sizes)):
+        p = rate
+        if shares is not None and a / n > dense_threshold and shares[i] > uniform_share:
+            p = min(rate, 1.0 - a / n)
+        counts.append(min(a, math.ceil(p * a - _EPS)))
+    return counts
+
+
+def allocate_regrowth(total: int, shares: Sequence[float], capacity: Sequence[int]) -> list[int]:
+    """Hand ``total`` regrown weights to the layers in proportion to ``shares``, exactly.
+
+    No layer takes more than its ``capacity`` (free positions); what a full layer cannot take goes to the
+    others in proportion to their shares (water filling), until all ``total`` are placed. If every layer
+    with a positive share is full, the rest goes to the remaining layers in proportion to their free room.
+    The result sums to exactly ``total``.
+
+    Example:
+        >>> allocate_regrowth(100, [0.5, 0.25, 0.25], [10, 1000, 1000])
+        [10, 45, 45]
+    """
+    if total < 0:
+        raise ValueError(f"cannot regrow a negative number of weights: {total}")
+    if total > sum(capacity):
+        raise ValueError(f"cannot regrow {total} weights into {sum(capacity)} free positions")
+    n = len(shares)
+    quotas = [0.0] * n
+    open_ = [i for i in range(n) if capacity[i] > 0 and shares[i] > 0]
+    remaining = float(total)
+    while open_ and remaining > 0:
+        share_sum = sum(shares[i] for i in open_)
+        full = [i for i in open_ if remaining * shares[i] / share_sum >= capacity[i]]
+        if not full:
+            for i in open_:
+                quotas[i] = remaining * shares[i] / share_sum
+            remaining = 0.0
+            break
+        for i in full:
+            quotas[i] = float(capacity[i])
+            remaining -= capacity[i]
+        open_ = [i for i in open_ if i not in full]
+    if remaining > 0:  # every layer with a positive share is full: fill the rest by free room
+        room = [capacity[i] - quotas[i] for i in range(n)]
+        room_sum = sum(room)
+        quotas = [q + remaining * r / room_sum for q, r in zip(quotas, room)]
+    return largest_remainder(quotas, total, capacity)
+
+

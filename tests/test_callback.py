@@ -1,0 +1,321 @@
+"""SparseTrainingCallback inside real (tiny) Trainer runs on the CPU."""
+
+import math
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+
+from lightning_sparse import SparseTrainingCallback
+from lightning_sparse.functional import cosine_decay, layer_active_counts
+
+from .helpers import (
+    ConsumedBatches,
+    DigitsCNN,
+    DigitsMLP,
+    MaskRecorder,
+    digits_loader,
+    resumable_digits_loader,
+    trainer,
+)
+
+EPOCHS = 4
+BATCHES = 12  # 600 samples / 50
+
+
+def _fit(callback, model=None, loader=None, recorder=True, **trainer_kwargs):
+    model = model or DigitsMLP()
+    callbacks = [callback]
+    rec = MaskRecorder(callback) if recorder else None
+    if rec:
+        callbacks.append(rec)
+    callbacks += trainer_kwargs.pop("extra_callbacks", [])
+    t = trainer(callbacks=callbacks, **trainer_kwargs)
+    t.fit(model, loader or digits_loader())
+    return t, model, rec
+
+
+def test_masked_weights_are_zero_after_every_step_sgd():
+    cb = SparseTrainingCallback(density=0.2, seed=0)
+    _, _, rec = _fit(cb, max_epochs=EPOCHS)
+    assert rec.steps_checked == EPOCHS * BATCHES
+
+
+def test_masked_weights_are_zero_after_every_step_adam_cnn():
+    cb = SparseTrainingCallback(density=0.3, seed=0)
+    _, model, rec = _fit(cb, model=DigitsCNN(optimizer="adam"), loader=digits_loader(image=True), max_epochs=3)
+    assert rec.steps_checked == 3 * BATCHES
+    assert set(cb.masks) == {"net.0.weight", "net.3.weight", "net.7.weight"}  # BatchNorm and biases dense
+
+
+def test_density_exact_and_metrics_logged():
+    cb = SparseTrainingCallback(density=0.1, seed=1)
+    t, model, _ = _fit(cb, max_epochs=3)
+    shapes = [tuple(m.shape) for m in cb.masks.values()]
+    expected = sum(layer_active_counts(shapes, 0.1))
+    assert sum(int(m.sum()) for m in cb.masks.values()) == expected
+    nonzero = sum(int(torch.count_nonzero(p)) for n, p in model.named_parameters() if n in cb.masks)
+    assert nonzero <= expected
+    metrics = t.callback_metrics
+    for name in cb.masks:
+        assert f"sparse/density/{name}" in metrics
+    assert metrics["sparse/density"].item() == pytest.approx(nonzero / sum(m.numel() for m in cb.masks.values()), abs=0.02)
+    assert metrics["sparse/prune_rate"].item() == pytest.approx(cosine_decay(2 / 3, 0.5))
+
+
+def test_masks_change_every_epoch_but_not_after_the_last():
+    cb = SparseTrainingCallback(density=0.2, seed=0)
+    _, _, rec = _fit(cb, max_epochs=EPOCHS)
+    masks = rec.epoch_masks
+    assert len(masks) == EPOCHS
+    for before, after in zip(masks[:-2], masks[1:-1]):
+        assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(masks[-2][k], masks[-1][k]) for k in masks[-1])  # the last epoch changes nothing
+    assert cb.state_dict()["num_updates"] == EPOCHS - 1
+
+
+def test_prune_rate_follows_cosine_per_epoch():
+    rates = []
+
+    class RateSpy(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            rates.append(trainer.callback_metrics.get("sparse/prune_rate"))
+
+    cb = SparseTrainingCallback(density=0.2, seed=0)
+    _fit(cb, max_epochs=EPOCHS, extra_callbacks=[RateSpy()], recorder=False)
+    expected = [cosine_decay((e + 1) / EPOCHS, 0.5) for e in range(EPOCHS - 1)]
+    assert [r.item() for r in rates[:-1]] == pytest.approx(expected)
+    assert cb.current_prune_rate == pytest.approx(expected[-1])
+
+
+def test_step_updates_happen_every_interval():
+    updates = []
+
+    class Spy(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            updates.append(cb.state_dict()["last_update_step"])
+
+    cb = SparseTrainingCallback(density=0.2, update_interval=5, seed=0)
+    _fit(cb, max_epochs=2, extra_callbacks=[Spy()], recorder=False)
+    # 24 steps: updates at 5, 10, 15, 20 (never on the last step)
+    assert sorted(set(updates) - {-1}) == [5, 10, 15, 20]
+    assert cb.state_dict()["num_updates"] == 4
+
+
+def test_static_masks_never_change():
+    cb = SparseTrainingCallback(density=0.2, algorithm="static", seed=0)
+    _, _, rec = _fit(cb, model=DigitsMLP(optimizer="plain_sgd"), max_epochs=3)
+    assert all(torch.equal(rec.epoch_masks[0][k], rec.epoch_masks[-1][k]) for k in cb.masks)
+
+
+def test_same_seed_same_masks_other_seed_other_masks():
+    a = SparseTrainingCallback(density=0.2, seed=7)
+    b = SparseTrainingCallback(density=0.2, seed=7)
+    c = SparseTrainingCallback(density=0.2, seed=8)
+    for cb in (a, b, c):
+        _fit(cb, max_epochs=1, recorder=False)
+    assert all(torch.equal(a.masks[k], b.masks[k]) for k in a.masks)
+    assert any(not torch.equal(a.masks[k], c.masks[k]) for k in a.masks)
+
+
+def test_dense_layers_are_not_masked():
+    cb = SparseTrainingCallback(density=0.2, dense_layers=["net.0", "*.4.weight"], seed=0)
+    _, model, _ = _fit(cb, max_epochs=1)
+    assert list(cb.masks) == ["net.2.weight"]
+    assert int(torch.count_nonzero(model.net[0].weight)) == model.net[0].weight.numel()
+
+
+def test_summary_table_lists_every_layer():
+    cb = SparseTrainingCallback(density=0.2, seed=0)
+    _fit(cb, max_epochs=1, recorder=False)
+    table = cb.summary()
+    for name in cb.masks:
+        assert name in table
+    assert "all" in table
+
+
+# ----------------------------------------------------------------------------- checkpoints and resume
+
+
+def _ckpt_fit(cb, tmp_path, max_epochs, ckpt_path=None, **ckpt_kwargs):
+    val = digits_loader(200, offset=1500) if ckpt_kwargs.pop("validate", False) else None
+    model = DigitsMLP()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, **ckpt_kwargs)
+    loader = resumable_digits_loader()
+    L.seed_everything(0)
+    t = trainer(max_epochs=max_epochs, callbacks=[cb, ConsumedBatches(loader), ckpt], enable_checkpointing=True)
+    t.fit(model, loader, val_dataloaders=val, ckpt_path=ckpt_path)
+    return model
+
+
+def _assert_same_run(cb_a, model_a, cb_b, model_b):
+    assert cb_a.masks.keys() == cb_b.masks.keys()
+    for k in cb_a.masks:
+        assert torch.equal(cb_a.masks[k], cb_b.masks[k]), k
+    assert cb_a.current_prune_rate == cb_b.current_prune_rate
+    for (n, p), (_, q) in zip(model_a.named_parameters(), model_b.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=n)
+
+
+def test_resume_from_epoch_checkpoint_continues_like_the_uninterrupted_run(tmp_path):
+    full = SparseTrainingCallback(density=0.2, seed=3)
+    model_full = _ckpt_fit(full, tmp_path / "full", EPOCHS)
+    ckpt = tmp_path / "full" / "epoch=1-step=24.ckpt"
+    assert ckpt.exists()
+    state = torch.load(ckpt, weights_only=True)["callbacks"]["SparseTrainingCallback"]
+    assert state["num_updates"] == 2 and state["prune_rate"] == pytest.approx(cosine_decay(2 / EPOCHS, 0.5))
+    assert all(m.dtype == torch.bool for m in state["masks"].values())
+
+    resumed = SparseTrainingCallback(density=0.2, seed=999)  # the checkpoint's masks win over a new seed
+    model_resumed = _ckpt_fit(resumed, tmp_path / "resumed", EPOCHS, ckpt_path=ckpt)
+    _assert_same_run(full, model_full, resumed, model_resumed)
+
+
+def test_resume_from_mid_epoch_checkpoint(tmp_path):
+    full = SparseTrainingCallback(density=0.2, seed=3)
+    model_full = _ckpt_fit(full, tmp_path / "full", EPOCHS, every_n_train_steps=7)
+    ckpt = tmp_path / "full" / "epoch=1-step=21.ckpt"  # 21 = 12 + 9: in the middle of epoch 1
+    resumed = SparseTrainingCallback(density=0.2, seed=3)
+    model_resumed = _ckpt_fit(resumed, tmp_path / "resumed", EPOCHS, ckpt_path=ckpt, every_n_train_steps=7)
+    _assert_same_run(full, model_full, resumed, model_resumed)
+
+
+def test_resume_from_checkpoint_saved_after_validation_before_the_epoch_update(tmp_path):
+    # With save_on_train_epoch_end=False, ModelCheckpoint saves at the end of validation, which Lightning
+    # runs before `on_train_epoch_end`: the checkpoint holds the masks before that epoch's update. The
+    # resumed run must still make that update (Lightning runs the epoch-end hooks of the resumed epoch).
+    kwargs = dict(validate=True, monitor="val_loss", save_on_train_epoch_end=False)
+    full = SparseTrainingCallback(density=0.2, seed=3)
+    model_full = _ckpt_fit(full, tmp_path / "full", EPOCHS, **kwargs)
+    ckpt = tmp_path / "full" / "epoch=1-step=24.ckpt"
+    state = torch.load(ckpt, weights_only=True)["callbacks"]["SparseTrainingCallback"]
+    assert state["num_updates"] == 1  # saved before epoch 1's update
+    resumed = SparseTrainingCallback(density=0.2, seed=3)
+    model_resumed = _ckpt_fit(resumed, tmp_path / "resumed", EPOCHS, ckpt_path=ckpt, **kwargs)
+    _assert_same_run(full, model_full, resumed, model_resumed)
+    assert resumed.state_dict()["num_updates"] == EPOCHS - 1
+
+
+def test_checkpoint_with_other_masks_raises(tmp_path):
+    cb = SparseTrainingCallback(density=0.2, seed=0)
+    _ckpt_fit(cb, tmp_path, 1)
+    ckpt = next(tmp_path.glob("*.ckpt"))
+    other = SparseTrainingCallback(density=0.2, dense_layers=["net.0"], seed=0)
+    with pytest.raises(ValueError, match=r"the masks do not match the model's masked weights: missing none, unexpected \['net.0.weight'\]"):
+        _ckpt_fit(other, tmp_path / "other", 2, ckpt_path=ckpt)
+
+
+def test_load_state_dict_rejects_wrong_shapes():
+    cb = SparseTrainingCallback(density=0.2, seed=0)
+    _fit(cb, max_epochs=1, recorder=False)
+    state = cb.state_dict()
+    state["masks"]["net.2.weight"] = torch.ones(3, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"mask 'net.2.weight' has shape \(3, 3\) but the weight has shape \(16, 32\)"):
+        cb.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("density", [0, 0.0, -0.1, 1.5, True, "0.1"])
+def test_density_out_of_range(density):
+    with pytest.raises(ValueError, match=r"`density` must be a number in \(0, 1\]"):
+        SparseTrainingCallback(density=density)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(algorithm="sparse_mom"), r"`algorithm` can be sparse_momentum, static"),
+        (dict(prune_rate_schedule="step"), r"`prune_rate_schedule` can be cosine, linear, constant"),
+        (dict(init="kaiming"), r"`init` can be uniform, erk, er, got 'kaiming'"),
+        (dict(prune_rate=1.5), r"`prune_rate` must be in \[0, 1\]"),
+        (dict(update_interval=0), r"`update_interval` must be None \(every epoch\) or an int >= 1"),
+    ],
+)
+def test_bad_arguments_name_the_allowed_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SparseTrainingCallback(density=0.1, **kwargs)
+
+
+def test_dense_layers_pattern_matching_nothing():
+    cb = SparseTrainingCallback(density=0.1, dense_layers=["encoder.*"])
+    with pytest.raises(ValueError, match=r"`dense_layers` pattern 'encoder.\*' matches no maskable layer; the maskable layers are: net.0, net.2, net.4"):
+        _fit(cb, recorder=False)
+
+
+def test_model_without_maskable_weights():
+    class NoLinear(DigitsMLP):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Flatten(), nn.LayerNorm(64))
+            self.scale = nn.Parameter(torch.ones(64, 10))
+
+        def forward(self, x):
+            return self.net(x) @ self.scale
+
+    with pytest.raises(ValueError, match=r"NoLinear has no maskable weights: sparse training masks the weights of Linear, Conv1d, Conv2d, Conv3d layers"):
+        _fit(SparseTrainingCallback(density=0.1), model=NoLinear(), recorder=False)
+
+
+def test_more_than_one_optimizer():
+    class TwoOptimizers(DigitsMLP):
+        def configure_optimizers(self):
+            return [torch.optim.SGD(self.net[0].parameters(), lr=0.1, momentum=0.9),
+                    torch.optim.SGD(self.net[2].parameters(), lr=0.1, momentum=0.9)]
+
+    class Manual(TwoOptimizers):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+    # Lightning itself refuses several optimizers with automatic optimization; with manual optimization
+    # the callback refuses first
+    with pytest.raises(ValueError, match=r"SparseTrainingCallback needs automatic optimization"):
+        _fit(SparseTrainingCallback(density=0.1), model=Manual(), recorder=False)
+
+
+def test_more_than_one_optimizer_from_on_fit_start():
+    # Lightning refuses several optimizers under automatic optimization before this hook; the callback's
+    # own check guards strategies that do not
+    cb = SparseTrainingCallback(density=0.1)
+    model = DigitsMLP()
+    t = trainer(callbacks=[cb])
+    cb.setup(t, model, "fit")
+    t.strategy.optimizers = [torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)] * 2
+    with pytest.raises(ValueError, match=r"SparseTrainingCallback supports exactly one optimizer, got 2"):
+        cb.on_fit_start(t, model)
+
+
+def test_plain_sgd_is_refused_for_sparse_momentum():
+    with pytest.raises(ValueError, match=r"sparse momentum needs an optimizer that keeps a momentum: torch.optim.SGD with momentum > 0, Adam, AdamW, NAdam or RAdam. Got SGD with momentum=0.0"):
+        _fit(SparseTrainingCallback(density=0.1), model=DigitsMLP(optimizer="plain_sgd"), recorder=False)
+
+
+def test_other_optimizer_is_refused_for_sparse_momentum():
+    class Adagrad(DigitsMLP):
+        def configure_optimizers(self):
+            return torch.optim.Adagrad(self.parameters())
+
+    with pytest.raises(ValueError, match=r"Got Adagrad"):
+        _fit(SparseTrainingCallback(density=0.1), model=Adagrad(), recorder=False)
+
+
+def test_cosine_schedule_needs_a_finite_length():
+    with pytest.raises(ValueError, match=r"the 'cosine' prune-rate schedule needs the length of training"):
+        _fit(SparseTrainingCallback(density=0.1), recorder=False, max_epochs=-1, max_steps=-1)
+
+
+def test_callable_schedule_returning_out_of_range():
+    cb = SparseTrainingCallback(density=0.1, prune_rate_schedule=lambda progress: 2.0)
+    with pytest.raises(ValueError, match=r"`prune_rate_schedule` returned 2.0 at progress 0.25; rates must be in \[0, 1\]"):
+        _fit(cb, recorder=False, max_epochs=4)
+
+
+def test_callable_schedule_is_used():
+    cb = SparseTrainingCallback(density=0.1, prune_rate_schedule=lambda progress: 0.1 * (1 - progress))
+    _fit(cb, recorder=False, max_epochs=2)
+    assert cb.current_prune_rate == pytest.approx(0.05)
+    assert math.isclose(cb.prune_rate_at(0.0), 0.1)
