@@ -319,3 +319,13 @@ def test_callable_schedule_is_used():
     _fit(cb, recorder=False, max_epochs=2)
     assert cb.current_prune_rate == pytest.approx(0.05)
     assert math.isclose(cb.prune_rate_at(0.0), 0.1)
+
+
+def test_gradients_and_momentum_of_missing_weights_stay_dense():
+    cb = SparseTrainingCallback(density=0.1, seed=0)
+    t, model, _ = _fit(cb, max_epochs=1, recorder=False)
+    optimizer = t.optimizers[0]
+    for name, param in model.named_parameters():
+        if name in cb.masks:
+            buffer = optimizer.state[param]["momentum_buffer"]
+            assert torch.count_nonzero(buffer[~cb.masks[name]]) > 0, name
