@@ -1,6 +1,7 @@
 """lightning-sparse: train PyTorch Lightning models sparse from scratch with one callback."""
 
-from lightning_sparse.algorithms import ALGORITHMS, LayerState, SparseAlgorithm, UpdateResult
+from lightning_sparse.algorithms import ALGORITHMS, LayerState, SparseAlgorithm, UpdateContext, UpdateResult
+from lightning_sparse.dst import DST
 from lightning_sparse.callback import SparseTrainingCallback
 from lightning_sparse.masking import Masking, maskable_parameters
 
@@ -8,10 +9,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ALGORITHMS",
+    "DST",
     "LayerState",
     "Masking",
     "SparseAlgorithm",
     "SparseTrainingCallback",
+    "UpdateContext",
     "UpdateResult",
     "__version__",
     "maskable_parameters",

@@ -1,8 +1,11 @@
-"""Sparse training methods as named combinations of a prune rule, a growth rule and a redistribution rule.
+"""Sparse training methods as named combinations of small rules.
 
-An update reads like the algorithm (the sparse momentum reference's ``truncate_weights``): statistics →
-prune → redistribute → grow. Everything here works on plain tensors, without Lightning, so it can be tested
-on small hand-made layers.
+A method is a :class:`SparseAlgorithm`: a **count** rule (how many active weights each layer loses), a
+**prune** rule (which ones), a **redistribution** rule (how the removed weights are shared among the
+layers), a **growth** rule (where they come back), a pruning-rate **schedule**, and when it runs. An update
+reads like the algorithm (the sparse momentum reference's ``truncate_weights``): statistics → count →
+prune → redistribute → grow. Everything here works on plain tensors, without Lightning, so it can be
+tested on small hand-made layers.
 
 Rule signatures (write your own and pass them to :class:`SparseAlgorithm`):
 
@@ -11,34 +14,41 @@ Rule signatures (write your own and pass them to :class:`SparseAlgorithm`):
 * grow ``(layer: LayerState, mask: Tensor, n: int, generator: torch.Generator) -> Tensor``: a copy of
   ``mask`` (the mask after pruning) with exactly ``n`` more active entries, never an already active one;
 * redistribute ``(layers: Sequence[LayerState]) -> Tensor | None``: each layer's share (summing to one) of
-  the weights pruned over the whole model, or ``None`` to let every layer regrow what it pruned.
+  the weights removed over the whole model, from statistics taken before pruning; ``None`` lets every
+  layer regrow what it lost;
+* count ``(layers: Sequence[LayerState], active: list[int], shares: list[float] | None,
+  context: UpdateContext) -> list[int]``: how many active weights each layer loses.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from lightning_sparse.dst import DST
 from lightning_sparse.functional.init import INIT_METHODS
-from lightning_sparse.functional.prune_grow import magnitude_prune, random_growth, score_growth
+from lightning_sparse.functional.prune_grow import magnitude_prune, random_growth, score_growth, set_prune
 from lightning_sparse.functional.redistribute import (
+    adapt_threshold,
     allocate_regrowth,
+    below_threshold_counts,
+    floor_counts,
     magnitude_shares,
     momentum_shares,
-    nonzero_shares,
     prune_counts,
 )
+from lightning_sparse.functional.schedules import PRUNE_RATE_SCHEDULES, gmp_sparsity
 
 
 class LayerState:
-    """What an update may read of one masked layer: its name, weight, mask, and on demand its momentum.
-
-    ``momentum`` is computed only when a rule reads it, so methods that do not use it never pay for it.
-    """
+    """What an update may read of one masked layer: its name, weight, mask, and on demand its momentum and
+    gradient. ``momentum`` and ``grad`` are computed only when a rule reads them."""
 
     def __init__(
         self,
@@ -46,11 +56,13 @@ class LayerState:
         weight: Tensor,
         mask: Tensor,
         momentum_fn: Callable[[], Tensor] | None = None,
+        grad_fn: Callable[[], Tensor | None] | None = None,
     ) -> None:
         self.name = name
         self.weight = weight
         self.mask = mask
         self._momentum_fn = momentum_fn
+        self._grad_fn = grad_fn
 
     @cached_property
     def momentum(self) -> Tensor:
@@ -59,24 +71,67 @@ class LayerState:
             raise RuntimeError(f"no momentum is available for {self.name!r}")
         return self._momentum_fn()
 
+    @cached_property
+    def grad(self) -> Tensor:
+        """The dense gradient of the last batch (masked weights receive gradients too)."""
+        grad = self._grad_fn() if self._grad_fn is not None else None
+        if grad is None:
+            raise RuntimeError(f"no gradient is available for {self.name!r}")
+        return grad
+
+
+@dataclass
+class UpdateContext:
+    """What an update knows beyond the layers.
+
+    Attributes:
+        rate: the pruning rate (drop fraction) the schedule gives now.
+        progress: fraction of the update window done, in [0, 1].
+        density: the target density of the run.
+        generator: the seeded CPU generator for random choices.
+        state: the algorithm's persistent state (checkpointed with the callback), e.g. DSR's threshold.
+    """
+
+    rate: float
+    progress: float = 0.0
+    density: float = 1.0
+    generator: torch.Generator = field(default_factory=torch.Generator)
+    state: dict[str, Any] = field(default_factory=dict)
+
 
 PruneRule = Callable[[LayerState, int], Tensor]
 GrowthRule = Callable[[LayerState, Tensor, int, torch.Generator], Tensor]
 RedistributionRule = Callable[[Sequence[LayerState]], "Tensor | None"]
+CountRule = Callable[[Sequence[LayerState], list[int], "list[float] | None", UpdateContext], list[int]]
 
 
+# ----------------------------------------------------------------------------- prune rules
 def _magnitude_prune(layer: LayerState, n: int) -> Tensor:
     return magnitude_prune(layer.weight, layer.mask, n)
 
 
+def _set_prune(layer: LayerState, n: int) -> Tensor:
+    return set_prune(layer.weight, layer.mask, n)
+
+
+# ----------------------------------------------------------------------------- growth rules
 def _momentum_growth(layer: LayerState, mask: Tensor, n: int, generator: torch.Generator) -> Tensor:
     return score_growth(layer.momentum, mask, n)
+
+
+def _gradient_growth(layer: LayerState, mask: Tensor, n: int, generator: torch.Generator) -> Tensor:
+    return score_growth(layer.grad, mask, n)
 
 
 def _random_growth(layer: LayerState, mask: Tensor, n: int, generator: torch.Generator) -> Tensor:
     return random_growth(mask, n, generator)
 
 
+def _no_growth(layer: LayerState, mask: Tensor, n: int, generator: torch.Generator) -> Tensor:
+    return mask
+
+
+# ----------------------------------------------------------------------------- redistribution rules
 def _momentum_redistribution(layers: Sequence[LayerState]) -> Tensor:
     return momentum_shares([layer.momentum for layer in layers], [layer.mask for layer in layers])
 
@@ -85,25 +140,72 @@ def _magnitude_redistribution(layers: Sequence[LayerState]) -> Tensor:
     return magnitude_shares([layer.weight for layer in layers], [layer.mask for layer in layers])
 
 
-def _nonzero_redistribution(layers: Sequence[LayerState]) -> Tensor:
-    return nonzero_shares([layer.mask for layer in layers])
-
-
 def _no_redistribution(layers: Sequence[LayerState]) -> None:
     return None
 
 
-PRUNE_RULES: dict[str, PruneRule] = {"magnitude": _magnitude_prune}
-GROWTH_RULES: dict[str, GrowthRule] = {"momentum": _momentum_growth, "random": _random_growth}
-REDISTRIBUTION_RULES: dict[str, RedistributionRule] = {
+NONZERO = "nonzero"
+"""Redistribution in proportion to each layer's active weights *after* pruning (DSR's rule); computed on
+the host from the counts, so it has no function."""
+
+
+# ----------------------------------------------------------------------------- count rules
+def ceil_count(layers: Sequence[LayerState], active: list[int], shares: list[float] | None, ctx: UpdateContext) -> list[int]:
+    """``ceil(rate * active_l)`` per layer, with sparse momentum's nearly-dense edge case when shares exist."""
+    return prune_counts(ctx.rate, active, [layer.mask.numel() for layer in layers], shares)
+
+
+def floor_count(layers: Sequence[LayerState], active: list[int], shares: list[float] | None, ctx: UpdateContext) -> list[int]:
+    """RigL: ``floor(rate * active_l)`` per layer."""
+    return floor_counts(ctx.rate, active)
+
+
+def gmp_count(layers: Sequence[LayerState], active: list[int], shares: list[float] | None, ctx: UpdateContext) -> list[int]:
+    """GMP: prune each layer down to ``round((1 - s_t) * N_l)`` active weights, ``s_t`` the cubic schedule
+    from dense to the target sparsity ``1 - density``."""
+    sparsity = gmp_sparsity(ctx.progress, final=1.0 - ctx.density)
+    targets = [int(round((1.0 - sparsity) * layer.mask.numel())) for layer in layers]
+    return [max(0, a - t) for a, t in zip(active, targets)]
+
+
+@dataclass(frozen=True)
+class DSRThreshold:
+    """DSR (Mostafa & Wang 2019): prune every active weight with ``|W|`` below one global threshold ``H``,
+    then adapt ``H`` (double or halve) so the number pruned tracks ``rate * total active``.
+
+    Args:
+        initial: the first threshold ``H_0``.
+        tolerance: ``δ``: ``H`` changes when the count leaves ``[(1 − δ), (1 + δ)] × target``.
+    """
+
+    initial: float = 1e-3
+    tolerance: float = 0.1
+
+    def __call__(self, layers: Sequence[LayerState], active: list[int], shares: list[float] | None, ctx: UpdateContext) -> list[int]:
+        threshold = float(ctx.state.get("dsr_threshold", self.initial))
+        counts = below_threshold_counts([l.weight for l in layers], [l.mask for l in layers], threshold)
+        ctx.state["dsr_threshold"] = adapt_threshold(threshold, sum(counts), ctx.rate * sum(active), self.tolerance)
+        return counts
+
+
+PRUNE_RULES: dict[str, PruneRule] = {"magnitude": _magnitude_prune, "set": _set_prune}
+GROWTH_RULES: dict[str, GrowthRule] = {
+    "momentum": _momentum_growth,
+    "gradient": _gradient_growth,
+    "random": _random_growth,
+    "none": _no_growth,
+}
+REDISTRIBUTION_RULES: dict[str, RedistributionRule | str] = {
     "momentum": _momentum_redistribution,
     "magnitude": _magnitude_redistribution,
-    "nonzero": _nonzero_redistribution,
+    NONZERO: NONZERO,
     "none": _no_redistribution,
 }
+COUNT_RULES: dict[str, CountRule] = {"ceil": ceil_count, "floor": floor_count, "gmp": gmp_count, "dsr": DSRThreshold()}
+STARTS = ("random", "dense", "snip")
 
 
-def _resolve(kind: str, value: str | Callable, table: dict[str, Callable]) -> Callable:
+def _resolve(kind: str, value: Any, table: dict[str, Any]) -> Any:
     if callable(value):
         return value
     if value not in table:
@@ -113,9 +215,11 @@ def _resolve(kind: str, value: str | Callable, table: dict[str, Callable]) -> Ca
 
 @dataclass(frozen=True)
 class UpdateResult:
-    """What one mask update did: the new masks and, per layer, the active, pruned and grown counts."""
+    """What one mask update did: the new masks, the masks after pruning (before growth), and per layer the
+    active, pruned and grown counts."""
 
     masks: list[Tensor]
+    pruned_masks: list[Tensor]
     active: list[int]
     pruned: list[int]
     grown: list[int]
@@ -123,16 +227,27 @@ class UpdateResult:
 
 @dataclass(frozen=True)
 class SparseAlgorithm:
-    """A sparse training method: which weights to drop, where to grow, how to share growth across layers.
+    """A sparse training method: rules for an update, its defaults, and when it runs.
 
     Args:
-        prune: ``"magnitude"`` or a prune rule (see the module docstring).
-        grow: ``"momentum"``, ``"random"`` or a growth rule.
-        redistribute: ``"momentum"``, ``"magnitude"``, ``"nonzero"``, ``"none"`` or a redistribution rule.
-        init: default sparse initialization, ``"uniform"``, ``"erk"`` or ``"er"``.
-        dynamic: ``False`` for a mask that never changes after initialization.
-        nearly_dense_edge_case: sparse momentum's rule that a nearly dense layer (density > 0.8) whose share
-            exceeds ``1/L`` prunes at most its sparsity.
+        prune: ``"magnitude"``, ``"set"`` (closest to zero on each side) or a prune rule.
+        grow: ``"momentum"``, ``"gradient"``, ``"random"``, ``"none"`` or a growth rule.
+        redistribute: ``"momentum"``, ``"magnitude"``, ``"nonzero"`` (active weights after pruning),
+            ``"none"`` (every layer regrows what it lost) or a redistribution rule.
+        count: ``"ceil"`` (``ceil(p·active)``), ``"floor"`` (``floor(p·active)``), ``"gmp"`` (down to the
+            cubic schedule's density), ``"dsr"`` (below DSR's adaptive threshold) or a count rule.
+        nearly_dense_edge_case: with ``count="ceil"`` and shares, a nearly dense layer (density > 0.8) whose
+            share exceeds ``1/L`` prunes at most its sparsity (sparse momentum, section 3.2).
+        prune_rate: default initial pruning rate / drop fraction.
+        schedule: default pruning-rate schedule (``"cosine"``, ``"linear"``, ``"constant"``).
+        init: default sparse initialization (``"uniform"``, ``"erk"``, ``"er"``).
+        update_interval: default update period in optimizer steps; ``None`` for every epoch.
+        stop_at: default end of the update window as a fraction of training; progress for the schedule
+            is measured over the window and the first update at or after its end is the last one.
+        start: ``"random"`` (masks drawn with ``init``), ``"dense"`` (all weights active: GMP), or
+            ``"snip"`` (one batch's ``|g·w|`` at the start of training).
+        reset_grown: zero the weights and optimizer state at grown positions (RigL).
+        dynamic: ``False`` for masks that never change after the start.
 
     Example (the paper's ablation "momentum redistribution, random growth"):
         >>> SparseAlgorithm(prune="magnitude", grow="random", redistribute="momentum")  # doctest: +ELLIPSIS
@@ -142,75 +257,130 @@ class SparseAlgorithm:
     prune: str | PruneRule = "magnitude"
     grow: str | GrowthRule = "momentum"
     redistribute: str | RedistributionRule = "momentum"
+    count: str | CountRule = "ceil"
+    nearly_dense_edge_case: bool = False
+    prune_rate: float = 0.5
+    schedule: str = "cosine"
     init: str = "uniform"
+    update_interval: int | None = None
+    stop_at: float = 1.0
+    start: str = "random"
+    reset_grown: bool = False
     dynamic: bool = True
-    nearly_dense_edge_case: bool = True
     _rules: tuple = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.init not in INIT_METHODS:
             raise ValueError(f"`init` can be {', '.join(INIT_METHODS)}, got {self.init!r}")
+        if self.schedule not in PRUNE_RATE_SCHEDULES:
+            raise ValueError(f"`schedule` can be {', '.join(PRUNE_RATE_SCHEDULES)}, got {self.schedule!r}")
+        if self.start not in STARTS:
+            raise ValueError(f"`start` can be {', '.join(STARTS)}, got {self.start!r}")
+        if not 0.0 < self.stop_at <= 1.0:
+            raise ValueError(f"`stop_at` must be in (0, 1], got {self.stop_at}")
         rules = (
+            _resolve("count", self.count, COUNT_RULES),
             _resolve("prune", self.prune, PRUNE_RULES),
-            _resolve("grow", self.grow, GROWTH_RULES),
             _resolve("redistribute", self.redistribute, REDISTRIBUTION_RULES),
+            _resolve("grow", self.grow, GROWTH_RULES),
         )
         object.__setattr__(self, "_rules", rules)
 
     @property
     def needs_momentum(self) -> bool:
-        """Whether an update reads the optimizer's momentum (always assumed for user-written rules)."""
+        """Whether an update reads the optimizer's momentum (assumed for user-written rules)."""
         if not self.dynamic:
             return False
-        return any(
-            callable(rule) or rule == "momentum" for rule in (self.prune, self.grow, self.redistribute)
-        )
+        rules = (self.prune, self.grow, self.redistribute, self.count)
+        return any(rule == "momentum" or (callable(rule) and not isinstance(rule, DSRThreshold)) for rule in rules)
 
-    def update(
-        self,
-        layers: Sequence[LayerState],
-        active: Sequence[int],
-        rate: float,
-        generator: torch.Generator,
-    ) -> UpdateResult:
-        """One prune–redistribute–grow cycle at pruning rate ``rate``.
+    def update(self, layers: Sequence[LayerState], active: Sequence[int], context: UpdateContext) -> UpdateResult:
+        """One count–prune–redistribute–grow cycle.
 
         ``active`` holds each layer's number of active weights (kept on the host, so counting needs no
-        synchronization). The total number of active weights is preserved exactly; with redistribution
-        ``"none"`` each layer's own count is preserved. The only host synchronization is reading the shares.
+        synchronization). Unless the growth rule is ``"none"``, the total number of active weights is
+        preserved exactly; with redistribution ``"none"`` each layer's own count is. Reading the shares is
+        the only host synchronization of the built-in rules (DSR's and SET's counting add one each).
         """
-        prune_rule, grow_rule, redistribute_rule = self._rules
+        count_rule, prune_rule, redistribute_rule, grow_rule = self._rules
         masks = [layer.mask for layer in layers]
+        active = list(active)
         if not self.dynamic:
             zeros = [0] * len(layers)
-            return UpdateResult([m.clone() for m in masks], list(active), zeros, list(zeros))
+            return UpdateResult(list(masks), list(masks), active, zeros, list(zeros))
         sizes = [m.numel() for m in masks]
-        shares_tensor = redistribute_rule(layers)
-        shares = None if shares_tensor is None else shares_tensor.tolist()
-        pruned = prune_counts(rate, active, sizes, shares if self.nearly_dense_edge_case else None)
+        shares = None
+        if redistribute_rule is not NONZERO:
+            shares_tensor = redistribute_rule(layers)
+            shares = None if shares_tensor is None else [float(s) for s in shares_tensor.tolist()]
+        pruned = count_rule(layers, active, shares if self.nearly_dense_edge_case else None, context)
+        pruned = [min(max(p, 0), a) for p, a in zip(pruned, active)]
         pruned_masks = [prune_rule(layer, n) for layer, n in zip(layers, pruned)]
-        if shares is None:
+        if redistribute_rule is NONZERO:
+            survivors = [a - p for a, p in zip(active, pruned)]
+            shares = [s / sum(survivors) for s in survivors] if sum(survivors) else [1.0 / len(sizes)] * len(sizes)
+        if grow_rule is _no_growth:
+            grown = [0] * len(layers)
+        elif shares is None:
             grown = list(pruned)
         else:
             capacity = [size - a + p for size, a, p in zip(sizes, active, pruned)]
             grown = allocate_regrowth(sum(pruned), shares, capacity)
         new_masks = [
-            grow_rule(layer, mask, n, generator) for layer, mask, n in zip(layers, pruned_masks, grown)
+            grow_rule(layer, mask, n, context.generator) for layer, mask, n in zip(layers, pruned_masks, grown)
         ]
         new_active = [a - p + g for a, p, g in zip(active, pruned, grown)]
-        return UpdateResult(new_masks, new_active, pruned, grown)
+        return UpdateResult(new_masks, pruned_masks, new_active, pruned, grown)
 
 
-ALGORITHMS: dict[str, SparseAlgorithm] = {
-    "sparse_momentum": SparseAlgorithm(prune="magnitude", grow="momentum", redistribute="momentum"),
-    "static": SparseAlgorithm(dynamic=False, redistribute="none", nearly_dense_edge_case=False),
+ALGORITHMS: dict[str, SparseAlgorithm | DST] = {
+    "sparse_momentum": SparseAlgorithm(
+        prune="magnitude", grow="momentum", redistribute="momentum", count="ceil", nearly_dense_edge_case=True
+    ),
+    "rigl": SparseAlgorithm(
+        prune="magnitude",
+        grow="gradient",
+        redistribute="none",
+        count="floor",
+        prune_rate=0.3,
+        init="erk",
+        update_interval=100,
+        stop_at=0.75,
+        reset_grown=True,
+    ),
+    "set": SparseAlgorithm(
+        prune="set", grow="random", redistribute="none", count="ceil", prune_rate=0.3, schedule="constant", init="er"
+    ),
+    "dsr": SparseAlgorithm(
+        prune="magnitude",
+        grow="random",
+        redistribute=NONZERO,
+        count="dsr",
+        prune_rate=0.1,
+        schedule="constant",
+        update_interval=200,
+    ),
+    "static": SparseAlgorithm(dynamic=False, redistribute="none"),
+    "snip": SparseAlgorithm(dynamic=False, redistribute="none", start="snip"),
+    "gmp": SparseAlgorithm(
+        prune="magnitude", grow="none", redistribute="none", count="gmp", update_interval=100, stop_at=0.75, start="dense"
+    ),
+    "dst": DST(),
 }
 
 
-def get_algorithm(algorithm: str | SparseAlgorithm) -> SparseAlgorithm:
-    """Look up a method by name (``ALGORITHMS``) or pass a :class:`SparseAlgorithm` through."""
-    if isinstance(algorithm, SparseAlgorithm):
+def get_algorithm(algorithm: str | SparseAlgorithm | DST) -> SparseAlgorithm | DST:
+    """Look up a method by name (``ALGORITHMS``) or pass a :class:`SparseAlgorithm` / :class:`DST` through."""
+    if isinstance(algorithm, (SparseAlgorithm, DST)):
         return algorithm
     if algorithm not in ALGORITHMS:
-        raise ValueError(f"`algorithm` can be {', '.join(ALGORITHMS)} or a SparseAlgorithm, got {algorithm!r}")
+        raise ValueError(
+            f"`algorithm` can be {', '.join(ALGORITHMS)}, a SparseAlgorithm or a DST, got {algorithm!r}"
+        )
     return ALGORITHMS[algorithm]
+
+
+def window_progress(step: int, total: float, stop_at: float) -> float:
+    """Progress through the update window: ``step / (stop_at * total)``, clipped to [0, 1]."""
+    end = stop_at * total
+    return min(max(step / end, 0.0), 1.0) if end > 0 and math.isfinite(end) else 0.0

@@ -1,13 +1,14 @@
 """``SparseTrainingCallback``: train any LightningModule sparse from the first step to the last.
 
-A thin layer over :mod:`lightning_sparse.masking` and :mod:`lightning_sparse.algorithms`; the hooks, in the
-order Lightning calls them:
+A thin layer over :mod:`lightning_sparse.masking`, :mod:`lightning_sparse.algorithms` and
+:mod:`lightning_sparse.dst`; the hooks, in the order Lightning calls them:
 
-* ``setup``: find the masked weights, draw the initial masks, zero the masked-out weights (before the
-  model is moved, wrapped for DDP, or given its optimizer);
-* ``load_state_dict``: masks and schedule position from a checkpoint;
+* ``setup``: find the masked weights, draw the initial masks and zero the masked-out weights, or attach
+  DST's thresholds (before the model is moved, wrapped for DDP, or given its optimizer);
+* ``load_state_dict``: masks, schedule position and random state from a checkpoint;
 * ``on_fit_start``: check the optimizer, move the masks to the weights' devices;
-* ``on_train_start``: read the length of training for the pruning-rate schedule;
+* ``on_train_start``: read the length of training; SNIP's one-batch masks;
+* ``on_before_optimizer_step``: DST's regularizer gradient;
 * ``on_train_batch_end``: re-apply the masks after every optimizer step; step-level updates;
 * ``on_train_epoch_end``: epoch-level updates (the sparse momentum paper's setting);
 * ``on_fit_end``: a per-layer table.
@@ -20,20 +21,29 @@ import math
 import random
 import types
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
 from functools import partial
-from typing import Any
+from typing import Any, Iterator, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor
+from torch import Tensor, nn
 
-from lightning_sparse.algorithms import LayerState, SparseAlgorithm, get_algorithm
+from lightning_sparse import dst
+from lightning_sparse.algorithms import (
+    LayerState,
+    SparseAlgorithm,
+    UpdateContext,
+    get_algorithm,
+    window_progress,
+)
 from lightning_sparse.functional.init import INIT_METHODS
+from lightning_sparse.functional.prune_grow import snip_masks
 from lightning_sparse.functional.schedules import PRUNE_RATE_SCHEDULES
 from lightning_sparse.masking import Masking, maskable_parameters
-from lightning_sparse.momentum import check_momentum_optimizer, optimizer_momentum
+from lightning_sparse.momentum import check_momentum_optimizer, optimizer_momentum, reset_optimizer_state
 
 log = logging.getLogger(__name__)
 
@@ -44,22 +54,29 @@ class SparseTrainingCallback(Callback):
     """Keep a network sparse during the whole of training, updating which weights are active.
 
     Args:
-        density: fraction of the masked weights that are active, in (0, 1].
-        algorithm: ``"sparse_momentum"`` (Dettmers & Zettlemoyer, 2019), ``"static"`` (a random mask that
-            never changes), or a :class:`~lightning_sparse.SparseAlgorithm`.
-        prune_rate: initial pruning rate ``p``: the fraction of each layer's active weights removed (and
-            regrown elsewhere) at an update, in [0, 1].
-        prune_rate_schedule: how ``p`` decays over training: ``"cosine"`` (to zero at the end, the paper's
-            choice), ``"linear"``, ``"constant"``, or a function of progress in [0, 1] returning the rate.
-            Progress is ``trainer.global_step / trainer.estimated_stepping_batches`` (optimizer steps).
-        init: sparse initialization: ``"uniform"`` (every layer at ``density``), ``"erk"`` or ``"er"``.
-            ``None`` takes the algorithm's default (``"uniform"`` for sparse momentum).
+        density: fraction of the masked weights that are active, in (0, 1]. Required, except for
+            ``algorithm="dst"``, whose density is learned.
+        algorithm: ``"sparse_momentum"`` (Dettmers & Zettlemoyer 2019), ``"rigl"`` (Evci et al. 2020),
+            ``"set"``, ``"dsr"``, ``"static"``, ``"snip"``, ``"gmp"``, ``"dst"`` (Liu et al. 2020), a
+            :class:`~lightning_sparse.SparseAlgorithm` or a :class:`~lightning_sparse.DST`.
+        prune_rate: initial pruning rate ``p`` (RigL's drop fraction ``α``, SET's ``ζ``, DSR's target
+            fraction pruned): the fraction of each layer's active weights moved at an update, in [0, 1].
+            ``None`` takes the algorithm's default (0.5 sparse momentum, 0.3 RigL and SET, 0.1 DSR).
+        prune_rate_schedule: how ``p`` changes over training: ``"cosine"`` (to zero at the end of the
+            update window), ``"linear"``, ``"constant"``, or a function of progress in [0, 1] returning the
+            rate; ``None`` takes the algorithm's default. Progress is
+            ``trainer.global_step / (stop_at * trainer.estimated_stepping_batches)`` (optimizer steps).
+        init: sparse initialization: ``"uniform"`` (every layer at ``density``), ``"erk"`` or ``"er"``;
+            ``None`` takes the algorithm's default (``"uniform"``; ``"erk"`` for RigL, ``"er"`` for SET).
         dense_layers: module or parameter names, or glob patterns (``"*.downsample.*"``), of layers to keep
             dense. Biases and normalization weights are never masked; the weights of Linear and
             Conv1d/2d/3d layers are masked unless named here.
-        update_interval: ``None`` updates the masks at the end of every epoch but the last; an int updates
-            every that many optimizer steps (never on the last step).
-        seed: seed of the random initial masks (and of random growth); the same seed gives the same masks.
+        update_interval: ``"epoch"`` updates the masks at the end of every epoch but the last; an int
+            updates every that many optimizer steps (never on the last step); ``None`` takes the
+            algorithm's default (every epoch; every 100 steps for RigL and GMP, 200 for DSR).
+        stop_at: end of the update window as a fraction of training, in (0, 1]; the first update at or
+            after it is the last. ``None`` takes the algorithm's default (1.0; 0.75 for RigL and GMP).
+        seed: seed of the random initial masks and of random growth; the same seed gives the same masks.
             ``None`` draws one on rank zero and shares it with every process.
 
     The masks are applied to the weights (not to the gradients) after every optimizer step, so gradients
@@ -75,55 +92,85 @@ class SparseTrainingCallback(Callback):
 
     def __init__(
         self,
-        density: float,
-        algorithm: str | SparseAlgorithm = "sparse_momentum",
-        prune_rate: float = 0.5,
-        prune_rate_schedule: str | Callable[[float], float] = "cosine",
+        density: float | None = None,
+        algorithm: str | SparseAlgorithm | dst.DST = "sparse_momentum",
+        prune_rate: float | None = None,
+        prune_rate_schedule: str | Callable[[float], float] | None = None,
         init: str | None = None,
         dense_layers: Sequence[str] = (),
-        update_interval: int | None = None,
+        update_interval: int | Literal["epoch"] | None = None,
+        stop_at: float | None = None,
         seed: int | None = None,
     ) -> None:
-        if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < density <= 1.0:
-            raise ValueError(f"`density` must be a number in (0, 1], got {density!r}")
         self._algorithm = get_algorithm(algorithm)
+        self._dst = self._algorithm if isinstance(self._algorithm, dst.DST) else None
+        if density is None and self._dst is None:
+            raise ValueError(f"`density` is required for algorithm {algorithm!r} (only 'dst' learns its density)")
+        if density is not None and (
+            isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < density <= 1.0
+        ):
+            raise ValueError(f"`density` must be a number in (0, 1], got {density!r}")
+        defaults = self._algorithm if isinstance(self._algorithm, SparseAlgorithm) else SparseAlgorithm()
+        prune_rate = defaults.prune_rate if prune_rate is None else prune_rate
         if not 0.0 <= prune_rate <= 1.0:
             raise ValueError(f"`prune_rate` must be in [0, 1], got {prune_rate!r}")
-        if not callable(prune_rate_schedule) and prune_rate_schedule not in PRUNE_RATE_SCHEDULES:
+        schedule = defaults.schedule if prune_rate_schedule is None else prune_rate_schedule
+        if not callable(schedule) and schedule not in PRUNE_RATE_SCHEDULES:
             raise ValueError(
                 f"`prune_rate_schedule` can be {', '.join(PRUNE_RATE_SCHEDULES)} or a function of progress,"
-                f" got {prune_rate_schedule!r}"
+                f" got {schedule!r}"
             )
         if init is not None and init not in INIT_METHODS:
             raise ValueError(f"`init` can be {', '.join(INIT_METHODS)}, got {init!r}")
-        if isinstance(dense_layers, str):
-            dense_layers = [dense_layers]
-        if update_interval is not None and (isinstance(update_interval, bool) or not isinstance(update_interval, int) or update_interval < 1):
-            raise ValueError(f"`update_interval` must be None (every epoch) or an int >= 1, got {update_interval!r}")
+        if update_interval is None:
+            update_interval = defaults.update_interval
+        elif update_interval == "epoch":
+            update_interval = None
+        elif isinstance(update_interval, bool) or not isinstance(update_interval, int) or update_interval < 1:
+            raise ValueError(f"`update_interval` must be 'epoch', an int >= 1, or None, got {update_interval!r}")
+        stop_at = defaults.stop_at if stop_at is None else stop_at
+        if not 0.0 < stop_at <= 1.0:
+            raise ValueError(f"`stop_at` must be in (0, 1], got {stop_at!r}")
         if seed is not None and not isinstance(seed, int):
             raise ValueError(f"`seed` must be an int or None, got {seed!r}")
-        self.density = float(density)
-        self.algorithm_name = algorithm if isinstance(algorithm, str) else "custom"
+        if isinstance(dense_layers, str):
+            dense_layers = [dense_layers]
+        self.density = None if density is None else float(density)
+        self.algorithm_name = algorithm if isinstance(algorithm, str) else type(algorithm).__name__
         self.prune_rate = float(prune_rate)
-        self.prune_rate_schedule = prune_rate_schedule
-        self.init = init or self._algorithm.init
+        self.prune_rate_schedule = schedule
+        self.init = init or defaults.init
         self.dense_layers = list(dense_layers)
-        self.update_interval = update_interval
+        self.update_interval: int | None = update_interval
+        self.stop_at = float(stop_at)
         self.seed = seed
 
         self._masking: Masking | None = None
+        self._dst_modules: dict[str, nn.Module] = {}
+        self._thresholds: dict[str, dst.ThresholdMask] = {}
         self._generator = torch.Generator()
+        self._algorithm_state: dict[str, Any] = {}
         self._pending_state: dict[str, Any] | None = None
+        self._restored = False
         self._total_steps: float = math.inf
         self._applied_step = -1
         self._last_update_step = -1
         self._num_updates = 0
         self._current_prune_rate = self.prune_rate
+        self._optimizer: torch.optim.Optimizer | None = None
 
     # ------------------------------------------------------------------ public read-only state
     @property
     def masks(self) -> Mapping[str, Tensor]:
-        """Parameter name (as in ``pl_module.named_parameters()``) → ``torch.bool`` mask, True = active."""
+        """Parameter name (as in ``pl_module.named_parameters()`` before DST's parametrization) →
+        ``torch.bool`` mask, True = active."""
+        if self._dst is not None:
+            return types.MappingProxyType(
+                {
+                    f"{name}.weight": self._thresholds[name].mask(dst.raw_weight(module))
+                    for name, module in self._dst_modules.items()
+                }
+            )
         if self._masking is None:
             return types.MappingProxyType({})
         return types.MappingProxyType(dict(self._masking.items()))
@@ -152,25 +199,45 @@ class SparseTrainingCallback(Callback):
                 "SparseTrainingCallback needs automatic optimization (the masks are applied after each"
                 " optimizer step Lightning takes); set `automatic_optimization = True`"
             )
+        if self._dst is not None:
+            if not self._thresholds:
+                params = maskable_parameters(pl_module, self.dense_layers)
+                names = [name.rsplit(".", 1)[0] for name in params]
+                self._dst_modules = {name: pl_module.get_submodule(name) for name in names}
+                self._thresholds = dst.attach_thresholds(self._dst_modules)
+            return
         params = maskable_parameters(pl_module, self.dense_layers)
         if self._masking is not None and self._masking.weights == list(params.values()):
             return  # a second `fit` of the same model keeps its masks
         seed = self.seed if self.seed is not None else trainer.strategy.broadcast(random.randrange(2**63))
         self._generator.manual_seed(seed)
-        self._masking = Masking.random(params, self.density, self.init, self._generator)
+        assert self.density is not None and isinstance(self._algorithm, SparseAlgorithm)
+        if self._algorithm.start == "random":
+            self._masking = Masking.random(params, self.density, self.init, self._generator)
+        else:  # dense until GMP prunes or SNIP picks its masks
+            self._masking = Masking(params, {n: torch.ones_like(p, dtype=torch.bool) for n, p in params.items()})
         self._masking.apply_()
         if self._pending_state is not None:
             self._restore()
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if len(trainer.optimizers) != 1:
+            raise ValueError(f"SparseTrainingCallback supports exactly one optimizer, got {len(trainer.optimizers)}")
+        self._optimizer = trainer.optimizers[0]
+        if self._dst is not None:
+            thresholds = [m.threshold for m in self._thresholds.values()]
+            optimized = {id(p) for group in self._optimizer.param_groups for p in group["params"]}
+            if not all(id(t) in optimized for t in thresholds):
+                raise ValueError(
+                    "DST's thresholds are not optimized: `configure_optimizers` must pass `self.parameters()`"
+                    " (the callback adds the thresholds in `setup`, before `configure_optimizers` runs)"
+                )
+            return
         masking = self._require_masking()
         masking.to_devices()
-        if len(trainer.optimizers) != 1:
-            raise ValueError(
-                f"SparseTrainingCallback supports exactly one optimizer, got {len(trainer.optimizers)}"
-            )
+        assert isinstance(self._algorithm, SparseAlgorithm)
         if self._algorithm.needs_momentum:
-            check_momentum_optimizer(trainer.optimizers[0], masking.weights)
+            check_momentum_optimizer(self._optimizer, masking.weights)
         masking.apply_()
         self._applied_step = trainer.global_step
 
@@ -179,12 +246,20 @@ class SparseTrainingCallback(Callback):
         # loop state is restored, and Lightning then cannot resume a stateful dataloader mid-epoch.
         self._total_steps = float(trainer.estimated_stepping_batches)
         schedule = self.prune_rate_schedule
-        if self._algorithm.dynamic and not callable(schedule) and schedule != "constant":
+        if self._is_dynamic and not callable(schedule) and schedule != "constant":
             if not 0 < self._total_steps < math.inf:
                 raise ValueError(
                     f"the {schedule!r} prune-rate schedule needs the length of training: set `max_epochs` or"
                     " `max_steps` on the Trainer, or use prune_rate_schedule='constant'"
                 )
+        if isinstance(self._algorithm, SparseAlgorithm) and self._algorithm.start == "snip" and not self._restored:
+            self._snip(trainer, pl_module)
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self._dst is not None:
+            dst.add_regularizer_grad_([m.threshold for m in self._thresholds.values()], self._dst.alpha)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -193,87 +268,179 @@ class SparseTrainingCallback(Callback):
         if step == self._applied_step:
             return  # no optimizer step since the last call (gradient accumulation): weights unchanged
         self._applied_step = step
+        if self._dst is not None:
+            self._dst_step()
+            return
         self._require_masking().apply_()
-        if self.update_interval is not None and step % self.update_interval == 0 and step < self._total_steps:
+        if self.update_interval is not None and step % self.update_interval == 0 and self._update_due(step):
             self._update(trainer, pl_module, on_step=True)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.update_interval is None and trainer.global_step < self._total_steps:
+        if self._dst is not None:
+            self._log_density(pl_module, self._layer_densities(), on_step=False)
+        elif self.update_interval is None and self._update_due(trainer.global_step):
             self._update(trainer, pl_module, on_step=False)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._masking is not None:
+        if self._masking is not None or self._thresholds:
             rank_zero_info(self.summary())
 
-    # ------------------------------------------------------------------ the update
+    # ------------------------------------------------------------------ mask updates
+    @property
+    def _is_dynamic(self) -> bool:
+        return isinstance(self._algorithm, SparseAlgorithm) and self._algorithm.dynamic
+
+    def _update_due(self, step: int) -> bool:
+        """Updates run until the end of training, and stop after the first one at or past the window's end."""
+        if not self._is_dynamic or step >= self._total_steps:
+            return False
+        return window_progress(self._last_update_step, self._total_steps, self.stop_at) < 1.0
+
     def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, on_step: bool) -> None:
         masking = self._require_masking()
-        if not self._algorithm.dynamic:
-            return
+        assert isinstance(self._algorithm, SparseAlgorithm)
         step = trainer.global_step
-        rate = self.prune_rate_at(step / self._total_steps)
+        progress = window_progress(step, self._total_steps, self.stop_at)
+        rate = self.prune_rate_at(progress)
         nonzero = masking.nonzero_counts()  # the network as trained, before the topology changes
-        optimizer = trainer.optimizers[0]
         layers = [
-            LayerState(name, weight, mask, partial(optimizer_momentum, optimizer, weight))
+            LayerState(name, weight, mask, partial(self._momentum, weight), partial(getattr, weight, "grad"))
             for name, weight, mask in zip(masking.names, masking.weights, masking.masks)
         ]
-        result = self._algorithm.update(layers, masking.active, rate, self._generator)
+        context = UpdateContext(rate, progress, self.density or 1.0, self._generator, self._algorithm_state)
+        result = self._algorithm.update(layers, masking.active, context)
         masking.set_masks(result.masks, result.active)
         masking.apply_()
+        if self._algorithm.reset_grown:
+            self._reset_grown(masking, result.masks, result.pruned_masks)
         self._current_prune_rate = rate
         self._last_update_step = step
         self._num_updates += 1
-        metrics = {"sparse/density": sum(nonzero) / sum(masking.sizes), "sparse/prune_rate": rate}
-        for name, n, size in zip(masking.names, nonzero, masking.sizes):
-            metrics[f"sparse/density/{name}"] = n / size
+        sizes = masking.sizes
+        self._log_density(pl_module, dict(zip(masking.names, (n / s for n, s in zip(nonzero, sizes)))), on_step)
+        pl_module.log("sparse/prune_rate", rate, on_step=on_step, on_epoch=not on_step, sync_dist=True)
+
+    def _momentum(self, weight: Tensor) -> Tensor:
+        assert self._optimizer is not None
+        check_momentum_optimizer(self._optimizer, [weight])
+        return optimizer_momentum(self._optimizer, weight)
+
+    @torch.no_grad()
+    def _reset_grown(self, masking: Masking, masks: list[Tensor], pruned_masks: list[Tensor]) -> None:
+        """Grown weights start at zero, and so does their optimizer state (RigL)."""
+        assert self._optimizer is not None
+        for weight, mask, pruned in zip(masking.weights, masks, pruned_masks):
+            grown = mask & ~pruned
+            weight.masked_fill_(grown, 0.0)
+            reset_optimizer_state(self._optimizer, weight, grown)
+
+    def _snip(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """SNIP: score ``|g ⊙ w|`` on one training batch, keep the global top ``density`` fraction."""
+        masking = self._require_masking()
+        assert self.density is not None
+        batch = trainer.strategy.batch_to_device(next(iter(trainer.train_dataloader)))
+        buffers = {name: b.clone() for name, b in pl_module.named_buffers()}
+        with _logging_disabled(pl_module):
+            output = pl_module.training_step(batch, 0)
+        loss = output["loss"] if isinstance(output, Mapping) else output
+        grads = torch.autograd.grad(loss, masking.weights, allow_unused=True)
+        scores = []
+        for weight, grad in zip(masking.weights, grads):
+            grad = torch.zeros_like(weight) if grad is None else grad
+            scores.append((trainer.strategy.reduce(grad, reduce_op="sum") * weight).abs())
+        with torch.no_grad():
+            for name, b in pl_module.named_buffers():
+                b.copy_(buffers[name])
+        count = int(round(self.density * sum(masking.sizes)))
+        masking.load_masks(dict(zip(masking.names, snip_masks(scores, count))))
+        masking.apply_()
+
+    # ------------------------------------------------------------------ DST
+    def _layer_densities(self) -> dict[str, float]:
+        masks = self.masks
+        fractions = torch.stack([m.float().mean() for m in masks.values()]).tolist()
+        return dict(zip(masks, fractions))
+
+    def _dst_step(self) -> None:
+        assert self._dst is not None
+        densities = self._layer_densities()
+        by_module = {name.rsplit(".", 1)[0]: d for name, d in densities.items()}
+        reset = dst.reset_collapsed_(self._thresholds, by_module, self._dst.collapse_density)
+        if reset:
+            log.info("DST: thresholds of %s reset (density <= %s)", ", ".join(reset), self._dst.collapse_density)
+
+    # ------------------------------------------------------------------ logging and reporting
+    def _log_density(self, pl_module: pl.LightningModule, densities: Mapping[str, float], on_step: bool) -> None:
+        sizes = [m.numel() for m in self.masks.values()] if self._dst is not None else self._require_masking().sizes
+        total = sum(d * s for d, s in zip(densities.values(), sizes)) / sum(sizes)
+        metrics = {"sparse/density": total, **{f"sparse/density/{name}": d for name, d in densities.items()}}
         pl_module.log_dict(metrics, on_step=on_step, on_epoch=not on_step, sync_dist=True)
 
-    # ------------------------------------------------------------------ reporting
     def summary(self) -> str:
-        """A per-layer table: shape, active weights, density of the mask and of the weights."""
-        masking = self._require_masking()
-        nonzero = masking.nonzero_counts()
+        """A per-layer table: shape, active weights, and the density of the weights."""
+        masks = self.masks
+        weights = dict(zip(self._masking.names, self._masking.weights)) if self._masking is not None else {}
         rows = [("layer", "shape", "active", "total", "density")]
-        for name, weight, active, nz in zip(masking.names, masking.weights, masking.active, nonzero):
-            rows.append((name, "x".join(map(str, weight.shape)), str(active), str(weight.numel()), f"{nz / weight.numel():.4f}"))
-        rows.append(("all", "", str(sum(masking.active)), str(sum(masking.sizes)), f"{sum(nonzero) / sum(masking.sizes):.4f}"))
+        active_all = total_all = nonzero_all = 0
+        for name, mask in masks.items():
+            active, total = int(mask.sum()), mask.numel()
+            nonzero = int(torch.count_nonzero(weights[name])) if name in weights else active
+            rows.append((name, "x".join(map(str, mask.shape)), str(active), str(total), f"{nonzero / total:.4f}"))
+            active_all, total_all, nonzero_all = active_all + active, total_all + total, nonzero_all + nonzero
+        rows.append(("all", "", str(active_all), str(total_all), f"{nonzero_all / max(total_all, 1):.4f}"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
-        return "SparseTrainingCallback: final masks\n" + "\n".join(lines)
+        return f"SparseTrainingCallback ({self.algorithm_name}): final masks\n" + "\n".join(lines)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        masking = self._require_masking()
-        return {
+        state: dict[str, Any] = {
             "version": STATE_VERSION,
-            "masks": masking.state_dict(),
             "prune_rate": self._current_prune_rate,
             "last_update_step": self._last_update_step,
             "num_updates": self._num_updates,
             "generator_state": self._generator.get_state(),
+            "algorithm_state": dict(self._algorithm_state),
         }
+        if self._masking is not None:
+            state["masks"] = self._masking.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending_state = state_dict
-        if self._masking is not None:
+        if self._masking is not None or self._dst is not None:
             self._restore()
 
     def _restore(self) -> None:
         state, self._pending_state = self._pending_state, None
-        assert state is not None and self._masking is not None
-        if "masks" not in state:
-            raise ValueError("the checkpoint's SparseTrainingCallback state holds no masks")
-        self._masking.load_masks(state["masks"])
-        self._masking.apply_()
+        assert state is not None
+        if self._masking is not None:
+            if "masks" not in state:
+                raise ValueError("the checkpoint's SparseTrainingCallback state holds no masks")
+            self._masking.load_masks(state["masks"])
+            self._masking.apply_()
         self._current_prune_rate = float(state.get("prune_rate", self.prune_rate))
         self._last_update_step = int(state.get("last_update_step", -1))
         self._num_updates = int(state.get("num_updates", 0))
+        self._algorithm_state = dict(state.get("algorithm_state", {}))
         if "generator_state" in state:
             self._generator.set_state(state["generator_state"])
+        self._restored = True
 
     def _require_masking(self) -> Masking:
         if self._masking is None:
             raise RuntimeError("SparseTrainingCallback has no masks yet: they are made in `setup` of `fit`")
         return self._masking
+
+
+@contextmanager
+def _logging_disabled(pl_module: pl.LightningModule) -> Iterator[None]:
+    """Run a ``training_step`` outside Lightning's loop: its ``self.log`` calls are dropped."""
+    pl_module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    pl_module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del pl_module.log
+        del pl_module.log_dict

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lightning_sparse import ALGORITHMS, LayerState, SparseAlgorithm
+from lightning_sparse import ALGORITHMS, LayerState, SparseAlgorithm, UpdateContext
 from lightning_sparse.algorithms import get_algorithm
 
 
@@ -31,7 +31,7 @@ def _two_layers():
 def test_sparse_momentum_counts_positions_and_conservation():
     layers = _two_layers()
     algo = ALGORITHMS["sparse_momentum"]
-    result = algo.update(layers, [10, 5], 0.5, torch.Generator().manual_seed(0))
+    result = algo.update(layers, [10, 5], UpdateContext(0.5, generator=torch.Generator().manual_seed(0)))
     # prune ceil(0.5*10) = 5 and ceil(0.5*5) = 3; shares 1/(1+3), 3/(1+3) of R = 8 -> regrow 2 and 6
     assert result.pruned == [5, 3]
     assert result.grown == [2, 6]
@@ -55,7 +55,7 @@ def test_growth_never_picks_an_active_position():
     # (a growth picking an active one would leave the layer with fewer active weights than counted)
     for layer in layers:
         layer.momentum[layer.mask] = 1e6
-    result = ALGORITHMS["sparse_momentum"].update(layers, [10, 5], 0.2, torch.Generator())
+    result = ALGORITHMS["sparse_momentum"].update(layers, [10, 5], UpdateContext(0.2, generator=torch.Generator()))
     assert result.grown == [2, 1]  # equal shares of 3: the tie goes to the first layer
     for layer, new, pruned, grown in zip(layers, result.masks, result.pruned, result.grown):
         assert int(new.sum()) == int(layer.mask.sum()) - pruned + grown
@@ -72,7 +72,7 @@ def test_excess_regrowth_is_capped_by_layer_room():
     mom_a = torch.full((100,), 1.0)
     mom_b = torch.full((10,), 9.0)
     layers = [_layer("a", wa * ma, ma, mom_a), _layer("b", wb * mb, mb, mom_b)]
-    result = ALGORITHMS["sparse_momentum"].update(layers, [10, 8], 0.5, torch.Generator())
+    result = ALGORITHMS["sparse_momentum"].update(layers, [10, 8], UpdateContext(0.5, generator=torch.Generator()))
     assert result.pruned == [5, 4]
     assert result.grown == [3, 6]  # b wanted 8.1, got its 6 free; the 3 left went to a
     assert result.active == [8, 10]
@@ -87,7 +87,7 @@ def test_dense_and_growing_layer_is_not_pruned():
     wb = torch.rand(10) + 0.1
     mb = torch.ones(10, dtype=torch.bool)
     layers = [_layer("a", wa * ma, ma, torch.ones(50)), _layer("b", wb, mb, torch.full((10,), 5.0))]
-    result = ALGORITHMS["sparse_momentum"].update(layers, [20, 10], 0.5, torch.Generator())
+    result = ALGORITHMS["sparse_momentum"].update(layers, [20, 10], UpdateContext(0.5, generator=torch.Generator()))
     assert result.pruned == [10, 0]
     assert result.grown == [10, 0]  # b has no room, so all regrowth goes back to a
     assert torch.equal(result.masks[1], mb)
@@ -95,7 +95,7 @@ def test_dense_and_growing_layer_is_not_pruned():
 
 def test_zero_rate_changes_nothing():
     layers = _two_layers()
-    result = ALGORITHMS["sparse_momentum"].update(layers, [10, 5], 0.0, torch.Generator())
+    result = ALGORITHMS["sparse_momentum"].update(layers, [10, 5], UpdateContext(0.0, generator=torch.Generator()))
     assert result.pruned == [0, 0] and result.grown == [0, 0]
     assert all(torch.equal(new, layer.mask) for new, layer in zip(result.masks, layers))
 
@@ -104,7 +104,7 @@ def test_static_never_changes_and_needs_no_momentum():
     layers = [LayerState("a", torch.ones(4), torch.tensor([True, False, True, False]))]
     static = ALGORITHMS["static"]
     assert not static.needs_momentum
-    result = static.update(layers, [2], 0.5, torch.Generator())
+    result = static.update(layers, [2], UpdateContext(0.5, generator=torch.Generator()))
     assert torch.equal(result.masks[0], layers[0].mask) and result.active == [2]
 
 
@@ -118,7 +118,7 @@ def test_momentum_is_read_only_when_a_rule_needs_it():
     layer = LayerState("a", torch.tensor([1.0, 2.0, 0.0, 0.0]), torch.tensor([True, True, False, False]), momentum)
     algo = SparseAlgorithm(grow="random", redistribute="none")
     assert not algo.needs_momentum
-    algo.update([layer], [2], 0.5, torch.Generator())
+    algo.update([layer], [2], UpdateContext(0.5, generator=torch.Generator()))
     assert calls == []
     assert ALGORITHMS["sparse_momentum"].needs_momentum
 
@@ -131,16 +131,16 @@ def test_custom_rules_are_called():
 
     algo = SparseAlgorithm(prune=keep_first_prune, grow="random", redistribute="none")
     layer = LayerState("a", torch.ones(6), torch.tensor([True, True, True, True, False, False]))
-    result = algo.update([layer], [4], 0.5, torch.Generator().manual_seed(0))
+    result = algo.update([layer], [4], UpdateContext(0.5, generator=torch.Generator().manual_seed(0)))
     assert result.masks[0][:2].all() and result.active == [4]
 
 
 def test_unknown_names_list_the_known_ones():
-    with pytest.raises(ValueError, match=r"`algorithm` can be sparse_momentum, static.* got 'foo'"):
+    with pytest.raises(ValueError, match=r"`algorithm` can be sparse_momentum, rigl, set, dsr, static, snip, gmp, dst, a SparseAlgorithm or a DST, got 'foo'"):
         get_algorithm("foo")
-    with pytest.raises(ValueError, match=r"`grow` can be momentum, random or a function, got 'gradient_x'"):
+    with pytest.raises(ValueError, match=r"`grow` can be momentum, gradient, random, none or a function, got 'gradient_x'"):
         SparseAlgorithm(grow="gradient_x")
     with pytest.raises(ValueError, match=r"`redistribute` can be momentum, magnitude, nonzero, none"):
         SparseAlgorithm(redistribute="equal")
-    with pytest.raises(ValueError, match=r"`prune` can be magnitude"):
+    with pytest.raises(ValueError, match=r"`prune` can be magnitude, set or a function, got 'random'"):
         SparseAlgorithm(prune="random")

@@ -228,16 +228,23 @@ def test_density_out_of_range(density):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(algorithm="sparse_mom"), r"`algorithm` can be sparse_momentum, static"),
+        (dict(algorithm="sparse_mom"), r"`algorithm` can be sparse_momentum, rigl, set, dsr, static, snip, gmp, dst, a SparseAlgorithm or a DST, got 'sparse_mom'"),
         (dict(prune_rate_schedule="step"), r"`prune_rate_schedule` can be cosine, linear, constant"),
         (dict(init="kaiming"), r"`init` can be uniform, erk, er, got 'kaiming'"),
         (dict(prune_rate=1.5), r"`prune_rate` must be in \[0, 1\]"),
-        (dict(update_interval=0), r"`update_interval` must be None \(every epoch\) or an int >= 1"),
+        (dict(update_interval=0), r"`update_interval` must be 'epoch', an int >= 1, or None, got 0"),
+        (dict(stop_at=0.0), r"`stop_at` must be in \(0, 1\], got 0.0"),
     ],
 )
 def test_bad_arguments_name_the_allowed_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SparseTrainingCallback(density=0.1, **kwargs)
+
+
+def test_density_is_required_except_for_dst():
+    with pytest.raises(ValueError, match=r"`density` is required for algorithm 'rigl' \(only 'dst' learns its density\)"):
+        SparseTrainingCallback(algorithm="rigl")
+    assert SparseTrainingCallback(algorithm="dst").density is None
 
 
 def test_dense_layers_pattern_matching_nothing():

@@ -55,3 +55,38 @@ def random_growth(mask: Tensor, n: int, generator: torch.Generator | None = None
     """
     scores = torch.rand(mask.shape, generator=generator).to(mask.device)
     return add_highest(scores, mask, n)
+
+
+def set_prune(weight: Tensor, mask: Tensor, n: int) -> Tensor:
+    """SET's removal (Mocanu et al. 2018): the ``n`` active weights closest to zero *on each side*.
+
+    Half of them (rounded up) are the smallest non-negative weights, the other half the largest negative
+    ones; if one side has too few active weights, the other side gives the rest. One host synchronization
+    (the number of active non-negative weights).
+    """
+    new_mask = mask.clone()
+    if n <= 0:
+        return new_mask
+    w = weight.detach().float()
+    positive = mask & (w >= 0)
+    n_positive = int(positive.sum())
+    n_negative = int(mask.sum()) - n_positive
+    take_pos = min(n_positive, max((n + 1) // 2, n - n_negative))
+    take_neg = n - take_pos
+    new_mask = drop_lowest(w, positive, take_pos) | (mask & (w < 0))  # smallest non-negative ones out
+    return drop_lowest(-w, new_mask & (w < 0), take_neg) | (new_mask & (w >= 0))  # then the largest negative
+
+
+def snip_masks(scores: list[Tensor], count: int) -> list[Tensor]:
+    """SNIP (Lee et al. 2019): keep the ``count`` entries with the largest score over *all* layers together.
+
+    ``scores`` are per-layer saliencies ``|g * w|``; returns one ``torch.bool`` mask per layer with exactly
+    ``count`` True entries in total.
+    """
+    total = sum(s.numel() for s in scores)
+    if not 0 <= count <= total:
+        raise ValueError(f"cannot keep {count} of {total} weights")
+    flat = torch.cat([s.detach().float().reshape(-1) for s in scores])
+    keep = torch.zeros(total, dtype=torch.bool, device=flat.device)
+    keep[torch.topk(flat, count, sorted=False).indices] = True
+    return [m.view(s.shape) for m, s in zip(keep.split([s.numel() for s in scores]), scores)]

@@ -75,6 +75,29 @@ def prune_counts(
     return counts
 
 
+def floor_counts(rate: float, active: Sequence[int]) -> list[int]:
+    """RigL's per-layer drop count ``floor(rate * active_l)``."""
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"the drop fraction must be in [0, 1], got {rate}")
+    return [math.floor(rate * a + _EPS) for a in active]
+
+
+def below_threshold_counts(weights: Sequence[Tensor], masks: Sequence[Tensor], threshold: float) -> list[int]:
+    """DSR's per-layer prune counts: active weights with ``|W| < threshold`` (one host synchronization)."""
+    counts = torch.stack([((w.detach().abs() < threshold) & m).sum() for w, m in zip(weights, masks)])
+    return [int(c) for c in counts.tolist()]
+
+
+def adapt_threshold(threshold: float, pruned: int, target: float, tolerance: float = 0.1) -> float:
+    """DSR's threshold adaptation: double it when fewer than ``(1 - tolerance) * target`` weights were
+    pruned, halve it when more than ``(1 + tolerance) * target`` were, keep it otherwise."""
+    if pruned < (1.0 - tolerance) * target:
+        return threshold * 2.0
+    if pruned > (1.0 + tolerance) * target:
+        return threshold / 2.0
+    return threshold
+
+
 def allocate_regrowth(total: int, shares: Sequence[float], capacity: Sequence[int]) -> list[int]:
     """Hand ``total`` regrown weights to the layers in proportion to ``shares``, exactly.
 

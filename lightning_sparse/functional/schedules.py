@@ -37,3 +37,10 @@ PRUNE_RATE_SCHEDULES: dict[str, Callable[..., float]] = {
     "linear": linear_decay,
     "constant": constant,
 }
+
+
+def gmp_sparsity(progress: float, final: float, initial: float = 0.0) -> float:
+    """Gradual magnitude pruning's cubic schedule (Zhu & Gupta 2018):
+    ``s_t = s_f + (s_i - s_f) * (1 - progress)**3``, ``s_i`` at progress 0 and ``s_f`` from progress 1 on."""
+    progress = min(max(progress, 0.0), 1.0)
+    return final + (initial - final) * (1.0 - progress) ** 3

@@ -1,0 +1,128 @@
+"""Dynamic Sparse Training with trainable masked layers (Liu et al., ICLR 2020). No Lightning here.
+
+Each masked layer gets a trainable threshold per output neuron, ``t`` (one entry per row of the weight
+viewed as ``[n_out, rest]``, initialised to 0). The layer computes with ``W ⊙ S(|W| − t)``, ``S`` the unit
+step, whose backward is the long-tailed straight-through estimator
+
+    S'(x) = 2 − 4|x|  for |x| ≤ 0.4,    0.4  for 0.4 < |x| ≤ 1,    0  otherwise,
+
+so gradients reach both ``W`` and ``t``. A regularizer ``α · Σ exp(−t)`` pushes thresholds up (sparsity is
+learned, not fixed); a layer that keeps 1% of its weights or fewer has its thresholds reset to 0.
+
+The thresholds are attached with ``torch.nn.utils.parametrize``: ``module.weight`` becomes the masked
+weight, the raw weight lives at ``module.parametrizations.weight.original`` and the threshold at
+``module.parametrizations.weight[0].threshold``; both are ordinary parameters, so the optimizer trains
+them and checkpoints save them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+
+class LongTailedStep(torch.autograd.Function):
+    """Unit step ``x > 0`` forward; the long-tailed straight-through estimator backward."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return (x > 0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return grad_output * long_tailed_derivative(x)
+
+
+def long_tailed_derivative(x: Tensor) -> Tensor:
+    """``S'(x)``: ``2 − 4|x|`` on ``|x| ≤ 0.4``, ``0.4`` on ``0.4 < |x| ≤ 1``, ``0`` beyond."""
+    a = x.abs()
+    return torch.where(a <= 0.4, 2.0 - 4.0 * a, torch.where(a <= 1.0, torch.full_like(a, 0.4), torch.zeros_like(a)))
+
+
+class ThresholdMask(nn.Module):
+    """The parametrization ``W ↦ W ⊙ S(|W| − t)`` with a trainable per-output threshold ``t``."""
+
+    def __init__(self, out_features: int, device: torch.device | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.threshold = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
+
+    def _shaped_threshold(self, weight: Tensor) -> Tensor:
+        return self.threshold.view(-1, *([1] * (weight.dim() - 1)))
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return weight * LongTailedStep.apply(weight.abs() - self._shaped_threshold(weight))
+
+    def mask(self, weight: Tensor) -> Tensor:
+        """The current mask ``|W| > t`` as ``torch.bool``."""
+        return weight.detach().abs() > self._shaped_threshold(weight).detach()
+
+
+@dataclass(frozen=True)
+class DST:
+    """Dynamic Sparse Training: learned per-neuron thresholds instead of a target density.
+
+    Args:
+        alpha: weight of the sparse regularizer ``α · Σ_l Σ exp(−t_l)`` (the paper: 5e-4 for LeNet, about
+            1e-6 for CIFAR-size networks).
+        collapse_density: a layer keeping this fraction of its weights or fewer gets its thresholds reset.
+    """
+
+    alpha: float = 5e-4
+    collapse_density: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.alpha < 0:
+            raise ValueError(f"`alpha` must be >= 0, got {self.alpha}")
+        if not 0.0 <= self.collapse_density < 1.0:
+            raise ValueError(f"`collapse_density` must be in [0, 1), got {self.collapse_density}")
+
+
+def attach_thresholds(modules: Mapping[str, nn.Module]) -> dict[str, ThresholdMask]:
+    """Register a :class:`ThresholdMask` on the ``weight`` of each module; returns them by module name."""
+    attached = {}
+    for name, module in modules.items():
+        weight = module.weight
+        mask = ThresholdMask(weight.shape[0], device=weight.device, dtype=weight.dtype)
+        parametrize.register_parametrization(module, "weight", mask)
+        attached[name] = mask
+    return attached
+
+
+def raw_weight(module: nn.Module) -> Tensor:
+    """The trainable weight under a parametrized module's ``weight``."""
+    return module.parametrizations.weight.original
+
+
+def regularizer(thresholds: Iterable[Tensor], alpha: float) -> Tensor:
+    """``α · Σ exp(−t)`` over every threshold entry."""
+    return alpha * sum(torch.exp(-t).sum() for t in thresholds)
+
+
+@torch.no_grad()
+def add_regularizer_grad_(thresholds: Iterable[nn.Parameter], alpha: float) -> None:
+    """Add the gradient of :func:`regularizer`, ``−α · exp(−t)``, to each threshold's ``.grad``.
+
+    Adding it after the backward pass is the same as adding the regularizer to the loss, without touching
+    the user's ``training_step``.
+    """
+    for t in thresholds:
+        g = -alpha * torch.exp(-t)
+        if t.grad is None:
+            t.grad = g
+        else:
+            t.grad.add_(g)
+
+
+@torch.no_grad()
+def reset_collapsed_(masks: Mapping[str, ThresholdMask], densities: Mapping[str, float], collapse_density: float) -> list[str]:
+    """Reset to 0 the thresholds of layers whose density is ``collapse_density`` or below; returns their names."""
+    reset = [name for name, d in densities.items() if d <= collapse_density]
+    for name in reset:
+        masks[name].threshold.zero_()
+    return reset
