@@ -30,8 +30,8 @@ def main() -> None:
     results: dict[str, list[dict]] = {"dense": [], "sparse": []}
     for seed in args.seeds:
         for kind in ("dense", "sparse"):
-            density = None if kind == "dense" else args.density
-            r = run(model=args.model, density=density, epochs=args.epochs, seed=seed)
+            algorithm = None if kind == "dense" else "sparse_momentum"
+            r = run(model=args.model, algorithm=algorithm, density=args.density, epochs=args.epochs, seed=seed)
             results[kind].append(r)
             print(
                 f"seed {seed} {kind:6s}: test error {r['test_error']:.2f}%  density {r['final_density']:.4f}"

@@ -183,7 +183,7 @@ class EpochTimer(L.Callback):
 def run(
     model: str = "lenet300",
     density: float | None = 0.05,
-    algorithm: str = "sparse_momentum",
+    algorithm: str | None = "sparse_momentum",
     epochs: int = 10,
     seed: int = 0,
     batch_size: int = 100,
@@ -193,14 +193,17 @@ def run(
     progress_bar: bool = False,
     **trainer_kwargs: Any,
 ) -> dict[str, Any]:
-    """Train and test one model; ``density=None`` trains dense (no callback). Returns the figures."""
+    """Train and test one model; ``algorithm=None`` trains dense (no callback). Returns the figures.
+
+    ``density`` is ignored by ``algorithm="dst"``, which learns its density.
+    """
     L.seed_everything(seed, workers=True)
     module = Classifier(model, lr=lr)
     timer = EpochTimer()
     callbacks: list[L.Callback] = [timer]
     sparse = None
-    if density is not None:
-        sparse = SparseTrainingCallback(density=density, algorithm=algorithm, seed=seed)
+    if algorithm is not None:
+        sparse = SparseTrainingCallback(density=None if algorithm == "dst" else density, algorithm=algorithm, seed=seed)
         callbacks.insert(0, sparse)
     trainer = L.Trainer(
         max_epochs=epochs,
@@ -216,13 +219,16 @@ def run(
     data = FashionMNIST(batch_size=batch_size, data_dir=data_dir)
     trainer.fit(module, data)
     test = trainer.test(module, data, verbose=False)[0]
-    weights = [p for n, p in module.named_parameters() if sparse is not None and n in sparse.masks]
-    if not weights:  # dense: every Linear/Conv weight
+    if sparse is not None:  # the weights the forward pass uses (DST's are the thresholded ones)
+        weights = [module.get_submodule(name.removesuffix(".weight")).weight for name in sparse.masks]
+    else:
         weights = [m.weight for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    nonzero = sum(int(torch.count_nonzero(w)) for w in weights)
+    with torch.no_grad():
+        nonzero = sum(int(torch.count_nonzero(w)) for w in weights)
     total = sum(w.numel() for w in weights)
     return {
         "model": model,
+        "algorithm": algorithm or "dense",
         "density": density,
         "seed": seed,
         "test_error": 100.0 * (1.0 - test["test/acc"]),
@@ -236,7 +242,7 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(MODELS), default="lenet300")
     parser.add_argument("--density", type=float, default=0.05, help="fraction of weights kept (default 0.05)")
     parser.add_argument("--dense", action="store_true", help="train dense, without the callback")
-    parser.add_argument("--algorithm", default="sparse_momentum")
+    parser.add_argument("--algorithm", default="sparse_momentum", help="any name of lightning_sparse.ALGORITHMS")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=100)
@@ -247,8 +253,8 @@ def main() -> None:
     limit = int(args.limit_train_batches) if args.limit_train_batches > 1 else args.limit_train_batches
     result = run(
         model=args.model,
-        density=None if args.dense else args.density,
-        algorithm=args.algorithm,
+        density=args.density,
+        algorithm=None if args.dense else args.algorithm,
         epochs=args.epochs,
         seed=args.seed,
         batch_size=args.batch_size,

@@ -26,5 +26,5 @@ def test_fashion_mnist_sparse_runs(model):
 
 
 def test_fashion_mnist_dense_runs():
-    result = fashion_mnist.run(model="lenet300", density=None, epochs=1, limit_train_batches=5)
+    result = fashion_mnist.run(model="lenet300", algorithm=None, epochs=1, limit_train_batches=5)
     assert result["final_density"] == 1.0
