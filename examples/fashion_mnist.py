@@ -214,6 +214,7 @@ def run(
         enable_model_summary=False,
         limit_train_batches=limit_train_batches,
         deterministic=True,
+        default_root_dir=trainer_kwargs.pop("default_root_dir", "runs/fashion_mnist"),
         **trainer_kwargs,
     )
     data = FashionMNIST(batch_size=batch_size, data_dir=data_dir)

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
+import time
 import types
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
@@ -42,8 +44,10 @@ from lightning_sparse.algorithms import (
 from lightning_sparse.functional.init import INIT_METHODS
 from lightning_sparse.functional.prune_grow import snip_masks
 from lightning_sparse.functional.schedules import PRUNE_RATE_SCHEDULES
+from lightning_sparse.functional.speedup import LAYER_TYPES, training_step_flops
 from lightning_sparse.masking import Masking, maskable_parameters
 from lightning_sparse.momentum import check_momentum_optimizer, optimizer_momentum, reset_optimizer_state
+from lightning_sparse.report import TIMINGS, CostModel, SparsityReport
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +82,17 @@ class SparseTrainingCallback(Callback):
             after it is the last. ``None`` takes the algorithm's default (1.0; 0.75 for RigL and GMP).
         seed: seed of the random initial masks and of random growth; the same seed gives the same masks.
             ``None`` draws one on rank zero and shares it with every process.
+        speedup_timing: cost of each layer in the speedup estimates: ``"flops"`` (forward FLOPs for the
+            input shapes of the first training batch) or ``"measure"`` (each layer's forward+backward timed
+            once on that batch, as the paper did).
+        figure: write ``sparsity.png`` (per-layer density over training, empty channels per layer) to the
+            trainer's log directory at the end of ``fit`` (and log it to a TensorBoard logger).
+
+    Logged at every mask update (and every epoch end): ``sparse/density``, ``sparse/density/<param>``,
+    ``sparse/prune_rate``, ``sparse/empty_in/<param>``, ``sparse/empty_out/<param>``,
+    ``sparse/speedup_dense_conv``, ``sparse/speedup_sparse_conv``, ``sparse/train_flops_ratio`` (training
+    FLOPs so far relative to a dense run of the same length, counted as in the RigL paper) and
+    ``sparse/overhead`` (fraction of the training time spent applying and updating masks).
 
     The masks are applied to the weights (not to the gradients) after every optimizer step, so gradients
     and momentum of missing weights stay dense. Sparse momentum reads the momentum from the optimizer:
@@ -101,6 +116,8 @@ class SparseTrainingCallback(Callback):
         update_interval: int | Literal["epoch"] | None = None,
         stop_at: float | None = None,
         seed: int | None = None,
+        speedup_timing: Literal["flops", "measure"] = "flops",
+        figure: bool = True,
     ) -> None:
         self._algorithm = get_algorithm(algorithm)
         self._dst = self._algorithm if isinstance(self._algorithm, dst.DST) else None
@@ -133,6 +150,8 @@ class SparseTrainingCallback(Callback):
             raise ValueError(f"`stop_at` must be in (0, 1], got {stop_at!r}")
         if seed is not None and not isinstance(seed, int):
             raise ValueError(f"`seed` must be an int or None, got {seed!r}")
+        if speedup_timing not in TIMINGS:
+            raise ValueError(f"`speedup_timing` can be {', '.join(TIMINGS)}, got {speedup_timing!r}")
         if isinstance(dense_layers, str):
             dense_layers = [dense_layers]
         self.density = None if density is None else float(density)
@@ -144,6 +163,8 @@ class SparseTrainingCallback(Callback):
         self.update_interval: int | None = update_interval
         self.stop_at = float(stop_at)
         self.seed = seed
+        self.speedup_timing = speedup_timing
+        self.figure = figure
 
         self._masking: Masking | None = None
         self._dst_modules: dict[str, nn.Module] = {}
@@ -158,6 +179,12 @@ class SparseTrainingCallback(Callback):
         self._num_updates = 0
         self._current_prune_rate = self.prune_rate
         self._optimizer: torch.optim.Optimizer | None = None
+        self._report = SparsityReport()
+        self._capture: _RootInputCapture | None = None
+        self._stopwatch = _Stopwatch()
+        self._train_start_time = 0.0
+        self._step_flops = (0.0, 0.0)  # (sparse, dense) FLOPs of one training step with the current masks
+        self._train_flops = {"sparse": 0.0, "dense": 0.0, "step": 0}
 
     # ------------------------------------------------------------------ public read-only state
     @property
@@ -254,6 +281,9 @@ class SparseTrainingCallback(Callback):
                 )
         if isinstance(self._algorithm, SparseAlgorithm) and self._algorithm.start == "snip" and not self._restored:
             self._snip(trainer, pl_module)
+        self._capture = _RootInputCapture(pl_module, [name.removesuffix(".weight") for name in self.masks])
+        self._report.measure(trainer.global_step, self._layers(pl_module))  # the starting point of the figure
+        self._train_start_time = time.perf_counter()
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -264,6 +294,9 @@ class SparseTrainingCallback(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self._capture is not None:
+            self._build_cost_model(self._capture)
+            self._capture = None
         step = trainer.global_step
         if step == self._applied_step:
             return  # no optimizer step since the last call (gradient accumulation): weights unchanged
@@ -271,19 +304,31 @@ class SparseTrainingCallback(Callback):
         if self._dst is not None:
             self._dst_step()
             return
-        self._require_masking().apply_()
+        with self._stopwatch(self._require_masking().weights[0].device):
+            self._masking.apply_()
         if self.update_interval is not None and step % self.update_interval == 0 and self._update_due(step):
             self._update(trainer, pl_module, on_step=True)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._dst is not None:
-            self._log_density(pl_module, self._layer_densities(), on_step=False)
-        elif self.update_interval is None and self._update_due(trainer.global_step):
+        if self.update_interval is None and self._update_due(trainer.global_step):
             self._update(trainer, pl_module, on_step=False)
+        else:
+            if self._dst is not None:
+                self._log_density(pl_module, self._layer_densities(), on_step=False)
+            self._log_costs(trainer, pl_module, on_step=False)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._masking is not None or self._thresholds:
-            rank_zero_info(self.summary())
+        if self._masking is None and not self._thresholds:
+            return
+        stats = self._report.measure(trainer.global_step, self._layers(pl_module))
+        rank_zero_info(self.summary(stats))
+        if self.figure and trainer.is_global_zero:
+            path = os.path.join(trainer.log_dir or trainer.default_root_dir, "sparsity.png")
+            fig = self._report.figure(path)
+            rank_zero_info(f"SparseTrainingCallback: figure written to {path}")
+            for logger in trainer.loggers:
+                if hasattr(getattr(logger, "experiment", None), "add_figure"):  # TensorBoard
+                    logger.experiment.add_figure("sparse/summary", fig, global_step=trainer.global_step)
 
     # ------------------------------------------------------------------ mask updates
     @property
@@ -298,8 +343,15 @@ class SparseTrainingCallback(Callback):
 
     def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, on_step: bool) -> None:
         masking = self._require_masking()
+        with self._stopwatch(masking.weights[0].device):
+            self._update_masks(trainer, pl_module, on_step)
+        self._log_costs(trainer, pl_module, on_step)
+
+    def _update_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, on_step: bool) -> None:
+        masking = self._require_masking()
         assert isinstance(self._algorithm, SparseAlgorithm)
         step = trainer.global_step
+        self._account_flops(step)
         progress = window_progress(step, self._total_steps, self.stop_at)
         rate = self.prune_rate_at(progress)
         nonzero = masking.nonzero_counts()  # the network as trained, before the topology changes
@@ -313,12 +365,16 @@ class SparseTrainingCallback(Callback):
         masking.apply_()
         if self._algorithm.reset_grown:
             self._reset_grown(masking, result.masks, result.pruned_masks)
+        if self._algorithm.grow == "gradient":  # this step's weight gradients were dense (RigL)
+            sparse, dense = self._step_flops
+            self._train_flops["sparse"] += (dense - sparse) / 3.0
+        self._step_flops = self._training_step_flops()
         self._current_prune_rate = rate
         self._last_update_step = step
         self._num_updates += 1
         sizes = masking.sizes
         self._log_density(pl_module, dict(zip(masking.names, (n / s for n, s in zip(nonzero, sizes)))), on_step)
-        pl_module.log("sparse/prune_rate", rate, on_step=on_step, on_epoch=not on_step, sync_dist=True)
+        pl_module.log("sparse/prune_rate", rate, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step)
 
     def _momentum(self, weight: Tensor) -> Tensor:
         assert self._optimizer is not None
@@ -355,6 +411,68 @@ class SparseTrainingCallback(Callback):
         masking.load_masks(dict(zip(masking.names, snip_masks(scores, count))))
         masking.apply_()
 
+    # ------------------------------------------------------------------ costs and speedups
+    def _build_cost_model(self, capture: _RootInputCapture) -> None:
+        found = capture.finish()
+        if found is None:
+            log.warning(
+                "SparseTrainingCallback: no module containing every masked layer was called in the first"
+                " training step; speedup estimates and training FLOPs are not logged"
+            )
+            return
+        prefix, root, example_input = found
+        self._report.cost_model = CostModel.build(root, prefix, example_input, self.speedup_timing == "measure")
+        self._step_flops = self._training_step_flops()
+
+    def _layers(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:
+        """Every linear/conv layer the report counts: masks of masked layers, weights of the others."""
+        layers = dict(self.masks)
+        if self._report.cost_model is not None:
+            for name in self._report.cost_model.flops:
+                if name not in layers:
+                    layers[name] = pl_module.get_submodule(name.removesuffix(".weight")).weight.detach()
+        return layers
+
+    def _densities(self) -> dict[str, float]:
+        if self._masking is not None:
+            return {n: a / s for n, a, s in zip(self._masking.names, self._masking.active, self._masking.sizes)}
+        return self._layer_densities()
+
+    def _training_step_flops(self) -> tuple[float, float]:
+        cost_model = self._report.cost_model
+        if cost_model is None:
+            return (0.0, 0.0)
+        densities = self._densities()
+        dense_gradients = self._dst is not None or (
+            isinstance(self._algorithm, SparseAlgorithm) and self._algorithm.needs_momentum
+        )
+        densities = {n: densities.get(n, 1.0) for n in cost_model.flops}
+        return training_step_flops(cost_model.flops, densities, dense_gradients)
+
+    def _account_flops(self, step: int) -> None:
+        """Add the training FLOPs of the steps since the last call, at the current densities."""
+        steps = step - self._train_flops["step"]
+        if steps > 0:
+            self._train_flops["sparse"] += steps * self._step_flops[0]
+            self._train_flops["dense"] += steps * self._step_flops[1]
+        self._train_flops["step"] = step
+
+    def _log_costs(self, trainer: pl.Trainer, pl_module: pl.LightningModule, on_step: bool) -> None:
+        """Channel statistics, speedup estimates, training FLOPs ratio and the callback's overhead."""
+        if self._masking is None and not self._thresholds:
+            return
+        stats = self._report.measure(trainer.global_step, self._layers(pl_module))
+        metrics = self._report.metrics(stats)
+        if self._dst is not None:  # DST's density changes every step: count them at the current one
+            self._step_flops = self._training_step_flops()
+        self._account_flops(trainer.global_step)
+        if self._train_flops["dense"] > 0:
+            metrics["sparse/train_flops_ratio"] = self._train_flops["sparse"] / self._train_flops["dense"]
+        elapsed = time.perf_counter() - self._train_start_time
+        if elapsed > 0:
+            metrics["sparse/overhead"] = self._stopwatch.total() / elapsed
+        pl_module.log_dict(metrics, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step)
+
     # ------------------------------------------------------------------ DST
     def _layer_densities(self) -> dict[str, float]:
         masks = self.masks
@@ -374,24 +492,17 @@ class SparseTrainingCallback(Callback):
         sizes = [m.numel() for m in self.masks.values()] if self._dst is not None else self._require_masking().sizes
         total = sum(d * s for d, s in zip(densities.values(), sizes)) / sum(sizes)
         metrics = {"sparse/density": total, **{f"sparse/density/{name}": d for name, d in densities.items()}}
-        pl_module.log_dict(metrics, on_step=on_step, on_epoch=not on_step, sync_dist=True)
+        pl_module.log_dict(metrics, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step)
 
-    def summary(self) -> str:
-        """A per-layer table: shape, active weights, and the density of the weights."""
-        masks = self.masks
-        weights = dict(zip(self._masking.names, self._masking.weights)) if self._masking is not None else {}
-        rows = [("layer", "shape", "active", "total", "density")]
-        active_all = total_all = nonzero_all = 0
-        for name, mask in masks.items():
-            active, total = int(mask.sum()), mask.numel()
-            nonzero = int(torch.count_nonzero(weights[name])) if name in weights else active
-            rows.append((name, "x".join(map(str, mask.shape)), str(active), str(total), f"{nonzero / total:.4f}"))
-            active_all, total_all, nonzero_all = active_all + active, total_all + total, nonzero_all + nonzero
-        rows.append(("all", "", str(active_all), str(total_all), f"{nonzero_all / max(total_all, 1):.4f}"))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        return f"SparseTrainingCallback ({self.algorithm_name}): final masks\n" + "\n".join(lines)
+    def summary(self, stats: Mapping[str, Any] | None = None) -> str:
+        """A per-layer table: shape, density, empty input/output channels, share of the FLOPs, and the
+        estimated speedups. ``stats`` defaults to the last recorded channel statistics."""
+        if stats is None:
+            stats = self._report.history[-1][1] if self._report.history else self._report.measure(-1, dict(self.masks))
+        title = f"SparseTrainingCallback ({self.algorithm_name}): final masks"
+        if self._masking is not None:
+            title += f", {sum(self._masking.active)} of {sum(self._masking.sizes)} masked weights active"
+        return title + "\n" + self._report.table(stats)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -402,6 +513,7 @@ class SparseTrainingCallback(Callback):
             "num_updates": self._num_updates,
             "generator_state": self._generator.get_state(),
             "algorithm_state": dict(self._algorithm_state),
+            "train_flops": dict(self._train_flops),
         }
         if self._masking is not None:
             state["masks"] = self._masking.state_dict()
@@ -424,6 +536,7 @@ class SparseTrainingCallback(Callback):
         self._last_update_step = int(state.get("last_update_step", -1))
         self._num_updates = int(state.get("num_updates", 0))
         self._algorithm_state = dict(state.get("algorithm_state", {}))
+        self._train_flops = dict(state.get("train_flops", self._train_flops))
         if "generator_state" in state:
             self._generator.set_state(state["generator_state"])
         self._restored = True
@@ -444,3 +557,60 @@ def _logging_disabled(pl_module: pl.LightningModule) -> Iterator[None]:
     finally:
         del pl_module.log
         del pl_module.log_dict
+
+
+class _Stopwatch:
+    """Adds up the time spent in a block: wall time on the CPU, CUDA events (no synchronization) on a GPU."""
+
+    def __init__(self) -> None:
+        self._seconds = 0.0
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    @contextmanager
+    def __call__(self, device: torch.device) -> Iterator[None]:
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._events.append((start, end))
+        else:
+            began = time.perf_counter()
+            yield
+            self._seconds += time.perf_counter() - began
+
+    def total(self) -> float:
+        """Seconds so far (waits for the recorded GPU events)."""
+        for start, end in self._events:
+            end.synchronize()
+            self._seconds += start.elapsed_time(end) / 1000.0
+        self._events.clear()
+        return self._seconds
+
+
+class _RootInputCapture:
+    """Records the input of the first call, in one training step, of each module that contains every given
+    layer (the LightningModule, ``self.net``, ...), to count the layers' FLOPs for the real input shapes."""
+
+    def __init__(self, pl_module: nn.Module, layer_modules: Sequence[str]) -> None:
+        self._inputs: dict[str, Any] = {}
+        self._modules: dict[str, nn.Module] = {}
+        self._handles = []
+        for name, module in pl_module.named_modules():
+            if layer_modules and all(m == name or m.startswith(f"{name}.") or not name for m in layer_modules):
+                self._modules[name] = module
+                self._handles.append(module.register_forward_pre_hook(partial(self._hook, name)))
+
+    def _hook(self, name: str, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if name not in self._inputs:
+            self._inputs[name] = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
+
+    def finish(self) -> tuple[str, nn.Module, Any] | None:
+        """Remove the hooks; the outermost called module containing every layer, its name and its input."""
+        for handle in self._handles:
+            handle.remove()
+        called = sorted(self._inputs, key=lambda n: (n.count(".") + bool(n), n))
+        if not called:
+            return None
+        name = called[0]
+        return name, self._modules[name], self._inputs[name]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from typing import Any
 
 import lightning as L
@@ -82,6 +83,7 @@ class DigitsCNN(DigitsMLP):
 def trainer(**kwargs: Any) -> L.Trainer:
     """A quiet CPU trainer; keyword arguments override the defaults."""
     defaults: dict[str, Any] = dict(
+        default_root_dir=tempfile.mkdtemp(prefix="lightning-sparse-test-"),
         accelerator="cpu",
         devices=1,
         max_epochs=3,

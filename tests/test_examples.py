@@ -18,13 +18,13 @@ def test_read_idx_shapes():
 
 
 @pytest.mark.parametrize("model", ["lenet300", "lenet5"])
-def test_fashion_mnist_sparse_runs(model):
-    result = fashion_mnist.run(model=model, density=0.05, epochs=2, limit_train_batches=5)
+def test_fashion_mnist_sparse_runs(model, tmp_path):
+    result = fashion_mnist.run(model=model, density=0.05, epochs=2, limit_train_batches=5, default_root_dir=tmp_path)
     assert result["final_density"] <= 0.05 + 1e-3
     assert 0.0 <= result["test_error"] <= 100.0
     assert len(result["epoch_times"]) == 2
 
 
-def test_fashion_mnist_dense_runs():
-    result = fashion_mnist.run(model="lenet300", algorithm=None, epochs=1, limit_train_batches=5)
+def test_fashion_mnist_dense_runs(tmp_path):
+    result = fashion_mnist.run(model="lenet300", algorithm=None, epochs=1, limit_train_batches=5, default_root_dir=tmp_path)
     assert result["final_density"] == 1.0

@@ -247,6 +247,26 @@ def speedup_sparse_conv(costs: Mapping[str, float], densities: Mapping[str, floa
     return _ratio(total, remaining)
 
 
+def training_step_flops(
+    flops: Mapping[str, float], densities: Mapping[str, float], dense_weight_gradients: bool = False
+) -> tuple[float, float]:
+    """FLOPs of one training step of the sparse network and of the dense one, as the RigL paper counts them.
+
+    A step is a forward pass ``f``, and a backward pass of ``2 f`` (gradients of the inputs and of the
+    weights). The sparse network does each at its layers' densities, ``f_S = Σ f_l · d_l``, except the
+    weight gradients when ``dense_weight_gradients`` (sparse momentum keeps the momentum of missing weights,
+    DST trains every weight): those cost ``f_D = Σ f_l``. The dense run costs ``3 f_D``.
+
+    Returns:
+        ``(sparse, dense)``: ``2 f_S + f_S`` (or ``2 f_S + f_D``), and ``3 f_D``.
+    """
+    _check_costs(flops)
+    _check_fractions("densities", densities, flops)
+    f_dense = float(sum(flops.values()))
+    f_sparse = float(sum(f * densities[n] for n, f in flops.items()))
+    return 2.0 * f_sparse + (f_dense if dense_weight_gradients else f_sparse), 3.0 * f_dense
+
+
 def _check_costs(costs: Mapping[str, float]) -> None:
     bad = {n: c for n, c in costs.items() if not (math.isfinite(c) and c >= 0)}
     if bad:
