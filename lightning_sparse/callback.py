@@ -183,6 +183,7 @@ class SparseTrainingCallback(Callback):
         self._capture: _RootInputCapture | None = None
         self._stopwatch = _Stopwatch()
         self._train_start_time = 0.0
+        self._log_dir = "."
         self._step_flops = (0.0, 0.0)  # (sparse, dense) FLOPs of one training step with the current masks
         self._train_flops = {"sparse": 0.0, "dense": 0.0, "step": 0}
 
@@ -284,6 +285,7 @@ class SparseTrainingCallback(Callback):
         self._capture = _RootInputCapture(pl_module, [name.removesuffix(".weight") for name in self.masks])
         self._report.measure(trainer.global_step, self._layers(pl_module))  # the starting point of the figure
         self._train_start_time = time.perf_counter()
+        self._log_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -323,7 +325,7 @@ class SparseTrainingCallback(Callback):
         stats = self._report.measure(trainer.global_step, self._layers(pl_module))
         rank_zero_info(self.summary(stats))
         if self.figure and trainer.is_global_zero:
-            path = os.path.join(trainer.log_dir or trainer.default_root_dir, "sparsity.png")
+            path = os.path.join(self._log_dir, "sparsity.png")
             fig = self._report.figure(path)
             rank_zero_info(f"SparseTrainingCallback: figure written to {path}")
             for logger in trainer.loggers:
@@ -362,6 +364,7 @@ class SparseTrainingCallback(Callback):
         context = UpdateContext(rate, progress, self.density or 1.0, self._generator, self._algorithm_state)
         result = self._algorithm.update(layers, masking.active, context)
         masking.set_masks(result.masks, result.active)
+        self._ensure_masks_agree(trainer)
         masking.apply_()
         if self._algorithm.reset_grown:
             self._reset_grown(masking, result.masks, result.pruned_masks)
@@ -409,7 +412,26 @@ class SparseTrainingCallback(Callback):
                 b.copy_(buffers[name])
         count = int(round(self.density * sum(masking.sizes)))
         masking.load_masks(dict(zip(masking.names, snip_masks(scores, count))))
+        self._ensure_masks_agree(trainer)
         masking.apply_()
+
+    def _ensure_masks_agree(self, trainer: pl.Trainer) -> None:
+        """Every process computes the update from the same synchronized weights, momentum, gradients and
+        random state, so the masks agree; this checks it with one small all-gather of per-layer checksums
+        and, should they ever differ (e.g. a non-deterministic kernel breaking a tie differently), makes
+        every process take rank zero's masks."""
+        if trainer.world_size <= 1:
+            return
+        masking = self._require_masking()
+        checksums = torch.stack([_mask_checksum(m) for m in masking.masks])
+        gathered = trainer.strategy.all_gather(checksums)
+        if torch.equal(gathered.amin(dim=0), gathered.amax(dim=0)):
+            return
+        differing = [n for n, same in zip(masking.names, (gathered == gathered[0]).all(dim=0).tolist()) if not same]
+        log.warning("SparseTrainingCallback: masks of %s differ across processes; taking rank zero's", differing)
+        for mask in masking.masks:
+            torch.distributed.broadcast(mask.view(torch.uint8), src=0)
+        masking.load_masks(dict(masking.items()))
 
     # ------------------------------------------------------------------ costs and speedups
     def _build_cost_model(self, capture: _RootInputCapture) -> None:
@@ -559,6 +581,13 @@ def _logging_disabled(pl_module: pl.LightningModule) -> Iterator[None]:
         del pl_module.log_dict
 
 
+def _mask_checksum(mask: Tensor) -> Tensor:
+    """Count, sum and sum of squares of the active positions (int64, wrapping), as one tensor on the device."""
+    flat = mask.reshape(-1).to(torch.int64)
+    idx = torch.arange(flat.numel(), device=mask.device)
+    return torch.stack([flat.sum(), (idx * flat).sum(), (idx * idx * flat).sum()])
+
+
 class _Stopwatch:
     """Adds up the time spent in a block: wall time on the CPU, CUDA events (no synchronization) on a GPU."""
 
@@ -589,28 +618,30 @@ class _Stopwatch:
 
 
 class _RootInputCapture:
-    """Records the input of the first call, in one training step, of each module that contains every given
-    layer (the LightningModule, ``self.net``, ...), to count the layers' FLOPs for the real input shapes."""
+    """Records the inputs, in one training step, of each module that contains every given layer (the
+    LightningModule, ``self.net``, ...), to count the layers' FLOPs for the real input shapes."""
 
     def __init__(self, pl_module: nn.Module, layer_modules: Sequence[str]) -> None:
-        self._inputs: dict[str, Any] = {}
+        self._calls: dict[str, list[tuple[Tensor, ...]]] = {}
         self._modules: dict[str, nn.Module] = {}
         self._handles = []
         for name, module in pl_module.named_modules():
-            if layer_modules and all(m == name or m.startswith(f"{name}.") or not name for m in layer_modules):
+            if layer_modules and all(not name or m == name or m.startswith(f"{name}.") for m in layer_modules):
                 self._modules[name] = module
                 self._handles.append(module.register_forward_pre_hook(partial(self._hook, name)))
 
     def _hook(self, name: str, module: nn.Module, args: tuple[Any, ...]) -> None:
-        if name not in self._inputs:
-            self._inputs[name] = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
+        # Only calls on tensors: strategies such as DDP call the LightningModule with (batch, batch_idx) to
+        # reach `training_step`, which then calls the network on the real input.
+        if args and all(isinstance(a, Tensor) for a in args):
+            self._calls.setdefault(name, []).append(tuple(a.detach() for a in args))
 
-    def finish(self) -> tuple[str, nn.Module, Any] | None:
-        """Remove the hooks; the outermost called module containing every layer, its name and its input."""
+    def finish(self) -> tuple[str, nn.Module, tuple[Tensor, ...]] | None:
+        """Remove the hooks; the outermost called module containing every layer, its name and first input."""
         for handle in self._handles:
             handle.remove()
-        called = sorted(self._inputs, key=lambda n: (n.count(".") + bool(n), n))
+        called = sorted(self._calls, key=lambda n: (n.count(".") + bool(n), n))
         if not called:
             return None
         name = called[0]
-        return name, self._modules[name], self._inputs[name]
+        return name, self._modules[name], self._calls[name][0]

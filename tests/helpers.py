@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 _DIGITS: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -117,39 +118,8 @@ class MaskRecorder(Callback):
         self.epoch_masks.append({k: v.clone() for k, v in self.sparse.masks.items()})
 
 
-class ResumableLoader(DataLoader):
-    """A sequential loader that Lightning can resume in the middle of an epoch (it has ``state_dict``).
-
-    Lightning fetches one batch ahead, so the loader cannot count what was trained on by itself; the
-    :class:`ConsumedBatches` callback tells it after every batch.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.consumed = 0
-        self._skip = 0
-
-    def __iter__(self) -> Any:
-        skip, self._skip = self._skip, 0
-        for i, batch in enumerate(super().__iter__()):
-            if i >= skip:
-                yield batch
-
-    def state_dict(self) -> dict[str, int]:
-        return {"consumed": self.consumed}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self._skip = state["consumed"] % len(self)
-
-
-class ConsumedBatches(Callback):
-    def __init__(self, loader: ResumableLoader) -> None:
-        self.loader = loader
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.loader.consumed = batch_idx + 1
-
-
-def resumable_digits_loader(n: int = 600, batch_size: int = 50) -> ResumableLoader:
+def resumable_digits_loader(n: int = 600, batch_size: int = 50) -> StatefulDataLoader:
+    """torchdata's StatefulDataLoader: Lightning saves its position, so a mid-epoch resume continues exactly.
+    Not shuffled: a shuffled order drawn from the global RNG is not restored on resume."""
     x, y = digits()
-    return ResumableLoader(TensorDataset(x[:n], y[:n]), batch_size=batch_size, shuffle=False)
+    return StatefulDataLoader(TensorDataset(x[:n], y[:n]), batch_size=batch_size, shuffle=False)

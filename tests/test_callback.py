@@ -12,7 +12,6 @@ from lightning_sparse import SparseTrainingCallback
 from lightning_sparse.functional import cosine_decay, layer_active_counts
 
 from .helpers import (
-    ConsumedBatches,
     DigitsCNN,
     DigitsMLP,
     MaskRecorder,
@@ -145,7 +144,7 @@ def _ckpt_fit(cb, tmp_path, max_epochs, ckpt_path=None, **ckpt_kwargs):
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, **ckpt_kwargs)
     loader = resumable_digits_loader()
     L.seed_everything(0)
-    t = trainer(max_epochs=max_epochs, callbacks=[cb, ConsumedBatches(loader), ckpt], enable_checkpointing=True)
+    t = trainer(max_epochs=max_epochs, callbacks=[cb, ckpt], enable_checkpointing=True)
     t.fit(model, loader, val_dataloaders=val, ckpt_path=ckpt_path)
     return model
 

@@ -1,0 +1,93 @@
+"""Run by tests/test_distributed.py: short DDP fits (2 CPU processes, gloo) that save, per rank, the masks
+after every optimizer step and the final weights. Lightning's DDP launcher starts this script again for
+rank 1, so everything below runs in both processes.
+
+    python tests/ddp_run.py --out DIR --algorithm set
+
+One fit per launch: a second DDP fit in the same script does not start (Lightning launches the processes
+once per script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lightning_sparse import SparseTrainingCallback  # noqa: E402
+from tests.helpers import DigitsMLP, digits_loader  # noqa: E402
+
+STEP_ALGORITHMS = {"rigl": 2, "dsr": 2, "gmp": 2}  # update intervals short enough for a few updates
+
+
+class Snapshots(L.Callback):
+    """After every optimizer step and epoch end: a copy of the masks (and DST's thresholds)."""
+
+    def __init__(self, sparse: SparseTrainingCallback, diverge: bool = False) -> None:
+        self.sparse = sparse
+        self.diverge = diverge
+        self.masks: list[dict[str, torch.Tensor]] = []
+
+    def _take(self) -> None:
+        self.masks.append({k: v.detach().cpu().clone() for k, v in self.sparse.masks.items()})
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        self._take()
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if self.diverge and trainer.global_rank == 1 and trainer.current_epoch == 1:
+            mask = next(iter(self.sparse.masks.values()))  # a view of the callback's mask: flip a weight
+            position = int(mask.view(-1).nonzero()[0])
+            mask.view(-1)[position] = False
+            mask.view(-1)[int((~mask).view(-1).nonzero()[-1])] = True
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._take()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--algorithm", default="sparse_momentum")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--diverge", action="store_true", help="rank 1 moves one weight of its masks")
+    args = parser.parse_args()
+    algorithm = args.algorithm
+    L.seed_everything(1234)
+    sparse = SparseTrainingCallback(
+        density=None if algorithm == "dst" else 0.2,
+        algorithm=algorithm,
+        update_interval=STEP_ALGORITHMS.get(algorithm),
+        seed=None,  # drawn on rank zero and broadcast
+    )
+    snapshots = Snapshots(sparse, args.diverge)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=args.epochs,
+        callbacks=[sparse, snapshots],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=args.out,
+    )
+    model = DigitsMLP(optimizer="adam" if algorithm == "dst" else "sgd")
+    trainer.fit(model, digits_loader())
+    state = {
+        "masks": snapshots.masks,
+        "weights": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "num_updates": sparse.state_dict()["num_updates"],
+        "world_size": trainer.world_size,
+    }
+    torch.save(state, args.out / f"{algorithm}_rank{trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    main()
