@@ -288,11 +288,9 @@ class SparseAlgorithm:
 
     @property
     def needs_momentum(self) -> bool:
-        """Whether an update reads the optimizer's momentum (assumed for user-written rules)."""
-        if not self.dynamic:
-            return False
-        rules = (self.prune, self.grow, self.redistribute, self.count)
-        return any(rule == "momentum" or (callable(rule) and not isinstance(rule, DSRThreshold)) for rule in rules)
+        """Whether the built-in rules read the optimizer's momentum (a user-written rule that reads
+        ``layer.momentum`` gets the optimizer checked when it first does)."""
+        return self.dynamic and "momentum" in (self.prune, self.grow, self.redistribute, self.count)
 
     def update(self, layers: Sequence[LayerState], active: Sequence[int], context: UpdateContext) -> UpdateResult:
         """One count–prune–redistribute–grow cycle.

@@ -305,3 +305,18 @@ def test_ablation_momentum_redistribution_random_growth_runs_and_keeps_total():
 def test_unknown_rule_name():
     with pytest.raises(ValueError, match=r"`count` can be ceil, floor, gmp, dsr or a function, got 'half'"):
         SparseAlgorithm(count="half")
+
+
+def test_readme_custom_growth_rule_runs():
+    from lightning_sparse.functional import add_highest
+
+    def grow_by_gradient_times_momentum(layer, mask, n, generator):
+        return add_highest((layer.grad * layer.momentum).abs(), mask, n)
+
+    algo = SparseAlgorithm(grow=grow_by_gradient_times_momentum, redistribute="none", update_interval=4)
+    assert not algo.needs_momentum  # checked lazily, when the rule reads layer.momentum
+    cb = SparseTrainingCallback(density=0.2, algorithm=algo, seed=0)
+    _, _, spy = _fit(cb, epochs=1)
+    assert cb.state_dict()["num_updates"] == 2 and _changed_steps(spy.history) == [4, 8]
+    with pytest.raises(ValueError, match="sparse momentum needs an optimizer that keeps a momentum"):
+        _fit(SparseTrainingCallback(density=0.2, algorithm=algo, seed=0), model=DigitsMLP(optimizer="plain_sgd"), epochs=1)
