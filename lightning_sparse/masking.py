@@ -131,8 +131,13 @@ class Masking:
 
     @torch.no_grad()
     def apply_(self) -> None:
-        """Zero every masked-out weight in place: one fused multiply over all layers."""
-        torch._foreach_mul_([w.data for w in self.weights], self.masks)
+        """Zero every masked-out weight in place: one fused multiply over all layers.
+
+        The bool masks enter the multiply as their ``uint8`` view (same bytes, no copy): on the CPU the
+        multiply first converts the mask to float32 either way, and from ``uint8`` that conversion is twice as
+        fast as from ``bool``; the product is identical.
+        """
+        torch._foreach_mul_([w.data for w in self.weights], [m.view(torch.uint8) for m in self.masks])
 
     # ------------------------------------------------------------------ statistics
     @property

@@ -208,3 +208,23 @@ def test_random_growth_exact_count_seeded_and_only_inactive():
     b = random_growth(mask, 15, torch.Generator().manual_seed(1))
     assert torch.equal(a, b)
     assert int(a.sum()) == 25 and a[:10].all()
+
+
+@pytest.mark.parametrize("n_fraction", [0.001, 0.05, 0.5, 1.0])
+def test_large_layer_selection_equals_a_plain_topk(n_fraction):
+    # On the CPU, rows of 65536 or more entries are narrowed before topk; the choice must be the same
+    g = torch.Generator().manual_seed(0)
+    score = torch.randn(300, 400, generator=g)  # distinct values: one right answer
+    mask = torch.rand(300, 400, generator=g) < 0.1
+    free = int((~mask).sum())
+    n = max(1, int(n_fraction * free))
+    grown = score_growth(score, mask, n)
+    expected = mask.clone()
+    expected.view(-1)[torch.topk(score.abs().masked_fill(mask, -1).view(-1), n).indices] = True
+    assert torch.equal(grown, expected)
+    active = int(mask.sum())
+    k = max(1, int(n_fraction * active))
+    pruned = magnitude_prune(score, mask, k)
+    expected = mask.clone()
+    expected.view(-1)[torch.topk(score.abs().masked_fill(~mask, float("inf")).view(-1), k, largest=False).indices] = False
+    assert torch.equal(pruned, expected)

@@ -27,7 +27,7 @@ def momentum_shares(momenta: Sequence[Tensor], masks: Sequence[Tensor]) -> Tenso
     """
     means = torch.stack(
         [
-            (m.detach().abs().float() * k).sum() / k.sum().clamp_min(1)
+            m.detach().abs().float().mul_(k.view(torch.uint8)).sum() / k.sum().clamp_min(1)
             for m, k in zip(momenta, masks)
         ]
     )
