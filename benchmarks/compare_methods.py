@@ -42,7 +42,7 @@ def main() -> None:
         f"\n{args.model} on Fashion-MNIST, density {args.density}, {args.epochs} epochs, seeds {args.seeds}"
         " (mean ± std over seeds)"
     )
-    print(f"| method | test error % | final density |\n|---|---|---|")
+    print("| method | test error % | final density |\n|---|---|---|")
     for method, rs in results.items():
         errors = [r["test_error"] for r in rs]
         std = statistics.stdev(errors) if len(errors) > 1 else 0.0

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import math
 import os
 import platform
 import statistics

@@ -44,7 +44,7 @@ from lightning_sparse.algorithms import (
 from lightning_sparse.functional.init import INIT_METHODS
 from lightning_sparse.functional.prune_grow import snip_masks
 from lightning_sparse.functional.schedules import PRUNE_RATE_SCHEDULES
-from lightning_sparse.functional.speedup import LAYER_TYPES, training_step_flops
+from lightning_sparse.functional.speedup import training_step_flops
 from lightning_sparse.masking import Masking, maskable_parameters
 from lightning_sparse.momentum import check_momentum_optimizer, optimizer_momentum, reset_optimizer_state
 from lightning_sparse.report import TIMINGS, CostModel, SparsityReport

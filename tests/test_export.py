@@ -154,7 +154,7 @@ def test_compact_folds_constant_channels_into_readers_that_do_not_zero_pad():
 def test_compact_vgg_batchnorm_rules():
     model = vgg()
     _random_zeros(model, 0.3)
-    conv1, bn1, conv2, conv3, bn3, fc1, fc2 = (
+    conv1, bn1, conv2, conv3, bn3, _fc1, fc2 = (
         model[0][0], model[0][1], model[1][0], model[3][0], model[3][1], model[6], model[9],
     )  # fmt: skip
     with torch.no_grad():

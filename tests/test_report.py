@@ -1,14 +1,11 @@
 """Channel statistics, speedup estimates, training FLOPs and overhead logged by the callback; the end-of-fit
 table and figure."""
 
-import lightning as L
 import pytest
-import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 from lightning_sparse import SparseTrainingCallback
-from lightning_sparse.functional.speedup import channel_stats, layer_flops
 
 from .helpers import DigitsCNN, DigitsMLP, digits_loader, trainer
 
@@ -96,7 +93,7 @@ def test_bad_timing_value():
 def test_figure_is_a_png_and_tensorboard_gets_it(tmp_path):
     cb = SparseTrainingCallback(density=0.2, seed=0)
     logger = TensorBoardLogger(tmp_path, name="tb")
-    t = _fit(cb, DigitsCNN(), max_epochs=2, logger=logger, default_root_dir=tmp_path)
+    _fit(cb, DigitsCNN(), max_epochs=2, logger=logger, default_root_dir=tmp_path)
     png = tmp_path / "tb" / "version_0" / "sparsity.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from PIL import Image
