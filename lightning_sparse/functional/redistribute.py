@@ -40,7 +40,11 @@ def magnitude_shares(weights: Sequence[Tensor], masks: Sequence[Tensor]) -> Tens
 
 
 def nonzero_shares(masks: Sequence[Tensor]) -> Tensor:
-    """Shares proportional to each layer's number of active weights (DSR's rule)."""
+    """Shares proportional to each layer's number of active weights in ``masks`` (on the device).
+
+    DSR shares by the weights that *survive* pruning; ``SparseAlgorithm.update`` computes that from its host
+    counts (``redistribute="nonzero"``), so it never needs this device version.
+    """
     return _normalize(torch.stack([k.sum() for k in masks]).float())
 
 
