@@ -45,6 +45,7 @@ from lightning_sparse.functional.init import INIT_METHODS
 from lightning_sparse.functional.prune_grow import snip_masks
 from lightning_sparse.functional.schedules import PRUNE_RATE_SCHEDULES
 from lightning_sparse.functional.speedup import training_step_flops
+from lightning_sparse.kernels import check_mask_kernel
 from lightning_sparse.masking import Masking, maskable_parameters
 from lightning_sparse.momentum import check_momentum_optimizer, optimizer_momentum, reset_optimizer_state
 from lightning_sparse.report import TIMINGS, CostModel, SparsityReport
@@ -87,6 +88,11 @@ class SparseTrainingCallback(Callback):
             once on that batch, as the paper did).
         figure: write ``sparsity.png`` (per-layer density over training, empty channels per layer) to the
             trainer's log directory at the end of ``fit`` (and log it to a TensorBoard logger).
+        mask_kernel: how the masks are applied to CPU weights after each optimizer step: ``"auto"`` (a
+            fused C++ kernel, compiled once on first use, when it builds; otherwise torch's
+            ``_foreach_mul_`` with a warning), ``"cpp"`` (the C++ kernel, or an error if it cannot be built)
+            or ``"torch"`` (torch's ops, nothing compiled). CUDA weights always use torch's ops, which are
+            already fused there. See :mod:`lightning_sparse.kernels`.
 
     Logged at every mask update (and every epoch end): ``sparse/density``, ``sparse/density/<param>``,
     ``sparse/prune_rate``, ``sparse/empty_in/<param>``, ``sparse/empty_out/<param>``,
@@ -118,6 +124,7 @@ class SparseTrainingCallback(Callback):
         seed: int | None = None,
         speedup_timing: Literal["flops", "measure"] = "flops",
         figure: bool = True,
+        mask_kernel: Literal["auto", "cpp", "torch"] = "auto",
     ) -> None:
         self._algorithm = get_algorithm(algorithm)
         self._dst = self._algorithm if isinstance(self._algorithm, dst.DST) else None
@@ -152,6 +159,7 @@ class SparseTrainingCallback(Callback):
             raise ValueError(f"`seed` must be an int or None, got {seed!r}")
         if speedup_timing not in TIMINGS:
             raise ValueError(f"`speedup_timing` can be {', '.join(TIMINGS)}, got {speedup_timing!r}")
+        check_mask_kernel(mask_kernel)
         if isinstance(dense_layers, str):
             dense_layers = [dense_layers]
         self.density = None if density is None else float(density)
@@ -165,6 +173,7 @@ class SparseTrainingCallback(Callback):
         self.seed = seed
         self.speedup_timing = speedup_timing
         self.figure = figure
+        self.mask_kernel = mask_kernel
 
         self._masking: Masking | None = None
         self._dst_modules: dict[str, nn.Module] = {}
@@ -241,10 +250,13 @@ class SparseTrainingCallback(Callback):
         self._generator.manual_seed(seed)
         assert self.density is not None and isinstance(self._algorithm, SparseAlgorithm)
         if self._algorithm.start == "random":
-            self._masking = Masking.random(params, self.density, self.init, self._generator)
+            self._masking = Masking.random(params, self.density, self.init, self._generator, self.mask_kernel)
         else:  # dense until GMP prunes or SNIP picks its masks
-            self._masking = Masking(params, {n: torch.ones_like(p, dtype=torch.bool) for n, p in params.items()})
-        self._masking.apply_()
+            masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in params.items()}
+            self._masking = Masking(params, masks, self.mask_kernel)
+        # torch's ops for this one-off: the model may still be on the CPU on its way to a GPU, and nothing
+        # should be compiled for it; `on_fit_start` applies the masks again on the training device
+        self._masking.apply_(kernel="torch")
         if self._pending_state is not None:
             self._restore()
 
@@ -553,7 +565,7 @@ class SparseTrainingCallback(Callback):
             if "masks" not in state:
                 raise ValueError("the checkpoint's SparseTrainingCallback state holds no masks")
             self._masking.load_masks(state["masks"])
-            self._masking.apply_()
+            self._masking.apply_(kernel="torch")  # before the model moves to its device; see `setup`
         self._current_prune_rate = float(state.get("prune_rate", self.prune_rate))
         self._last_update_step = int(state.get("last_update_step", -1))
         self._num_updates = int(state.get("num_updates", 0))

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_sparse.functional.init import layer_active_counts, random_mask
+from lightning_sparse.kernels import check_mask_kernel, cpu_masked_zero
 
 MASKED_MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -71,12 +72,18 @@ class Masking:
     Args:
         params: the masked weights by name (see :func:`maskable_parameters`).
         masks: one ``torch.bool`` mask per weight, same names and shapes; moved to each weight's device.
+        kernel: how :meth:`apply_` zeroes CPU weights: ``"auto"`` (the C++ kernel of
+            :mod:`lightning_sparse.kernels` if it builds, else torch's ops), ``"cpp"`` (the C++ kernel or an
+            error) or ``"torch"`` (torch's ops only).
 
     ``active`` holds each layer's number of active weights on the host, kept exact across updates
     without reading the masks back.
     """
 
-    def __init__(self, params: Mapping[str, nn.Parameter], masks: Mapping[str, Tensor]) -> None:
+    def __init__(
+        self, params: Mapping[str, nn.Parameter], masks: Mapping[str, Tensor], kernel: str = "auto"
+    ) -> None:
+        self.kernel = check_mask_kernel(kernel)
         self.names: list[str] = list(params)
         self.weights: list[nn.Parameter] = list(params.values())
         self.masks: list[Tensor] = []
@@ -90,12 +97,13 @@ class Masking:
         density: float,
         init: str = "uniform",
         generator: torch.Generator | None = None,
+        kernel: str = "auto",
     ) -> Masking:
         """Random masks with the per-layer counts of ``init`` (``"uniform"``, ``"erk"``, ``"er"``)."""
         shapes = [tuple(p.shape) for p in params.values()]
         counts = layer_active_counts(shapes, density, init)
         masks = {name: random_mask(shape, n, generator) for name, shape, n in zip(params, shapes, counts)}
-        return cls(params, masks)
+        return cls(params, masks, kernel)
 
     # ------------------------------------------------------------------ masks
     def load_masks(self, masks: Mapping[str, Tensor]) -> None:
@@ -130,14 +138,42 @@ class Masking:
         self.masks = [m.to(w.device) for m, w in zip(self.masks, self.weights)]
 
     @torch.no_grad()
-    def apply_(self) -> None:
-        """Zero every masked-out weight in place: one fused multiply over all layers.
+    def apply_(self, kernel: str | None = None) -> None:
+        """Zero every masked-out weight in place, all layers in one call.
 
-        The bool masks enter the multiply as their ``uint8`` view (same bytes, no copy): on the CPU the
-        multiply first converts the mask to float32 either way, and from ``uint8`` that conversion is twice as
-        fast as from ``bool``; the product is identical.
+        CPU weights go through the C++ kernel of :mod:`lightning_sparse.kernels` (one read and one write of
+        the weights, masked weights become +0.0 even where they were NaN or inf). Everything else, and every
+        weight when ``kernel`` (default: :attr:`kernel`) is ``"torch"`` or the kernel cannot be built, goes
+        through one ``torch._foreach_mul_`` with the masks' ``uint8`` view (same bytes, no copy; on the CPU
+        converting ``uint8`` to float is twice as fast as converting ``bool``; on CUDA the multiply converts
+        on the fly). A masked weight that is NaN or inf stays NaN there.
         """
-        torch._foreach_mul_([w.data for w in self.weights], [m.view(torch.uint8) for m in self.masks])
+        kernel = self.kernel if kernel is None else check_mask_kernel(kernel)
+        weights = [w.data for w in self.weights]
+        fused = None
+        if kernel != "torch" and any(w.device.type == "cpu" for w in weights):
+            fused = cpu_masked_zero(kernel)
+        if fused is None:
+            torch._foreach_mul_(weights, [m.view(torch.uint8) for m in self.masks])
+            return
+        cpu_weights, cpu_masks, other_weights, other_masks = [], [], [], []
+        for weight, mask in zip(weights, self.masks):
+            if (
+                weight.device.type == "cpu"
+                and mask.device.type == "cpu"
+                and weight.dtype.is_floating_point
+                and weight.is_contiguous()
+                and mask.is_contiguous()
+            ):
+                cpu_weights.append(weight)
+                cpu_masks.append(mask)
+            else:
+                other_weights.append(weight)
+                other_masks.append(mask.view(torch.uint8))
+        if cpu_weights:
+            fused(cpu_weights, cpu_masks)
+        if other_weights:
+            torch._foreach_mul_(other_weights, other_masks)
 
     # ------------------------------------------------------------------ statistics
     @property
