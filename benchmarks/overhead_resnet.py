@@ -9,10 +9,11 @@ training throughput, and how the update time grows with the model.
 
 Sections (``--sections``, default all):
 
-* ``apply``: ``Masking.apply_()`` (the per-step mask application) against one ``optimizer.step()`` of SGD with
-  momentum and weight decay, on torchvision ResNet-50 at density 0.1, alternating repetitions; for context,
-  other ways to apply the same masks (their bytes per weight are printed) and the read+write of the weights
-  alone, the floor of a fused kernel.
+* ``apply``: ``Masking.apply_()`` (the per-step mask application, with the C++ kernel of
+  ``lightning_sparse.kernels``) against one ``optimizer.step()`` of SGD with momentum and weight decay, on
+  torchvision ResNet-50 at density 0.1, alternating repetitions; for context, other ways to apply the same
+  masks (torch's ``_foreach_mul_`` with the bool masks, with float masks; their bytes per weight are printed)
+  and the read+write of the weights alone, the floor of any kernel that runs after the optimizer.
 * ``update``: one sparse momentum update and one RigL update (with its optimizer-state reset) on ResNet-50,
   Lightning-free (``ALGORITHMS[...].update`` + ``Masking.set_masks`` + ``apply_``), alternating; host
   synchronizations per update; peak extra memory (resident set) during an update.
@@ -20,7 +21,8 @@ Sections (``--sections``, default all):
   tensor bytes the callback holds, host synchronizations of its step hook with and without an update.
 * ``throughput``: ``Trainer`` fits with and without the callback, alternating in this process: ResNet-50 at
   224x224, batch 16 (per-step times; one mask update per fit, amortized over ``--amortize`` steps), and
-  LeNet-5 on Fashion-MNIST, batch 100 (epochs of ``--lenet-steps`` steps, a mask update at every epoch end).
+  LeNet-5 on Fashion-MNIST, batch 100 (epochs of ``--lenet-steps`` steps, a mask update at every epoch end;
+  also fits with a callback that does nothing, for what Lightning's calls of one more callback's hooks cost).
 * ``scaling``: sparse momentum and RigL update times on ResNet-18/34/50/101 against their masked weights.
 
 Times are medians over alternating repetitions. Nothing is asserted. On a shared machine, PyTorch's
@@ -55,6 +57,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_sparse import ALGORITHMS, LayerState, Masking, SparseTrainingCallback, UpdateContext, maskable_parameters
+from lightning_sparse.kernels import cpu_masked_zero
 from lightning_sparse.momentum import optimizer_momentum, reset_optimizer_state
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -276,16 +279,18 @@ def section_apply(args: argparse.Namespace) -> None:
             w.data = w.data * m
 
     mask_bytes = sum(m.numel() * m.element_size() for m in bool_masks)
+    cpp_ok = cpu_masked_zero("auto") is not None
+    library = "C++ kernel" if cpp_ok else "C++ kernel did not build: _foreach_mul_"
     candidates: list[tuple[str, float, Callable[[], None]]] = [
-        ("Masking.apply_() (the library: _foreach_mul_, bool masks)", mask_bytes / n, masking.apply_),
+        (f"Masking.apply_() (the library: {library}, bool masks)", mask_bytes / n, masking.apply_),
         (
-            "_foreach_mul_ with the bool masks viewed as uint8 (no copy)",
+            "Masking.apply_(kernel='torch') (_foreach_mul_, bool masks as uint8)",
             mask_bytes / n,
-            lambda: torch._foreach_mul_(data(), [m.view(torch.uint8) for m in bool_masks]),
+            partial(masking.apply_, kernel="torch"),
         ),
         ("_foreach_mul_ with float32 masks", 4.0, lambda: torch._foreach_mul_(data(), float_masks)),
         ("reference: float loop `w.data = w.data * mask`", 4.0, reference_float_loop),
-        ("floor of a fused kernel: read+write of the weights alone", 0.0, lambda: torch._foreach_mul_(data(), 1.0)),
+        ("floor: read+write of the weights alone (_foreach_mul_ by 1.0)", 0.0, lambda: torch._foreach_mul_(data(), 1.0)),
     ]
     step_times: list[float] = []
     times: dict[str, list[float]] = {label: [] for label, _, _ in candidates}
@@ -300,15 +305,16 @@ def section_apply(args: argparse.Namespace) -> None:
         f" {args.apply_repeats} alternating repetitions"
     )
     print(f"  optimizer.step() (SGD momentum 0.9, weight decay 1e-4): {step * 1e3:.1f} ms")
-    print(f"  {'way of applying the masks':<64} {'ms':>7} {'x step':>7} {'mask B/weight':>14}")
+    print(f"  {'way of applying the masks':<68} {'ms':>7} {'x step':>7} {'mask B/weight':>14}")
     for label, bytes_per_weight, _ in candidates:
         t = median(times[label])
-        print(f"  {label:<64} {t * 1e3:>7.2f} {t / step:>7.3f} {bytes_per_weight:>14.0f}")
-    floor = median(times[candidates[-1][0]])
+        print(f"  {label:<68} {t * 1e3:>7.2f} {t / step:>7.3f} {bytes_per_weight:>14.0f}")
+    library_time, torch_time, floor = (median(times[candidates[i][0]]) for i in (0, 1, -1))
     print(
-        f"  a fused bool-mask kernel moves 9 B/weight (4 read + 4 written + 1 mask byte): about"
-        f" {floor * 9 / 8 / step:.2f}x of a step; fused into the optimizer's own weight update it would add"
-        f" about {floor / 8 / step:.2f}x (the mask read only)"
+        f"  the C++ kernel moves 9 B/weight (4 read + 4 written + 1 mask byte), torch's bool-mask multiply about"
+        f" 17 (it first converts each mask to a float temporary): {torch_time / library_time:.2f}x faster"
+        f" here. Fused into the optimizer's own weight update, the masks would add only their read: about"
+        f" {floor / 8 / step:.2f}x of a step"
     )
 
 
@@ -569,22 +575,25 @@ def lenet_throughput(args: argparse.Namespace, root: str) -> None:
         print(f"\n== throughput: LeNet-5 skipped ({error})")
         return
     epochs, lenet_steps = args.lenet_epochs, args.lenet_steps
-    runs: dict[str, list[Recorder]] = {"dense": [], "sparse": []}
+    # "noop": a callback that does nothing, for what Lightning's calls of one more callback's hooks cost
+    runs: dict[str, list[Recorder]] = {"dense": [], "noop": [], "sparse": []}
     began = time.perf_counter()
     for repeat in range(args.repeats):
-        for kind in ("dense", "sparse"):
+        for kind in runs:
             torch.manual_seed(args.seed + repeat)
             module = Classifier("lenet5")
             recorder = Recorder()
-            callbacks = []
+            callbacks: list[L.Callback] = []
             if kind == "sparse":
                 callbacks = [SparseTrainingCallback(density=args.lenet_density, seed=args.seed, figure=False)]
+            elif kind == "noop":
+                callbacks = [L.Callback()]
             fit(module, data, recorder.wrap(callbacks), root, max_epochs=epochs, limit_train_batches=lenet_steps)
             runs[kind].append(recorder)
     elapsed = time.perf_counter() - began
     header(
         f"throughput: LeNet-5 / Fashion-MNIST, batch 100, SGD Nesterov momentum, density {args.lenet_density};"
-        f" {args.repeats} dense and {args.repeats} sparse fits of {epochs} epochs of {args.lenet_steps} steps,"
+        f" {args.repeats} dense, no-op-callback and sparse fits of {epochs} epochs of {args.lenet_steps} steps,"
         f" alternating ({elapsed:.0f} s)"
     )
     if epochs < 3:
@@ -603,7 +612,9 @@ def lenet_throughput(args: argparse.Namespace, root: str) -> None:
     apply_hook = per_run("sparse", lambda r: r.hook_times[steps:]) - per_run("dense", lambda r: r.hook_times[steps:])
     epoch_hook = per_run("sparse", lambda r: r.epoch_hook_times[measured])
     epoch_hook -= per_run("dense", lambda r: r.epoch_hook_times[measured])
-    rest = sparse_epoch - dense_epoch - steps * apply_hook - epoch_hook
+    noop_epoch = per_run("noop", lambda r: r.epoch_times[measured])
+    dispatch = noop_epoch - dense_epoch
+    rest = sparse_epoch - dense_epoch - steps * apply_hook - epoch_hook - dispatch
     row(
         "dense epoch (median)",
         f"{dense_epoch:8.3f} s   {steps / dense_epoch:.1f} steps/s, step {dense_step * 1e3:.2f} ms",
@@ -618,7 +629,11 @@ def lenet_throughput(args: argparse.Namespace, root: str) -> None:
     )
     epoch_share = epoch_hook / dense_epoch
     row("callback at epoch end: update, statistics, logging", f"{epoch_hook * 1e3:8.1f} ms ({epoch_share:.2%})")
-    row("rest of the difference (outside the hooks, noise)", f"{rest * 1e3:8.1f} ms ({rest / dense_epoch:.2%})")
+    row(
+        "Lightning calling one more callback's hooks (a no-op callback)",
+        f"{dispatch * 1e3:8.1f} ms ({dispatch / dense_epoch:.2%}; no-op/dense {dense_epoch / noop_epoch:.4f}x)",
+    )
+    row("rest of the difference (noise)", f"{rest * 1e3:8.1f} ms ({rest / dense_epoch:.2%})")
     print(
         f"  throughput ratio, sparse/dense (the paper: 0.973x): from epoch times {dense_epoch / sparse_epoch:.4f}x;"
         f" from median step times {dense_step / (sparse_step + epoch_hook / steps):.4f}x; from the callback's hook"
