@@ -565,7 +565,7 @@ class SparseTrainingCallback(Callback):
             if "masks" not in state:
                 raise ValueError("the checkpoint's SparseTrainingCallback state holds no masks")
             self._masking.load_masks(state["masks"])
-            self._masking.apply_(kernel="torch")  # before the model moves to its device; see `setup`
+            self._masking.apply_(kernel="torch")  # often before the model moves to its device; see `setup`
         self._current_prune_rate = float(state.get("prune_rate", self.prune_rate))
         self._last_update_step = int(state.get("last_update_step", -1))
         self._num_updates = int(state.get("num_updates", 0))
