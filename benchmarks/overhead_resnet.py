@@ -310,6 +310,12 @@ def section_apply(args: argparse.Namespace) -> None:
         t = median(times[label])
         print(f"  {label:<68} {t * 1e3:>7.2f} {t / step:>7.3f} {bytes_per_weight:>14.0f}")
     library_time, torch_time, floor = (median(times[candidates[i][0]]) for i in (0, 1, -1))
+    if not cpp_ok:
+        print(
+            "  the C++ kernel could not be built here, so the first two rows are the same path; see why with"
+            " python -c \"from lightning_sparse.kernels import cpu_masked_zero; cpu_masked_zero('cpp')\""
+        )
+        return
     print(
         f"  the C++ kernel moves 9 B/weight (4 read + 4 written + 1 mask byte), torch's bool-mask multiply about"
         f" 17 (it first converts each mask to a float temporary): {torch_time / library_time:.2f}x faster"
