@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_sparse import SparseTrainingCallback  # noqa: E402
-from tests.helpers import DigitsMLP, resumable_digits_loader  # noqa: E402
+from tests.helpers import DigitsMLP, resumable_digits_loader, trainer as quiet_trainer  # noqa: E402
 
 
 class Kill(L.Callback):
@@ -42,16 +42,8 @@ def main() -> None:
     sparse = SparseTrainingCallback(density=0.2, algorithm=args.algorithm, update_interval=4, seed=11)
     checkpoint = ModelCheckpoint(dirpath=args.out / "checkpoints", save_last=True, every_n_train_steps=5)
     callbacks = [sparse, checkpoint] + ([Kill(args.kill_at_step)] if args.kill_at_step else [])
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=3,
-        callbacks=callbacks,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        deterministic=True,
-        default_root_dir=args.out,
+    trainer = quiet_trainer(
+        max_epochs=3, callbacks=callbacks, enable_checkpointing=True, deterministic=True, default_root_dir=args.out
     )
     model = DigitsMLP()
     trainer.fit(model, resumable_digits_loader(), ckpt_path="last" if args.resume else None)

@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_sparse import SparseTrainingCallback  # noqa: E402
-from tests.helpers import DigitsMLP, digits_loader  # noqa: E402
+from tests.helpers import DigitsMLP, digits_loader, trainer as quiet_trainer  # noqa: E402
 
 STEP_ALGORITHMS = {"rigl": 2, "dsr": 2, "gmp": 2}  # update intervals short enough for a few updates
 
@@ -66,17 +66,8 @@ def main() -> None:
         seed=None,  # drawn on rank zero and broadcast
     )
     snapshots = Snapshots(sparse, args.diverge)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_epochs=args.epochs,
-        callbacks=[sparse, snapshots],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=args.out,
+    trainer = quiet_trainer(
+        devices=2, strategy="ddp", max_epochs=args.epochs, callbacks=[sparse, snapshots], default_root_dir=args.out
     )
     model = DigitsMLP(optimizer="adam" if algorithm == "dst" else "sgd")
     trainer.fit(model, digits_loader())
