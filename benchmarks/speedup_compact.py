@@ -56,7 +56,7 @@ from fashion_mnist import DATA_DIR, Classifier, EpochTimer, FashionMNIST, load_f
 
 from lightning_sparse import SparseAlgorithm, SparseTrainingCallback  # noqa: E402
 from lightning_sparse.export import compact, compaction_report  # noqa: E402
-from lightning_sparse.functional.speedup import LAYER_TYPES, layer_times  # noqa: E402
+from lightning_sparse.profiling import LAYER_TYPES, layer_times  # noqa: E402
 from lightning_sparse.report import CostModel, SparsityReport  # noqa: E402
 
 GROWTH: dict[str, Any] = {

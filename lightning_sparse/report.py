@@ -1,78 +1,48 @@
 """What a sparse network costs: channel statistics, speedup estimates, training FLOPs, and the end-of-fit
 table and figure. No Lightning here: :class:`SparsityReport` works on any model and masks.
 
-What is counted (see :mod:`lightning_sparse.functional.speedup`): every ``nn.Linear`` / ``nn.Conv1d/2d/3d``
-of the model, masked or not (an unmasked layer counts with its non-zero weights), with its forward FLOPs for
-the real input shapes, or its measured forward+backward time. Output channels emptied in one layer idle the
-next layer's input channels only along plain chains (conv → BN → ReLU → pool → conv, conv → flatten →
-linear); residual additions and concatenations break the chain, which underestimates the speedup.
+What is counted (see :mod:`lightning_sparse.functional.speedup` and :mod:`lightning_sparse.profiling`): every
+``nn.Linear`` / ``nn.Conv1d/2d/3d`` of the model, masked or not (an unmasked layer counts with its non-zero
+weights), with its forward FLOPs for the real input shapes, or its measured forward+backward time. Output
+channels emptied in one layer idle the next layer's input channels only along plain chains (conv → BN → ReLU →
+pool → conv, conv → flatten → linear); residual additions and concatenations break the chain, which
+underestimates the speedup. On a sharded (FSDP2) model the cost model is built from the layers' input shapes
+(:meth:`~lightning_sparse.profiling.CostModel.from_calls`): FLOPs only, and no chain idling.
 Normalization, activations and pooling cost nothing in these estimates.
+
+:class:`Stopwatch` and :class:`TrainFlops` keep the time spent on the masks and the training FLOPs so far.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import Tensor, nn
+import torch
+from torch import Tensor
 
 from lightning_sparse.functional.speedup import (
-    LAYER_TYPES,
-    ChainLink,
     LayerChannelStats,
-    chain_links,
     channel_stats,
-    conv_groups,
-    layer_flops,
-    layer_times,
     speedup_dense_conv,
     speedup_sparse_conv,
+    training_step_flops,
 )
+from lightning_sparse.profiling import CostModel
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+__all__ = ["TIMINGS", "CostModel", "SparsityReport", "Stopwatch", "TrainFlops"]
 
 log = logging.getLogger(__name__)
 
 TIMINGS = ("flops", "measure")
-
-
-@dataclass
-class CostModel:
-    """The cost of every linear/conv layer of a model for one batch, keyed by parameter name.
-
-    Attributes:
-        flops: forward FLOPs per layer (``torch.utils.flop_counter``), for the captured input shapes.
-        times: measured forward+backward seconds per layer, or ``None`` when only FLOPs were counted.
-        links: plain-chain links (see :func:`~lightning_sparse.functional.speedup.chain_links`).
-        groups: ``groups`` of each conv (1 for linear layers).
-    """
-
-    flops: dict[str, int]
-    times: dict[str, float] | None
-    links: dict[str, ChainLink]
-    groups: dict[str, int]
-
-    @classmethod
-    def build(cls, root: nn.Module, prefix: str, example_input: Any, measure_time: bool = False) -> CostModel:
-        """Count the layers under ``root`` (named ``prefix`` in the full model) on ``example_input``."""
-        local = [f"{name}.weight" if name else "weight" for name, m in root.named_modules() if isinstance(m, LAYER_TYPES)]
-        full = {name: f"{prefix}.{name}" if prefix else name for name in local}
-        flops = layer_flops(root, example_input, local)
-        times = layer_times(root, example_input, local) if measure_time else None
-        links = chain_links(root, example_input, local)
-        groups = conv_groups(root, local)
-        return cls(
-            flops={full[n]: v for n, v in flops.items()},
-            times=None if times is None else {full[n]: v for n, v in times.items()},
-            links={full[n]: ChainLink(full[link.source], link.repeat) for n, link in links.items()},
-            groups={full[n]: v for n, v in groups.items()},
-        )
-
-    @property
-    def costs(self) -> dict[str, float]:
-        """Measured times when available, else FLOPs."""
-        return dict(self.times) if self.times is not None else {n: float(f) for n, f in self.flops.items()}
 
 
 @dataclass
@@ -88,17 +58,41 @@ class SparsityReport:
     history: list[tuple[int, dict[str, LayerChannelStats]]] = field(default_factory=list)
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
-    def measure(self, step: int, layers: Mapping[str, Tensor]) -> dict[str, LayerChannelStats]:
+    def measure(
+        self,
+        step: int,
+        layers: Mapping[str, Tensor],
+        *,
+        row_offsets: Mapping[str, int] | None = None,
+        out_channels: Mapping[str, int] | None = None,
+        group: ProcessGroup | None = None,
+    ) -> dict[str, LayerChannelStats]:
         """Channel statistics of ``layers`` (name → bool mask, or weight for an unmasked layer), recorded
-        at ``step``. One host synchronization."""
+        at ``step``. One host synchronization.
+
+        With ``group``, ``layers`` are the local row blocks of masks sharded over its processes (FSDP2's
+        ``Shard(0)``), placed by ``row_offsets`` and ``out_channels``, and the statistics are those of the full
+        masks, with one ``all_reduce`` (see :func:`~lightning_sparse.functional.speedup.channel_stats`); every
+        process of ``group`` must call this with the same layer names in the same order. The recorded
+        shapes are the full ones, ``(out_channels, *local.shape[1:])``.
+        """
         names = list(layers)
         links = {}
         groups = {}
         if self.cost_model is not None:
             links = {n: link for n, link in self.cost_model.links.items() if n in layers and link.source in layers}
             groups = {n: g for n, g in self.cost_model.groups.items() if n in layers}
-        stats = channel_stats(names, [layers[n] for n in names], links, groups)
-        self.shapes.update({n: tuple(t.shape) for n, t in layers.items()})
+        stats = channel_stats(
+            names,
+            [layers[n] for n in names],
+            links,
+            groups,
+            row_offsets=row_offsets,
+            out_channels=out_channels,
+            group=group,
+        )
+        rows = dict(out_channels or {})
+        self.shapes.update({n: (rows[n], *t.shape[1:]) if n in rows else tuple(t.shape) for n, t in layers.items()})
         self.history.append((step, stats))
         return stats
 
@@ -176,3 +170,120 @@ class SparsityReport:
         fig.savefig(path, format="png", dpi=100)
         plt.close(fig)
         return fig
+
+
+class Stopwatch:
+    """Adds up the time spent in blocks: wall time on the CPU, CUDA events (no synchronization) on a GPU.
+
+    Example:
+        >>> watch = Stopwatch()
+        >>> with watch(torch.device("cpu")):
+        ...     _ = sum(range(1000))
+        >>> watch.total() > 0
+        True
+    """
+
+    def __init__(self) -> None:
+        self._seconds = 0.0
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    @contextmanager
+    def __call__(self, device: torch.device) -> Iterator[None]:
+        """Time the block, for work on ``device`` (CUDA: between two events recorded on its current stream)."""
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._events.append((start, end))
+        else:
+            began = time.perf_counter()
+            yield
+            self._seconds += time.perf_counter() - began
+
+    def total(self) -> float:
+        """Seconds so far (waits for the recorded GPU events)."""
+        for start, end in self._events:
+            end.synchronize()
+            self._seconds += start.elapsed_time(end) / 1000.0
+        self._events.clear()
+        return self._seconds
+
+
+class TrainFlops:
+    """Training FLOPs so far of the sparse network and of the dense one, as the RigL paper counts them.
+
+    Every optimizer step costs :attr:`step_flops` (``(sparse, dense)`` from
+    :func:`~lightning_sparse.functional.speedup.training_step_flops` at the densities of the last
+    :meth:`set_step_flops`); :meth:`advance` adds the steps taken since its last call; an update step that
+    computed dense weight gradients (RigL's growth) adds their extra cost with :meth:`add_dense_weight_gradients`.
+
+    Example:
+        >>> flops = TrainFlops()
+        >>> flops.set_step_flops({"a": 100.0, "b": 50.0}, {"a": 0.5, "b": 1.0}, dense_weight_gradients=False)
+        (300.0, 450.0)
+        >>> flops.advance(10)  # steps 0 .. 9 at these densities
+        >>> flops.ratio
+        0.6666666666666666
+        >>> flops.state_dict()
+        {'sparse': 3000.0, 'dense': 4500.0, 'step': 10}
+    """
+
+    def __init__(self) -> None:
+        self.sparse = 0.0
+        """Training FLOPs of the sparse network so far."""
+        self.dense = 0.0
+        """Training FLOPs of the dense network over the same steps."""
+        self.step = 0
+        """The step up to which FLOPs are counted (the ``step`` of the last :meth:`advance`)."""
+        self.step_flops: tuple[float, float] = (0.0, 0.0)
+        """``(sparse, dense)`` FLOPs of one training step at the current densities."""
+
+    def set_step_flops(
+        self, flops: Mapping[str, float] | None, densities: Mapping[str, float], dense_weight_gradients: bool
+    ) -> tuple[float, float]:
+        """Set the FLOPs of one training step from now on, and return them.
+
+        Args:
+            flops: forward FLOPs per layer (:attr:`CostModel.flops`); ``None`` (no cost model): steps cost 0.
+            densities: density of each layer; layers of ``flops`` missing here count as dense (1.0).
+            dense_weight_gradients: the weight gradients are computed dense (sparse momentum, DST).
+        """
+        if flops is None:
+            self.step_flops = (0.0, 0.0)
+        else:
+            full = {n: densities.get(n, 1.0) for n in flops}
+            self.step_flops = training_step_flops(flops, full, dense_weight_gradients)
+        return self.step_flops
+
+    def advance(self, step: int) -> None:
+        """Count the steps from the last ``advance`` up to ``step`` at the current :attr:`step_flops`.
+
+        A ``step`` at or before the last one counts nothing, and only moves the position back to it."""
+        steps = step - self.step
+        if steps > 0:
+            self.sparse += steps * self.step_flops[0]
+            self.dense += steps * self.step_flops[1]
+        self.step = step
+
+    def add_dense_weight_gradients(self) -> None:
+        """Count the extra cost of one step whose weight gradients were dense, at the current
+        :attr:`step_flops`: ``(dense - sparse) / 3`` (RigL's gradient-based growth at an update step). Call it
+        before :meth:`set_step_flops` gives the new masks' costs."""
+        sparse, dense = self.step_flops
+        self.sparse += (dense - sparse) / 3.0
+
+    @property
+    def ratio(self) -> float | None:
+        """Sparse over dense training FLOPs so far; ``None`` while nothing is counted."""
+        return self.sparse / self.dense if self.dense > 0 else None
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"sparse": float, "dense": float, "step": int}``: plain numbers, for a checkpoint."""
+        return {"sparse": float(self.sparse), "dense": float(self.dense), "step": int(self.step)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (:attr:`step_flops` is not part of it: set it again)."""
+        self.sparse = float(state["sparse"])
+        self.dense = float(state["dense"])
+        self.step = int(state["step"])

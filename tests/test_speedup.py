@@ -10,14 +10,11 @@ from torch import nn
 from lightning_sparse.functional.speedup import (
     ChainLink,
     LayerChannelStats,
-    chain_links,
     channel_stats,
-    conv_groups,
-    layer_flops,
-    layer_times,
     speedup_dense_conv,
     speedup_sparse_conv,
 )
+from lightning_sparse.profiling import chain_links, conv_groups, layer_flops, layer_times
 
 
 def full(*shape):

@@ -1,8 +1,10 @@
 """How much faster a sparse network could run: the speedup estimates of the sparse momentum paper (section 4.1).
 
-Pure torch, no Lightning. Two estimates, both of the form ``Σ c_l / Σ c_l · (fraction of layer l left)``, where
-``c_l`` is the cost of masked layer ``l`` (its forward FLOPs from :func:`layer_flops` or its measured
-forward+backward time from :func:`layer_times`):
+Pure tensor math, no Lightning, no model: the per-layer costs, chain links and conv groups come from
+:mod:`lightning_sparse.profiling` (or by hand). Two estimates, both of the form
+``Σ c_l / Σ c_l · (fraction of layer l left)``, where ``c_l`` is the cost of masked layer ``l`` (its forward
+FLOPs from :func:`~lightning_sparse.profiling.layer_flops` or its measured forward+backward time from
+:func:`~lightning_sparse.profiling.layer_times`):
 
 * **dense convolution** (:func:`speedup_dense_conv`): an input channel whose weights are all zero (over every
   output channel and the kernel) and an output channel whose weights are all zero can be dropped from a dense
@@ -11,27 +13,20 @@ forward+backward time from :func:`layer_times`):
   layer's density ``d_l``.
 
 :func:`channel_stats` reads ``empty_in``, ``empty_out`` and the density of every layer from its mask (or
-weight) in one host synchronization. With the links of :func:`chain_links`, an output channel emptied in one
-layer also idles the input channel(s) it feeds in the next layer of a plain chain (see :func:`chain_links`
-for exactly what is and is not counted).
+weight) in one host synchronization, also from row shards of the masks spread over processes (FSDP2). With
+chain links (:class:`ChainLink`, found by :func:`~lightning_sparse.profiling.chain_links`), an output channel
+emptied in one layer also idles the input channel(s) it feeds in the next layer of a plain chain.
 
-Conventions: layers are keyed by name, as the masks are: parameter names such as ``"features.0.weight"``
-(module names such as ``"features.0"`` are accepted too); costs, fractions and densities are dicts keyed by
-those names. Weights are laid out ``[out, in, *kernel]`` (``nn.Linear``, ``nn.Conv1d/2d/3d``; transposed
-convolutions, whose weights are ``[in, out, *kernel]``, are not supported).
+Conventions: layers are keyed by name, as the masks are: parameter names such as ``"features.0.weight"``;
+costs, fractions and densities are dicts keyed by those names. Weights are laid out ``[out, in, *kernel]``
+(``nn.Linear``, ``nn.Conv1d/2d/3d``; transposed convolutions, whose weights are ``[in, out, *kernel]``, are not
+supported).
 
-Example:
+Example (two linear layers ``10 -> 20 -> 5``, the second fed by the first):
     >>> import torch
-    >>> from torch import nn
-    >>> model = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 5))
     >>> names = ["0.weight", "2.weight"]
-    >>> x = torch.randn(1, 10)
-    >>> costs = layer_flops(model, x, names)  # forward FLOPs of batch x: 2 * in * out per linear
-    >>> costs
-    {'0.weight': 400, '2.weight': 200}
-    >>> links = chain_links(model, x, names)
-    >>> links
-    {'2.weight': ChainLink(source='0.weight', repeat=1)}
+    >>> costs = {"0.weight": 400, "2.weight": 200}  # forward FLOPs of one sample: 2 * in * out
+    >>> links = {"2.weight": ChainLink(source="0.weight")}
     >>> masks = [torch.ones(20, 10, dtype=torch.bool), torch.ones(5, 20, dtype=torch.bool)]
     >>> masks[0][10:] = False  # the last 10 neurons of the first layer are empty ...
     >>> stats = channel_stats(names, masks, links)
@@ -46,34 +41,24 @@ Example:
 from __future__ import annotations
 
 import math
-import statistics
-import time
-import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, fx, nn
-from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
-from torch.utils.flop_counter import FlopCounterMode
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = [
     "ChainLink",
     "LayerChannelStats",
-    "chain_links",
     "channel_stats",
-    "conv_groups",
-    "layer_flops",
-    "layer_times",
     "speedup_dense_conv",
     "speedup_sparse_conv",
+    "training_step_flops",
 ]
-
-LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-"""Module types whose weights ``[out, in, *kernel]`` the channel statistics and chain links understand."""
 
 
 @dataclass(frozen=True)
@@ -95,10 +80,11 @@ class LayerChannelStats:
 
 @dataclass(frozen=True)
 class ChainLink:
-    """The single masked layer feeding a layer through channel-preserving ops (see :func:`chain_links`).
+    """The single masked layer feeding a layer through channel-preserving ops (see
+    :func:`~lightning_sparse.profiling.chain_links`).
 
     Attributes:
-        source: name of the feeding layer, as passed to :func:`chain_links`.
+        source: name of the feeding layer.
         repeat: number of consecutive inputs of the fed layer per output channel of ``source``: 1, or
             ``H * W`` (the spatial size) when a conv's output is flattened into a linear layer.
     """
@@ -115,6 +101,10 @@ def channel_stats(
     masks: Sequence[Tensor],
     links: Mapping[str, ChainLink] | None = None,
     groups: Mapping[str, int] | None = None,
+    *,
+    row_offsets: Mapping[str, int] | None = None,
+    out_channels: Mapping[str, int] | None = None,
+    group: ProcessGroup | None = None,
 ) -> dict[str, LayerChannelStats]:
     """Empty input/output channels and density of every layer, from its mask.
 
@@ -122,17 +112,33 @@ def channel_stats(
         names: layer names, aligned with ``masks``.
         masks: one mask per layer, shaped like the weight ``[out, in, *kernel]`` (at least 2-D); ``torch.bool``
             masks, or weights (a non-zero entry is active). Each stays on its device.
-        links: chain links from :func:`chain_links`, keyed by the fed layer: the input channels of a linked
-            layer fed by an empty output channel of its source count as empty too. ``None``: no links.
-        groups: number of groups of the grouped convolutions (:func:`conv_groups`); missing layers have 1.
-            With ``groups=g`` the weight is ``[out, in / g, *kernel]`` and real input channel ``i`` of group
-            ``k`` is empty when its weights in that group's output channels are all zero, so ``empty_in`` is
-            a fraction of the ``in`` real input channels. Without it, the input index of a grouped conv's
-            weight is read as one channel (empty in every group at once).
+        links: chain links (:func:`~lightning_sparse.profiling.chain_links`), keyed by the fed layer: the input
+            channels of a linked layer fed by an empty output channel of its source count as empty too.
+            ``None``: no links.
+        groups: number of groups of the grouped convolutions (:func:`~lightning_sparse.profiling.conv_groups`);
+            missing layers have 1. With ``groups=g`` the weight is ``[out, in / g, *kernel]`` and real input
+            channel ``i`` of group ``k`` is empty when its weights in that group's output channels are all zero,
+            so ``empty_in`` is a fraction of the ``in`` real input channels. Without it, the input index of a
+            grouped conv's weight is read as one channel (empty in every group at once).
+        row_offsets: with ``group``: the global index of the first row (output channel) of each layer's local
+            block, as FSDP2's ``Shard(0)`` places it.
+        out_channels: with ``group``: the number of rows (output channels) of each layer's full weight.
+        group: a process group over which the masks are sharded by rows: each process passes the same names,
+            in the same order, and for each layer its local row block ``[row_offset, row_offset + rows)`` of
+            the full mask (``rows`` may be 0; the other dimensions are the full ones). A layer named in neither
+            ``row_offsets`` nor ``out_channels`` is held whole, the same, by every process (only the group's
+            first process's copy is counted). The per-layer counts are summed with one ``all_reduce`` over
+            ``group`` (no mask is gathered), and every process gets the statistics of the full masks, exactly
+            as this function returns them for the full masks without ``group``. Arguments are checked before
+            the ``all_reduce``, but only against the local block: blocks that overlap or leave rows out across
+            the processes go unnoticed, and a check failing on some processes only leaves the others waiting
+            in the collective. ``None``, or a group of one process: the masks are the full weights
+            (``row_offsets`` must then be 0 and ``out_channels`` the masks' rows, where given).
 
     Returns:
         :class:`LayerChannelStats` per name, in the order of ``names``. The counts are computed on each
-        mask's device and read back to the host once, for all layers together.
+        mask's device (with ``group``: moved to the first mask's device, which must suit ``group``'s backend)
+        and read back to the host once, for all layers together.
 
     Note that the dense-conv product ``(1 - empty_in) · (1 - empty_out)`` is the remaining work exactly for
     ``groups == 1``; for grouped convolutions it assumes the emptied channels are spread over the groups
@@ -144,17 +150,42 @@ def channel_stats(
         raise ValueError(f"got {len(names)} names but {len(masks)} masks; they must be aligned")
     links = dict(links or {})
     groups = dict(groups or {})
+    row_offsets = dict(row_offsets or {})
+    out_channels = dict(out_channels or {})
     known = set(names)
-    for what, keys in (("links", list(links)), ("groups", list(groups))):
+    for what, keys in (
+        ("links", list(links)),
+        ("groups", list(groups)),
+        ("row_offsets", list(row_offsets)),
+        ("out_channels", list(out_channels)),
+    ):
         unknown = [k for k in keys if k not in known]
         if unknown:
             raise ValueError(f"`{what}` names layers that are not in `names`: {unknown}; the layers are {names}")
     bad_sources = {k: link.source for k, link in links.items() if link.source not in known}
     if bad_sources:
         raise ValueError(f"`links` sources that are not in `names`: {bad_sources}; the layers are {names}")
+    unpaired = sorted(set(row_offsets) ^ set(out_channels))
+    if unpaired:
+        raise ValueError(f"`row_offsets` and `out_channels` must name the same layers; only one names {unpaired}")
     if not names:
         return {}
+    if group is not None and torch.distributed.get_world_size(group) > 1:
+        return _sharded_stats(names, masks, links, groups, row_offsets, out_channels, group)
+    for name, mask in zip(names, masks):
+        if name in out_channels and (row_offsets[name] != 0 or out_channels[name] != mask.shape[0]):
+            raise ValueError(
+                f"mask {name!r}: without a process group of several processes each mask is the full weight, but"
+                f" `row_offsets` gives {row_offsets[name]!r} and `out_channels` {out_channels[name]!r} for a mask"
+                f" of {mask.shape[0] if mask.dim() else 0} rows"
+            )
+    return _local_stats(names, masks, links, groups)
 
+
+def _local_stats(
+    names: list[str], masks: list[Tensor], links: dict[str, ChainLink], groups: dict[str, int]
+) -> dict[str, LayerChannelStats]:
+    """:func:`channel_stats` of full masks."""
     active: dict[str, Tensor] = {}
     empty_out: dict[str, Tensor] = {}
     for name, mask in zip(names, masks):
@@ -202,13 +233,99 @@ def channel_stats(
     return stats
 
 
-def conv_groups(model: nn.Module, names: Sequence[str]) -> dict[str, int]:
-    """``groups`` of each named layer (1 for linear layers), for :func:`channel_stats`."""
-    resolved = _resolve(model, names)
-    return {name: int(getattr(model.get_submodule(m), "groups", 1)) for name, m in resolved.items()}
+def _sharded_stats(
+    names: list[str],
+    masks: list[Tensor],
+    links: dict[str, ChainLink],
+    groups: dict[str, int],
+    row_offsets: dict[str, int],
+    out_channels: dict[str, int],
+    group: ProcessGroup,
+) -> dict[str, LayerChannelStats]:
+    """:func:`channel_stats` of row blocks of the masks: per-layer count vectors, one ``all_reduce``."""
+    rank = torch.distributed.get_rank(group)
+    # Every check comes before the collective: a process that raises must not leave the others waiting in it.
+    blocks: dict[str, tuple[Tensor, int, int, int]] = {}  # name -> (local active block, row offset, rows, groups)
+    for name, mask in zip(names, masks):
+        if mask.dim() < 2 or math.prod(mask.shape[1:]) == 0:
+            raise ValueError(
+                f"mask {name!r} must be a row block of a non-empty weight mask [out, in, *kernel], got shape"
+                f" {tuple(mask.shape)}"
+            )
+        if name in out_channels:
+            n_out, offset = out_channels[name], row_offsets[name]
+            if not isinstance(n_out, int) or not isinstance(offset, int) or n_out < 1 or offset < 0:
+                raise ValueError(
+                    f"`out_channels[{name!r}]` must be a positive integer and `row_offsets[{name!r}]` a"
+                    f" non-negative one, got {n_out!r} and {offset!r}"
+                )
+            if offset + mask.shape[0] > n_out:
+                raise ValueError(
+                    f"mask {name!r}: rows [{offset}, {offset + mask.shape[0]}) of a weight of {n_out} rows"
+                )
+        else:  # held whole by every process: counted once
+            n_out, offset = mask.shape[0], 0
+            if n_out == 0:
+                raise ValueError(f"mask {name!r} is empty, and `out_channels` does not name it as a row block")
+            if rank != 0:
+                mask = mask[:0]
+        g = groups.get(name, 1)
+        if not isinstance(g, int) or g < 1 or n_out % g:
+            raise ValueError(
+                f"groups[{name!r}] must be a positive integer dividing the {n_out} output channels, got {g!r}"
+            )
+        blocks[name] = (mask if mask.dtype == torch.bool else mask != 0, offset, n_out, g)
+    for name, link in links.items():
+        if not isinstance(link.repeat, int) or link.repeat < 1:
+            raise ValueError(f"links[{name!r}].repeat must be a positive integer, got {link.repeat!r}")
+        n_source = blocks[link.source][2]
+        n_in = blocks[name][0].shape[1] * blocks[name][3]
+        if n_source * link.repeat != n_in:
+            raise ValueError(
+                f"link {link.source!r} -> {name!r}: {n_source} output channels x repeat {link.repeat} ="
+                f" {n_source * link.repeat} inputs, but {name!r} has {n_in} input channels (for a grouped conv,"
+                " pass `groups`)"
+            )
 
+    # Per layer: [out] active weights per row, [groups * in] active rows per (group, input), the active count.
+    device = masks[0].device
+    pieces: list[Tensor] = []
+    sizes: list[int] = []
+    for name in names:
+        a, offset, n_out, g = blocks[name]
+        rows, n_in = a.shape[0], a.shape[1]
+        flat = a.reshape(rows, n_in, math.prod(a.shape[2:]))
+        uses_input = flat.any(dim=2)  # [rows, in]: row r reads input i
+        row_counts = torch.zeros(n_out, dtype=torch.int64, device=a.device)
+        row_counts[offset : offset + rows] = uses_input.sum(dim=1)
+        group_of = torch.arange(offset, offset + rows, device=a.device) // (n_out // g)
+        input_counts = torch.zeros(g, n_in, dtype=torch.int64, device=a.device)
+        input_counts.index_add_(0, group_of, uses_input.to(torch.int64))
+        pieces += [row_counts.to(device), input_counts.reshape(-1).to(device), a.sum().reshape(1).to(device)]
+        sizes += [n_out, g * n_in, 1]
+    totals = torch.cat(pieces)
+    torch.distributed.all_reduce(totals, op=torch.distributed.ReduceOp.SUM, group=group)
+    parts = totals.split(sizes)
 
-# ----------------------------------------------------------------------------- speedup estimates
+    empty_out = {name: parts[3 * i] == 0 for i, name in enumerate(names)}
+    counts = []
+    for i, name in enumerate(names):
+        empty_in = parts[3 * i + 1] == 0
+        link = links.get(name)
+        if link is not None:
+            empty_in = empty_in | empty_out[link.source].repeat_interleave(link.repeat)
+        counts.append(torch.stack([empty_in.sum(), empty_out[name].sum(), parts[3 * i + 2][0]]))
+    values = torch.stack(counts).tolist()  # the one host synchronization
+
+    stats = {}
+    for name, (n_empty_in, n_empty_out, n_active) in zip(names, values):
+        a, _, n_out, g = blocks[name]
+        stats[name] = LayerChannelStats(
+            empty_in=n_empty_in / (a.shape[1] * g),
+            empty_out=n_empty_out / n_out,
+            density=n_active / (n_out * math.prod(a.shape[1:])),
+        )
+    return stats
 
 
 def speedup_dense_conv(
@@ -288,409 +405,3 @@ def _ratio(total: float, remaining: float) -> float:
     if remaining == 0:
         return math.inf
     return total / remaining
-
-
-# ----------------------------------------------------------------------------- layer costs
-
-
-def layer_flops(model: nn.Module, example_input: Any, names: Sequence[str], backward: bool = False) -> dict[str, int]:
-    """FLOPs of each named layer for one pass on ``example_input``, counted by ``FlopCounterMode``.
-
-    Args:
-        model: the model; run once in eval mode (so batch norm statistics are not updated) and restored.
-        example_input: a tensor, or a tuple/list of positional arguments of ``model``.
-        names: layer names: parameter names (``"net.0.weight"``) or module names (``"net.0"``).
-        backward: also count the backward pass (gradients of every parameter that requires grad, computed
-            with ``torch.autograd.grad``, so no ``.grad`` is touched). By default, the forward pass only.
-
-    Returns:
-        FLOPs per name, in the order of ``names``: the sum over every call of the module during the pass (0 if
-        it is not called). PyTorch's formulas: ``2 · batch · out · in`` for a linear layer and
-        ``2 · batch · out · (in / groups) · prod(kernel) · prod(output spatial)`` for a convolution; biases are
-        not counted. In the backward pass, a layer whose input needs no gradient (the first layer) only computes
-        its weight gradient (1x its forward FLOPs), the others also their input gradient (2x).
-    """
-    resolved = _resolve(model, names)
-    args = _as_args(example_input)
-    counter = FlopCounterMode(display=False)
-    with _eval_mode(model), counter:
-        if backward:
-            with torch.enable_grad():
-                _gradients(model(*args), [p for p in model.parameters() if p.requires_grad])
-        else:
-            with torch.no_grad():
-                model(*args)
-    counts = counter.get_flop_counts()
-    # FlopCounterMode names a module "<class of the root>.<path>" (the root alone: its class name); a module
-    # reachable under several paths is counted under one of them.
-    root = type(model).__name__
-    paths: dict[int, list[str]] = {}
-    for path, module in model.named_modules(remove_duplicate=False):
-        paths.setdefault(id(module), []).append(path)
-    flops = {}
-    for name, module_name in resolved.items():
-        module = model.get_submodule(module_name)
-        keys = {f"{root}.{p}" if p else root for p in paths[id(module)]}
-        flops[name] = int(sum(sum(counts.get(key, {}).values()) for key in keys))
-    return flops
-
-
-def layer_times(
-    model: nn.Module, example_input: Any, names: Sequence[str], repeats: int = 5, warmup: int = 1
-) -> dict[str, float]:
-    """Measured forward+backward time of each named layer, in isolation, in seconds.
-
-    One forward pass of ``model`` on ``example_input`` (in eval mode, restored afterwards) captures the real
-    inputs of each named module (forward pre-hooks). Each module is then run on copies of its inputs, forward
-    and backward (gradients of its parameters, and of its inputs where they required a gradient in the real
-    pass, through ``torch.autograd.grad``: no ``.grad`` is written), ``warmup`` times untimed, then ``repeats``
-    times timed with ``time.perf_counter`` (synchronizing accelerators). A module called several times in the
-    pass is timed over all its calls. Times of tiny layers on a busy CPU are dominated by the intra-op thread
-    pool's scheduling; prefer :func:`layer_flops` there.
-
-    Args:
-        model: the model.
-        example_input: a tensor, or a tuple/list of positional arguments of ``model``.
-        names: layer names: parameter names (``"net.0.weight"``) or module names (``"net.0"``).
-        repeats: number of timed runs, at least 1; the median is returned.
-        warmup: number of untimed runs before, at least 0.
-
-    Returns:
-        median seconds per name, in the order of ``names``; 0.0 for a module the forward pass never calls.
-    """
-    if not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"`repeats` must be an integer >= 1, got {repeats!r}")
-    if not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"`warmup` must be an integer >= 0, got {warmup!r}")
-    resolved = _resolve(model, names)
-    args = _as_args(example_input)
-    calls: dict[str, list[tuple[tuple[Any, ...], dict[str, Any]]]] = {name: [] for name in resolved}
-
-    def capture(name: str):
-        def hook(module: nn.Module, hook_args: tuple[Any, ...], hook_kwargs: dict[str, Any]) -> None:
-            calls[name].append(_detached_copy((hook_args, hook_kwargs)))
-
-        return hook
-
-    handles = [
-        model.get_submodule(m).register_forward_pre_hook(capture(name), with_kwargs=True)
-        for name, m in resolved.items()
-    ]
-    try:
-        with _eval_mode(model), torch.enable_grad():
-            model(*args)
-    finally:
-        for handle in handles:
-            handle.remove()
-    with _eval_mode(model):
-        return {
-            name: _time_calls(model.get_submodule(m), calls[name], repeats, warmup) for name, m in resolved.items()
-        }
-
-
-def _time_calls(
-    module: nn.Module, calls: list[tuple[tuple[Any, ...], dict[str, Any]]], repeats: int, warmup: int
-) -> float:
-    if not calls:
-        return 0.0
-    params = [p for p in module.parameters() if p.requires_grad]
-    device = next((t.device for t in _tensors((params, calls))), torch.device("cpu"))
-    prepared = []
-    with torch.enable_grad():
-        for call_args, call_kwargs in calls:
-            inputs = params + [t for t in _tensors((call_args, call_kwargs)) if t.requires_grad]
-            outputs = [t for t in _tensors(module(*call_args, **call_kwargs)) if t.requires_grad]
-            prepared.append((call_args, call_kwargs, inputs, [torch.ones_like(t) for t in outputs]))
-
-    def run() -> None:
-        with torch.enable_grad():
-            for call_args, call_kwargs, inputs, grad_outputs in prepared:
-                out = module(*call_args, **call_kwargs)
-                if inputs and grad_outputs:
-                    outputs = [t for t in _tensors(out) if t.requires_grad]
-                    torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True)
-
-    for _ in range(warmup):
-        run()
-    _synchronize(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        _synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-# ----------------------------------------------------------------------------- chain links
-
-_CHANNEL_MODULES: tuple[type[nn.Module], ...] = (
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softsign, nn.LogSigmoid,
-    nn.Tanhshrink, nn.Identity,
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-    nn.Flatten,
-)  # fmt: skip
-_CHANNEL_FUNCTIONS: frozenset[Any] = frozenset(
-    [torch.relu, torch.relu_, torch.sigmoid, torch.tanh, torch.flatten, torch.reshape]
-    + [
-        getattr(F, name)
-        for name in (
-            "relu", "relu_", "relu6", "leaky_relu", "leaky_relu_", "elu", "elu_", "selu", "celu", "gelu", "silu",
-            "mish", "hardtanh", "hardtanh_", "hardswish", "hardsigmoid", "softplus", "softsign", "logsigmoid",
-            "tanhshrink", "sigmoid", "tanh",
-            "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
-            "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
-            "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
-            "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d",
-        )
-        if hasattr(F, name)
-    ]
-)  # fmt: skip
-_CHANNEL_METHODS = frozenset(
-    {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "contiguous", "flatten", "view", "reshape"}
-)
-_FLATTEN_FUNCTIONS = frozenset({torch.flatten, torch.reshape})
-_FLATTEN_METHODS = frozenset({"flatten", "view", "reshape"})
-
-
-def chain_links(model: nn.Module, example_input: Any, names: Sequence[str]) -> dict[str, ChainLink]:
-    """For each named layer fed by a single named layer through channel-preserving ops, that feeding layer.
-
-    The model is traced with ``torch.fx.symbolic_trace`` and run once on ``example_input`` (in eval mode,
-    without gradients, restored afterwards) to know every tensor's shape. From the input of each call of a
-    named ``nn.Linear`` / ``nn.Conv1d/2d/3d``, the graph is walked back through single-input ops to a named
-    layer of those types. The link is made when every op on the way is one of
-
-    * batch norm, an element-wise activation (ReLU, GELU, sigmoid, ...), dropout, identity, pooling
-      (max/avg/adaptive, which keep the channels), as modules, functions or tensor methods;
-    * a flatten (``nn.Flatten``, ``torch.flatten``, ``.view``/``.reshape``) of a conv's ``[N, C, *spatial]``
-      output into ``[N, C · prod(spatial)]`` features for a linear layer: channel ``c`` feeds the
-      ``prod(spatial)`` consecutive features from ``c · prod(spatial)`` on (``repeat = prod(spatial)``);
-
-    and the shapes agree: the channel dimension is kept, conv outputs are batched, and a linear layer's
-    features are a 2-D ``[N, F]``. Other users of the intermediate tensors do not matter (a branch that
-    also feeds another layer still leaves the link valid).
-
-    What is counted: plain chains, e.g. ``nn.Sequential`` LeNet/VGG models: conv -> BN -> ReLU -> pool -> conv,
-    conv -> flatten -> linear, linear -> ReLU -> dropout -> linear.
-
-    What is not counted (no link, which underestimates the speedup): inputs that come from a merge (residual
-    additions, concatenations, any op with a second tensor input), from unnamed or unsupported layers (dense
-    layers, functional ``F.conv2d``, layers inside traced-as-leaf ``torch.nn`` modules), through ops outside the
-    list above (layer/group norm, softmax, attention, permutes), a layer whose calls have different feeders,
-    and the reverse direction (an output channel that the next layer ignores). An empty output channel still
-    emits a constant (its bias, shifted by batch norm); counting its consumer's input channel as idle assumes
-    that constant is folded into the consumer's bias (exact without padding, approximate at zero-padded borders).
-
-    Args:
-        model: the model.
-        example_input: a tensor, or a tuple/list of positional arguments of ``model``.
-        names: layer names: parameter names (``"net.0.weight"``) or module names (``"net.0"``).
-
-    Returns:
-        ``{fed layer name: ChainLink(source name, repeat)}``, in the order of ``names``. When the model cannot
-        be traced (e.g. data-dependent control flow) or run by the tracer, a warning is issued and ``{}`` is
-        returned: no links.
-    """
-    resolved = _resolve(model, names)
-    layer_of: dict[str, str] = {}  # module name -> first layer name naming it
-    for name, module_name in resolved.items():
-        if isinstance(model.get_submodule(module_name), LAYER_TYPES):
-            layer_of.setdefault(module_name, name)
-    if not layer_of:
-        return {}
-    try:
-        graph_module = fx.symbolic_trace(model)
-    except Exception as exc:  # noqa: BLE001 - any tracing failure means "no links"
-        warnings.warn(
-            f"chain_links: torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}: {exc});"
-            " no chain links are counted",
-            stacklevel=2,
-        )
-        return {}
-    try:
-        with _eval_mode(model), torch.no_grad():
-            ShapeProp(graph_module).propagate(*_as_args(example_input))
-    except Exception as exc:  # noqa: BLE001
-        warnings.warn(
-            f"chain_links: the traced {type(model).__name__} fails on the example input"
-            f" ({type(exc).__name__}: {exc}); no chain links are counted",
-            stacklevel=2,
-        )
-        return {}
-
-    found: dict[str, list[ChainLink | None]] = {}
-    for node in graph_module.graph.nodes:
-        if node.op == "call_module" and node.target in layer_of:
-            found.setdefault(layer_of[node.target], []).append(_link(node, graph_module, layer_of))
-    links = {}
-    for name in resolved:
-        candidates = found.get(name, [])
-        if candidates and candidates[0] is not None and all(c == candidates[0] for c in candidates):
-            links[name] = candidates[0]
-    return links
-
-
-def _link(node: fx.Node, graph_module: fx.GraphModule, layer_of: Mapping[str, str]) -> ChainLink | None:
-    """The link feeding one call of a layer, or ``None``."""
-    path = []  # channel-preserving nodes, from the fed layer back to the source
-    current = node.args[0] if node.args else None
-    while True:
-        if not isinstance(current, fx.Node):
-            return None
-        if current.op == "call_module" and current.target in layer_of:
-            break
-        if not _is_channel_op(current, graph_module):
-            return None
-        path.append(current)
-        current = current.args[0]
-    source = graph_module.get_submodule(current.target)
-    shape = _shape(current)
-    if shape is None:
-        return None
-    if isinstance(source, nn.Linear):
-        features, n_source = True, source.out_features  # features on the last dim of a 2-D [N, F]
-        if len(shape) != 2:
-            return None
-    else:
-        features, n_source = False, source.out_channels  # channels on dim 1 of a batched [N, C, *spatial]
-        if len(shape) != source.weight.dim():
-            return None
-    repeat = 1
-    for op in reversed(path):
-        before, after = _shape(op.args[0]), _shape(op)
-        if before is None or after is None:
-            return None
-        if after == before:
-            continue
-        flatten = _is_flatten_op(op, graph_module)
-        if features:
-            return None
-        if flatten and len(after) == 2 and after[0] == before[0] and after[1] == math.prod(before[1:]):
-            features, repeat = True, math.prod(before[2:])
-        elif not flatten and len(after) == len(before) and after[:2] == before[:2]:
-            continue  # pooling: same batch and channels
-        else:
-            return None
-    fed = graph_module.get_submodule(node.target)
-    shape_in = _shape(node.args[0])
-    if shape_in is None:
-        return None
-    if isinstance(fed, nn.Linear):
-        ok = features and len(shape_in) == 2 and shape_in[1] == fed.in_features == n_source * repeat
-    else:
-        ok = not features and len(shape_in) == fed.weight.dim() and shape_in[1] == fed.in_channels == n_source
-    return ChainLink(layer_of[current.target], repeat) if ok else None
-
-
-def _is_channel_op(node: fx.Node, graph_module: fx.GraphModule) -> bool:
-    """A single-tensor-input op on the allowed list (its other arguments are not tensors)."""
-    if node.op == "call_module":
-        allowed = isinstance(graph_module.get_submodule(node.target), _CHANNEL_MODULES)
-    elif node.op == "call_function":
-        allowed = node.target in _CHANNEL_FUNCTIONS
-    elif node.op == "call_method":
-        allowed = node.target in _CHANNEL_METHODS
-    else:
-        allowed = False
-    if not allowed or not node.args:
-        return False
-    others: list[fx.Node] = []
-    fx.node.map_arg((node.args[1:], node.kwargs), others.append)
-    return all("tensor_meta" not in other.meta for other in others)
-
-
-def _is_flatten_op(node: fx.Node, graph_module: fx.GraphModule) -> bool:
-    if node.op == "call_module":
-        return isinstance(graph_module.get_submodule(node.target), nn.Flatten)
-    if node.op == "call_function":
-        return node.target in _FLATTEN_FUNCTIONS
-    return node.op == "call_method" and node.target in _FLATTEN_METHODS
-
-
-def _shape(node: Any) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-    return tuple(meta.shape) if isinstance(meta, TensorMetadata) else None
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def _resolve(model: nn.Module, names: Sequence[str]) -> dict[str, str]:
-    """``{name: module name}``: a module name stays, ``"<module>.weight"`` (or ``"weight"``) names its module."""
-    if isinstance(names, str):
-        raise ValueError(f"`names` must be a sequence of layer names, got the string {names!r}")
-    modules = dict(model.named_modules())
-    resolved = {}
-    for name in names:
-        if name in modules:
-            resolved[name] = name
-        elif name == "weight" or (name.endswith(".weight") and name[: -len(".weight")] in modules):
-            resolved[name] = name[: -len(".weight")] if name != "weight" else ""
-        else:
-            layers = [f"{m}.weight" if m else "weight" for m, mod in modules.items() if isinstance(mod, LAYER_TYPES)]
-            raise ValueError(
-                f"{name!r} is neither a module name nor a '<module>.weight' parameter name of"
-                f" {type(model).__name__}; its linear/conv layers are: {layers}"
-            )
-    return resolved
-
-
-def _as_args(example_input: Any) -> tuple[Any, ...]:
-    return tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode for every submodule, each one's own flag restored afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    for m, _ in modes:
-        m.training = False
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-
-
-def _tensors(obj: Any) -> list[Tensor]:
-    """The tensors in nested tuples, lists and dicts."""
-    if isinstance(obj, Tensor):
-        return [obj]
-    if isinstance(obj, (tuple, list)):
-        return [t for item in obj for t in _tensors(item)]
-    if isinstance(obj, dict):
-        return [t for item in obj.values() for t in _tensors(item)]
-    return []
-
-
-def _detached_copy(obj: Any) -> Any:
-    """Nested tuples/lists/dicts with every tensor replaced by a detached copy that keeps ``requires_grad``."""
-    if isinstance(obj, Tensor):
-        copy = obj.detach().clone()
-        return copy.requires_grad_(obj.requires_grad and (copy.is_floating_point() or copy.is_complex()))
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # named tuple
-        return type(obj)(*(_detached_copy(item) for item in obj))
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_detached_copy(item) for item in obj)
-    if isinstance(obj, dict):
-        return {key: _detached_copy(item) for key, item in obj.items()}
-    return obj
-
-
-def _gradients(output: Any, inputs: list[Tensor]) -> None:
-    # Through a sum, not `grad_outputs`: FlopCounterMode attributes a module's backward to it when the gradient
-    # of the module's output is *computed*, which it is not for a root given its gradient.
-    outputs = [t for t in _tensors(output) if t.requires_grad]
-    if outputs and inputs:
-        torch.autograd.grad(sum(t.sum() for t in outputs), inputs, allow_unused=True)
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type != "cpu" and torch.accelerator.is_available():
-        torch.accelerator.synchronize(device)
