@@ -25,15 +25,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.distributed import ProcessGroup
 
+from lightning_sparse.distributed import ShardSpec, common_group, reduce_layer_sums
 from lightning_sparse.dst import DST
 from lightning_sparse.functional.init import INIT_METHODS
-from lightning_sparse.functional.prune_grow import magnitude_prune, random_growth, score_growth, set_prune
+from lightning_sparse.functional.prune_grow import add_highest, drop_lowest, random_growth, set_prune
 from lightning_sparse.functional.redistribute import (
     adapt_threshold,
     allocate_regrowth,
@@ -48,7 +50,12 @@ from lightning_sparse.functional.schedules import PRUNE_RATE_SCHEDULES, gmp_spar
 
 class LayerState:
     """What an update may read of one masked layer: its name, weight, mask, and on demand its momentum and
-    gradient. ``momentum`` and ``grad`` are computed only when a rule reads them."""
+    gradient. ``momentum`` and ``grad`` are computed only when a rule reads them.
+
+    Under FSDP2, ``weight``, ``mask``, ``momentum`` and ``grad`` are this process's row block of the layer
+    (``spec`` says which); counts given to and returned by rules are over the whole layer. Rules written with
+    :meth:`drop_lowest` / :meth:`add_highest` / :meth:`add_random` work unchanged on shards.
+    """
 
     def __init__(
         self,
@@ -57,12 +64,39 @@ class LayerState:
         mask: Tensor,
         momentum_fn: Callable[[], Tensor] | None = None,
         grad_fn: Callable[[], Tensor | None] | None = None,
+        spec: ShardSpec | None = None,
     ) -> None:
         self.name = name
         self.weight = weight
         self.mask = mask
         self._momentum_fn = momentum_fn
         self._grad_fn = grad_fn
+        self.spec = spec if spec is not None else ShardSpec(tuple(weight.shape), 0, weight.shape[0] if weight.dim() else 1)
+
+    @property
+    def numel(self) -> int:
+        """Number of entries of the whole layer (on every shard)."""
+        return self.spec.numel
+
+    @property
+    def offset(self) -> int:
+        return self.spec.offset
+
+    @property
+    def group(self) -> ProcessGroup | None:
+        return self.spec.group
+
+    def drop_lowest(self, score: Tensor, mask: Tensor, n: int) -> Tensor:
+        """``mask`` without its ``n`` active positions of lowest ``score`` over the whole layer."""
+        return drop_lowest(score, mask, n, offset=self.offset, group=self.group)
+
+    def add_highest(self, score: Tensor, mask: Tensor, n: int) -> Tensor:
+        """``mask`` plus the ``n`` free positions of highest ``score`` over the whole layer."""
+        return add_highest(score, mask, n, offset=self.offset, group=self.group)
+
+    def add_random(self, mask: Tensor, n: int, generator: torch.Generator) -> Tensor:
+        """``mask`` plus ``n`` free positions drawn at random (the same for any number of shards)."""
+        return random_growth(mask, n, generator, offset=self.offset, group=self.group)
 
     @cached_property
     def momentum(self) -> Tensor:
@@ -107,24 +141,24 @@ CountRule = Callable[[Sequence[LayerState], list[int], "list[float] | None", Upd
 
 # ----------------------------------------------------------------------------- prune rules
 def _magnitude_prune(layer: LayerState, n: int) -> Tensor:
-    return magnitude_prune(layer.weight, layer.mask, n)
+    return layer.drop_lowest(layer.weight.detach().abs(), layer.mask, n)
 
 
 def _set_prune(layer: LayerState, n: int) -> Tensor:
-    return set_prune(layer.weight, layer.mask, n)
+    return set_prune(layer.weight, layer.mask, n, offset=layer.offset, group=layer.group)
 
 
 # ----------------------------------------------------------------------------- growth rules
 def _momentum_growth(layer: LayerState, mask: Tensor, n: int, generator: torch.Generator) -> Tensor:
-    return score_growth(layer.momentum, mask, n)
+    return layer.add_highest(layer.momentum.detach().abs(), mask, n)
 
 
 def _gradient_growth(layer: LayerState, mask: Tensor, n: int, generator: torch.Generator) -> Tensor:
-    return score_growth(layer.grad, mask, n)
+    return layer.add_highest(layer.grad.detach().abs(), mask, n)
 
 
 def _random_growth(layer: LayerState, mask: Tensor, n: int, generator: torch.Generator) -> Tensor:
-    return random_growth(mask, n, generator)
+    return layer.add_random(mask, n, generator)
 
 
 def _no_growth(layer: LayerState, mask: Tensor, n: int, generator: torch.Generator) -> Tensor:
@@ -133,11 +167,21 @@ def _no_growth(layer: LayerState, mask: Tensor, n: int, generator: torch.Generat
 
 # ----------------------------------------------------------------------------- redistribution rules
 def _momentum_redistribution(layers: Sequence[LayerState]) -> Tensor:
-    return momentum_shares([layer.momentum for layer in layers], [layer.mask for layer in layers])
+    return momentum_shares([layer.momentum for layer in layers], [layer.mask for layer in layers], shard_reducer(layers))
 
 
 def _magnitude_redistribution(layers: Sequence[LayerState]) -> Tensor:
-    return magnitude_shares([layer.weight for layer in layers], [layer.mask for layer in layers])
+    return magnitude_shares([layer.weight for layer in layers], [layer.mask for layer in layers], shard_reducer(layers))
+
+
+def shard_reducer(layers: Sequence[LayerState]) -> Callable[[Tensor], Tensor] | None:
+    """Sums per-layer statistics (a tensor ``[L, ...]``) over the shards of the layers; ``None`` when every
+    layer is whole on this process."""
+    specs = [layer.spec for layer in layers]
+    group = common_group(specs)
+    if group is None:
+        return None
+    return partial(reduce_layer_sums, specs=specs, group=group)
 
 
 def _no_redistribution(layers: Sequence[LayerState]) -> None:
@@ -152,7 +196,7 @@ the host from the counts, so it has no function."""
 # ----------------------------------------------------------------------------- count rules
 def ceil_count(layers: Sequence[LayerState], active: list[int], shares: list[float] | None, ctx: UpdateContext) -> list[int]:
     """``ceil(rate * active_l)`` per layer, with sparse momentum's nearly-dense edge case when shares exist."""
-    return prune_counts(ctx.rate, active, [layer.mask.numel() for layer in layers], shares)
+    return prune_counts(ctx.rate, active, [layer.numel for layer in layers], shares)
 
 
 def floor_count(layers: Sequence[LayerState], active: list[int], shares: list[float] | None, ctx: UpdateContext) -> list[int]:
@@ -164,7 +208,7 @@ def gmp_count(layers: Sequence[LayerState], active: list[int], shares: list[floa
     """GMP: prune each layer down to ``round((1 - s_t) * N_l)`` active weights, ``s_t`` the cubic schedule
     from dense to the target sparsity ``1 - density``."""
     sparsity = gmp_sparsity(ctx.progress, final=1.0 - ctx.density)
-    targets = [int(round((1.0 - sparsity) * layer.mask.numel())) for layer in layers]
+    targets = [int(round((1.0 - sparsity) * layer.numel)) for layer in layers]
     return [max(0, a - t) for a, t in zip(active, targets)]
 
 
@@ -183,7 +227,9 @@ class DSRThreshold:
 
     def __call__(self, layers: Sequence[LayerState], active: list[int], shares: list[float] | None, ctx: UpdateContext) -> list[int]:
         threshold = float(ctx.state.get("dsr_threshold", self.initial))
-        counts = below_threshold_counts([l.weight for l in layers], [l.mask for l in layers], threshold)
+        counts = below_threshold_counts(
+            [l.weight for l in layers], [l.mask for l in layers], threshold, shard_reducer(layers)
+        )
         ctx.state["dsr_threshold"] = adapt_threshold(threshold, sum(counts), ctx.rate * sum(active), self.tolerance)
         return counts
 
@@ -306,7 +352,7 @@ class SparseAlgorithm:
         if not self.dynamic:
             zeros = [0] * len(layers)
             return UpdateResult(list(masks), list(masks), active, zeros, list(zeros))
-        sizes = [m.numel() for m in masks]
+        sizes = [layer.numel for layer in layers]
         shares = None
         if redistribute_rule is not NONZERO:
             shares_tensor = redistribute_rule(layers)
@@ -328,6 +374,16 @@ class SparseAlgorithm:
             grow_rule(layer, mask, n, context.generator) for layer, mask, n in zip(layers, pruned_masks, grown)
         ]
         new_active = [a - p + g for a, p, g in zip(active, pruned, grown)]
+        reducer = shard_reducer(layers)
+        if reducer is not None:  # a rule that selects per shard instead of over the layer would break the counts
+            counted = reducer(torch.stack([m.sum() for m in new_masks]).to(torch.int64)).tolist()
+            wrong = [f"{layer.name}: {c} != {a}" for layer, c, a in zip(layers, counted, new_active) if c != a]
+            if wrong:
+                raise RuntimeError(
+                    "an update rule returned masks whose counts over the shards are not the requested ones"
+                    f" ({'; '.join(wrong)}); under FSDP2, rules must select with LayerState.drop_lowest,"
+                    " add_highest or add_random, which select over the whole layer"
+                )
         return UpdateResult(new_masks, pruned_masks, new_active, pruned, grown)
 
 

@@ -1,17 +1,24 @@
 """The masks of one model: which weights are masked, applying the masks, updating them, saving them.
 
-No Lightning here: :class:`Masking` works on any ``nn.Module`` and can be driven by hand.
+No Lightning here: :class:`Masking` works on any ``nn.Module`` and can be driven by hand. Weights may be plain
+tensors (one process, or replicated by DDP) or FSDP2 row shards (``DTensor``, see
+:mod:`lightning_sparse.distributed`): each process then keeps only the mask of its own rows.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
-from lightning_sparse.functional.init import layer_active_counts, random_mask
+from lightning_sparse import distributed
+from lightning_sparse.distributed import ShardSpec
+from lightning_sparse.functional.init import layer_active_counts
+from lightning_sparse.functional.selection import hash_scores, select_highest
 from lightning_sparse.kernels import check_mask_kernel, cpu_masked_zero
 
 MASKED_MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -21,21 +28,26 @@ def maskable_parameters(
     model: nn.Module,
     dense_layers: Sequence[str] = (),
     module_types: tuple[type[nn.Module], ...] = MASKED_MODULE_TYPES,
-) -> dict[str, nn.Parameter]:
+    include_parametrized: Sequence[str] = (),
+) -> dict[str, Tensor]:
     """The weights that get masks: ``weight`` of every Linear and Conv1d/2d/3d, minus ``dense_layers``.
 
     Biases and normalization weights are never masked. ``dense_layers`` holds module names, parameter names
     or ``fnmatch`` glob patterns of either (``"features.0"``, ``"*.downsample.*"``, ``"fc.weight"``); a
     pattern that matches no maskable weight raises ``ValueError`` listing the names it could match.
-    A weight shared by several modules is masked once, under its first name.
+    A weight shared by several modules is masked once, under its first name. A parametrized weight is skipped,
+    unless its module is named in ``include_parametrized`` (DST's thresholds): then its raw weight is returned.
     """
-    candidates: dict[str, nn.Parameter] = {}
+    candidates: dict[str, Tensor] = {}
     module_of: dict[str, str] = {}
     seen: set[int] = set()
     for module_name, module in model.named_modules():
         if not isinstance(module, module_types):
             continue
-        weight = getattr(module, "weight", None)
+        if module_name in include_parametrized and parametrize.is_parametrized(module, "weight"):
+            weight = module.parametrizations.weight.original
+        else:
+            weight = getattr(module, "weight", None)
         if not isinstance(weight, nn.Parameter) or id(weight) in seen:
             continue
         seen.add(id(weight))
@@ -70,44 +82,82 @@ class Masking:
     """Boolean masks over a set of named weights.
 
     Args:
-        params: the masked weights by name (see :func:`maskable_parameters`).
-        masks: one ``torch.bool`` mask per weight, same names and shapes; moved to each weight's device.
+        params: the masked weights by name (see :func:`maskable_parameters`): tensors, or FSDP2 ``DTensor``
+            row shards.
+        masks: one full ``torch.bool`` mask per weight, same names and (full) shapes; each process keeps the
+            rows of its shard, on the weight's device.
         kernel: how :meth:`apply_` zeroes CPU weights: ``"auto"`` (the C++ kernel of
             :mod:`lightning_sparse.kernels` if it builds, else torch's ops), ``"cpp"`` (the C++ kernel or an
             error) or ``"torch"`` (torch's ops only).
 
-    ``active`` holds each layer's number of active weights on the host, kept exact across updates
-    without reading the masks back.
+    ``masks`` holds the local masks (the whole mask, or this process's rows of it under FSDP2); ``active``
+    holds each layer's number of active weights over the whole weight, on the host, kept exact across updates
+    without reading the masks back; ``specs`` says which part of each weight is here.
     """
 
     def __init__(
-        self, params: Mapping[str, nn.Parameter], masks: Mapping[str, Tensor], kernel: str = "auto"
+        self,
+        params: Mapping[str, Tensor],
+        masks: Mapping[str, Tensor] | None = None,
+        kernel: str = "auto",
+        *,
+        local_masks: Sequence[Tensor] | None = None,
+        active: Sequence[int] | None = None,
     ) -> None:
         self.kernel = check_mask_kernel(kernel)
         self.names: list[str] = list(params)
-        self.weights: list[nn.Parameter] = list(params.values())
+        self.weights: list[Tensor] = list(params.values())
+        self.specs: list[ShardSpec] = [distributed.shard_spec(w, n) for n, w in params.items()]
+        self.group = distributed.common_group(self.specs)
         self.masks: list[Tensor] = []
         self.active: list[int] = []
-        self.load_masks(masks)
+        if local_masks is not None:
+            self._check_local(local_masks)
+            self.masks = list(local_masks)
+            self.active = list(active) if active is not None else self.count_active()
+        elif masks is not None:
+            self.load_masks(masks)
+        else:
+            raise ValueError("pass `masks` (full masks by name) or `local_masks`")
 
     @classmethod
     def random(
         cls,
-        params: Mapping[str, nn.Parameter],
+        params: Mapping[str, Tensor],
         density: float,
         init: str = "uniform",
         generator: torch.Generator | None = None,
         kernel: str = "auto",
     ) -> Masking:
-        """Random masks with the per-layer counts of ``init`` (``"uniform"``, ``"erk"``, ``"er"``)."""
-        shapes = [tuple(p.shape) for p in params.values()]
-        counts = layer_active_counts(shapes, density, init)
-        masks = {name: random_mask(shape, n, generator) for name, shape, n in zip(params, shapes, counts)}
-        return cls(params, masks, kernel)
+        """Random masks with the per-layer counts of ``init`` (``"uniform"``, ``"erk"``, ``"er"``).
+
+        The positions are the ``n`` highest of a counter-based hash of (a seed drawn from ``generator``, the
+        flat index), so the same generator state gives the same masks on any device and with any number of
+        FSDP2 shards; each process computes only its own rows.
+        """
+        specs = [distributed.shard_spec(p, n) for n, p in params.items()]
+        counts = layer_active_counts([s.shape for s in specs], density, init)
+        local_masks = []
+        for weight, spec, n in zip(params.values(), specs, counts):
+            seed = draw_seed(generator)
+            shape = distributed.local(weight).shape
+            scores = hash_scores(seed, spec.offset, math.prod(shape), weight.device).view(shape)
+            everywhere = torch.ones(shape, dtype=torch.bool, device=weight.device)
+            local_masks.append(select_highest(scores, everywhere, n, offset=spec.offset, group=spec.group))
+        return cls(params, kernel=kernel, local_masks=local_masks, active=counts)
 
     # ------------------------------------------------------------------ masks
+    def _check_local(self, masks: Sequence[Tensor]) -> None:
+        if len(masks) != len(self.weights):
+            raise ValueError(f"got {len(masks)} masks for {len(self.weights)} weights")
+        for name, weight, mask in zip(self.names, self.weights, masks):
+            expected = distributed.local(weight).shape
+            if mask.dtype != torch.bool or mask.shape != expected:
+                raise ValueError(f"mask {name!r} must be torch.bool of shape {tuple(expected)}")
+
     def load_masks(self, masks: Mapping[str, Tensor]) -> None:
-        """Replace every mask, checking names, shapes and dtype; a mismatch raises ``ValueError``."""
+        """Replace every mask by full masks (as :meth:`state_dict` gives them), checking names, shapes and
+        dtype; a mismatch raises ``ValueError``. Under FSDP2 each process keeps its rows."""
         missing = [n for n in self.names if n not in masks]
         unexpected = [n for n in masks if n not in self.names]
         if missing or unexpected:
@@ -116,26 +166,38 @@ class Masking:
                 f" missing {missing or 'none'}, unexpected {unexpected or 'none'}"
             )
         new_masks = []
-        for name, weight in zip(self.names, self.weights):
+        for name, weight, spec in zip(self.names, self.weights, self.specs):
             mask = masks[name]
             if mask.dtype != torch.bool:
                 raise ValueError(f"mask {name!r} must be torch.bool, got {mask.dtype}")
-            if mask.shape != weight.shape:
+            if tuple(mask.shape) != spec.shape:
                 raise ValueError(
-                    f"mask {name!r} has shape {tuple(mask.shape)} but the weight has shape {tuple(weight.shape)}"
+                    f"mask {name!r} has shape {tuple(mask.shape)} but the weight has shape {spec.shape}"
                 )
-            new_masks.append(mask.to(weight.device))
+            new_masks.append(distributed.local_rows(mask, spec).to(weight.device).contiguous())
         self.masks = new_masks
-        self.active = [int(n) for n in torch.stack([m.sum() for m in new_masks]).tolist()] if new_masks else []
+        self.active = self.count_active()
+
+    def count_active(self) -> list[int]:
+        """Active weights per layer over the whole weight, counted from the masks (one host read)."""
+        if not self.masks:
+            return []
+        local_counts = torch.stack([m.sum() for m in self.masks]).to(torch.int64)
+        totals = distributed.reduce_layer_sums(local_counts, self.specs, self.group)
+        return [int(n) for n in totals.tolist()]
 
     def set_masks(self, masks: Sequence[Tensor], active: Sequence[int]) -> None:
-        """Install masks computed by an update, whose active counts are already known."""
+        """Install (local) masks computed by an update, whose active counts are already known."""
         self.masks = list(masks)
         self.active = list(active)
 
     def to_devices(self) -> None:
         """Move each mask to its weight's device (after the trainer has moved the model)."""
         self.masks = [m.to(w.device) for m, w in zip(self.masks, self.weights)]
+
+    def local_weights(self) -> list[Tensor]:
+        """The locally stored part of every weight (views: in-place changes reach the weights)."""
+        return [distributed.local(w) for w in self.weights]
 
     @torch.no_grad()
     def apply_(self, kernel: str | None = None) -> None:
@@ -146,10 +208,10 @@ class Masking:
         weight when ``kernel`` (default: :attr:`kernel`) is ``"torch"`` or the kernel cannot be built, goes
         through one ``torch._foreach_mul_`` with the masks' ``uint8`` view (same bytes, no copy; on the CPU
         converting ``uint8`` to float is twice as fast as converting ``bool``; on CUDA the multiply converts
-        on the fly). A masked weight that is NaN or inf stays NaN there.
+        on the fly). A masked weight that is NaN or inf stays NaN there. FSDP2 shards are masked locally.
         """
         kernel = self.kernel if kernel is None else check_mask_kernel(kernel)
-        weights = [w.data for w in self.weights]
+        weights = self.local_weights()
         fused = None
         if kernel != "torch" and any(w.device.type == "cpu" for w in weights):
             fused = cpu_masked_zero(kernel)
@@ -178,7 +240,8 @@ class Masking:
     # ------------------------------------------------------------------ statistics
     @property
     def sizes(self) -> list[int]:
-        return [w.numel() for w in self.weights]
+        """Number of entries of each (full) weight."""
+        return [s.numel for s in self.specs]
 
     @property
     def density(self) -> float:
@@ -186,13 +249,27 @@ class Masking:
         return sum(self.active) / sum(self.sizes)
 
     def nonzero_counts(self) -> list[int]:
-        """Non-zero weights per masked layer, measured from the weights themselves (one host sync)."""
-        return [int(n) for n in torch.stack([torch.count_nonzero(w.detach()) for w in self.weights]).tolist()]
+        """Non-zero weights per masked layer, measured from the weights themselves (one host sync; one
+        all-reduce under FSDP2)."""
+        local_counts = torch.stack([torch.count_nonzero(w).to(torch.int64) for w in self.local_weights()])
+        totals = distributed.reduce_layer_sums(local_counts, self.specs, self.group)
+        return [int(n) for n in totals.tolist()]
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Tensor]:
-        """Masks by name, as ``torch.bool`` CPU tensors (readable with ``torch.load(weights_only=True)``)."""
-        return {name: mask.cpu() for name, mask in zip(self.names, self.masks)}
+        """Full masks by name, as ``torch.bool`` CPU tensors (readable with ``torch.load(weights_only=True)``).
+
+        Under FSDP2 the row blocks are gathered from every process (a collective: call it on every process);
+        the full masks then live on the host, one byte per weight, while the checkpoint is written."""
+        return {
+            name: distributed.gather_rows(mask, spec).cpu()
+            for name, mask, spec in zip(self.names, self.masks, self.specs)
+        }
 
     def items(self) -> Iterable[tuple[str, Tensor]]:
         return zip(self.names, self.masks)
+
+
+def draw_seed(generator: torch.Generator | None) -> int:
+    """A seed in [0, 2**62) drawn from ``generator`` (the same draw on every process with the same state)."""
+    return int(torch.randint(0, 2**62, (1,), generator=generator, dtype=torch.int64))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lightning_sparse.distributed import local
+
 ADAM_FAMILY = (torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam, torch.optim.RAdam)
 SUPPORTED_OPTIMIZERS = "torch.optim.SGD with momentum > 0, Adam, AdamW, NAdam or RAdam"
 
@@ -52,7 +54,8 @@ def optimizer_momentum(optimizer: torch.optim.Optimizer, param: Tensor) -> Tenso
 
 def reset_optimizer_state(optimizer: torch.optim.Optimizer, param: Tensor, positions: Tensor) -> None:
     """Zero every per-weight optimizer state tensor of ``param`` (momentum, second moments) at ``positions``
-    (a bool tensor shaped like ``param``). Scalar state such as Adam's ``step`` is left alone."""
+    (a bool tensor shaped like ``param``, or like its local shard under FSDP2). Scalar state such as Adam's
+    ``step`` is left alone."""
     for value in optimizer.state.get(param, {}).values():
         if isinstance(value, Tensor) and value.shape == param.shape:
-            value.masked_fill_(positions, 0)
+            local(value).masked_fill_(positions, 0)

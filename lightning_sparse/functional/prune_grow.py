@@ -1,123 +1,164 @@
 """Which weights leave a layer and which positions join it. Pure tensor math, no Lightning.
 
-Every function takes one layer's tensors and an exact count and returns a new ``torch.bool`` mask; the
-selection is a partial selection (``topk``), never a full sort, and on an accelerator never synchronizes
-with the host. On the CPU, where there is nothing to synchronize with, ``drop_lowest`` and ``add_highest``
-first narrow the candidates (see ``_PREFILTER_MIN``), with the same result up to ties.
+Every function takes one layer's tensors and an exact count and returns a new ``torch.bool`` mask. The
+selections of :mod:`lightning_sparse.functional.selection` are exact and deterministic (ties go to the lowest
+flat index), and work the same on FSDP2 row shards (``offset``, ``group``): the masks are then equal, shard by
+shard, to those computed on the full tensors.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
+import torch.distributed as dist
 from torch import Tensor
+from torch.distributed import ProcessGroup
 
-# On the CPU, topk ranks a whole row on one thread (nth_element over (value, index) pairs), so the selections
-# below rank only the entries that can be chosen. On other devices they keep one topk over the row: it is
-# parallel there, and counting the candidates would synchronize with the host.
-_PREFILTER_MIN = 1 << 16  # smaller rows: one topk is as fast
-_SAMPLE_STRIDE = 32
+from lightning_sparse.functional.selection import hash_scores, select_highest, select_lowest, sortable_key
 
 
-def drop_lowest(score: Tensor, mask: Tensor, n: int) -> Tensor:
-    """Remove from ``mask`` the ``n`` active positions with the lowest ``score``; returns a new mask."""
-    new_mask = mask.clone()
+def drop_lowest(score: Tensor, mask: Tensor, n: int, *, offset: int = 0, group: ProcessGroup | None = None) -> Tensor:
+    """Remove from ``mask`` the ``n`` active positions with the lowest ``score`` (ties: the lowest flat index
+    first); returns a new mask. With ``group``, ``score`` and ``mask`` are this process's row block of a weight
+    sharded over ``group``, starting at flat index ``offset``, and ``n`` counts over the whole weight."""
     if n <= 0:
-        return new_mask
-    if mask.device.type == "cpu":  # rank the active entries only
-        active = new_mask.view(-1).nonzero().squeeze(1)
-        candidates = score.detach().reshape(-1).index_select(0, active).float()
-        idx = active[torch.topk(candidates, n, largest=False, sorted=False).indices]
-    else:
-        candidates = score.detach().float().masked_fill(~mask, float("inf")).view(-1)
-        idx = torch.topk(candidates, n, largest=False, sorted=False).indices
-    new_mask.view(-1)[idx] = False
-    return new_mask
+        return mask.clone()
+    return mask & ~select_lowest(score.detach(), mask, n, offset=offset, group=group)
 
 
-def add_highest(score: Tensor, mask: Tensor, n: int) -> Tensor:
-    """Add to ``mask`` the ``n`` inactive positions with the highest ``score``; returns a new mask.
-
-    Already active positions are never picked: they rank below every inactive one (``-inf``), and ``n`` may
-    not exceed the number of inactive positions.
-    """
-    new_mask = mask.clone()
+def add_highest(score: Tensor, mask: Tensor, n: int, *, offset: int = 0, group: ProcessGroup | None = None) -> Tensor:
+    """Add to ``mask`` the ``n`` inactive positions with the highest ``score`` (ties: the lowest flat index
+    first); returns a new mask. Already active positions are never picked, and ``n`` may not exceed the number
+    of inactive positions. ``offset`` and ``group`` as in :func:`drop_lowest`."""
     if n <= 0:
-        return new_mask
-    values = score.detach().float().reshape(-1)
-    if values.device.type == "cpu" and values.numel() >= _PREFILTER_MIN:
-        idx = _largest_free_cpu(values, ~mask.reshape(-1), n)
-    else:
-        idx = torch.topk(values.masked_fill(mask.view(-1), float("-inf")), n, largest=True, sorted=False).indices
-    new_mask.view(-1)[idx] = True
-    return new_mask
+        return mask.clone()
+    return mask | select_highest(score.detach(), ~mask, n, offset=offset, group=group)
 
 
-def _largest_free_cpu(values: Tensor, free: Tensor, n: int) -> Tensor:
-    """Positions of the ``n`` largest ``values`` where ``free`` is True: the same choice as one topk over the
-    row (up to ties), ranking only the free entries at or above a threshold taken from a strided sample,
-    set 10% low so that more than ``n`` pass; when fewer pass, one topk over the row."""
-    sample = values[::_SAMPLE_STRIDE].masked_fill(~free[::_SAMPLE_STRIDE], float("-inf"))
-    k = min(sample.numel(), math.ceil(1.1 * n / _SAMPLE_STRIDE) + 64)
-    threshold = torch.topk(sample, k, sorted=False).values.min()
-    keep = ((values >= threshold) & free).nonzero().squeeze(1)
-    if keep.numel() >= n:  # then the n largest free values are all >= threshold, so all in `keep`
-        return keep[torch.topk(values.index_select(0, keep), n, sorted=False).indices]
-    return torch.topk(values.masked_fill(~free, float("-inf")), n, sorted=False).indices
-
-
-def magnitude_prune(weight: Tensor, mask: Tensor, n: int) -> Tensor:
+def magnitude_prune(
+    weight: Tensor, mask: Tensor, n: int, *, offset: int = 0, group: ProcessGroup | None = None
+) -> Tensor:
     """Remove the ``n`` active weights with the smallest ``|W|``."""
-    return drop_lowest(weight.detach().abs(), mask, n)
+    return drop_lowest(weight.detach().abs(), mask, n, offset=offset, group=group)
 
 
-def score_growth(score: Tensor, mask: Tensor, n: int) -> Tensor:
+def score_growth(
+    score: Tensor, mask: Tensor, n: int, *, offset: int = 0, group: ProcessGroup | None = None
+) -> Tensor:
     """Grow the ``n`` inactive positions with the largest ``|score|`` (momentum growth when the score is
     the momentum, RigL's gradient growth when it is the gradient)."""
-    return add_highest(score.detach().abs(), mask, n)
+    return add_highest(score.detach().abs(), mask, n, offset=offset, group=group)
 
 
-def random_growth(mask: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
+def random_growth(
+    mask: Tensor,
+    n: int,
+    generator: torch.Generator | None = None,
+    *,
+    offset: int = 0,
+    group: ProcessGroup | None = None,
+) -> Tensor:
     """Grow ``n`` inactive positions chosen uniformly at random.
 
-    The random numbers are drawn on the CPU from ``generator`` and moved to the mask's device, so the same
-    seed gives the same positions on every device and every process.
+    One seed is drawn from ``generator``; the positions are the free ones with the highest counter-based hash
+    of (seed, flat index) (:func:`~lightning_sparse.functional.selection.hash_scores`), so the same generator
+    state gives the same positions on every device, every process and any number of FSDP2 shards.
     """
-    scores = torch.rand(mask.shape, generator=generator).to(mask.device)
-    return add_highest(scores, mask, n)
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, dtype=torch.int64))
+    if n <= 0:
+        return mask.clone()
+    scores = hash_scores(seed, offset, mask.numel(), mask.device).view(mask.shape)
+    return add_highest(scores, mask, n, offset=offset, group=group)
 
 
-def set_prune(weight: Tensor, mask: Tensor, n: int) -> Tensor:
+def set_prune(weight: Tensor, mask: Tensor, n: int, *, offset: int = 0, group: ProcessGroup | None = None) -> Tensor:
     """SET's removal (Mocanu et al. 2018): the ``n`` active weights closest to zero *on each side*.
 
     Half of them (rounded up) are the smallest non-negative weights, the other half the largest negative
     ones; if one side has too few active weights, the other side gives the rest. One host synchronization
-    (the number of active non-negative weights).
+    (the number of active non-negative and negative weights, summed over ``group``).
     """
-    new_mask = mask.clone()
     if n <= 0:
-        return new_mask
+        return mask.clone()
     w = weight.detach().float()
     positive = mask & (w >= 0)
-    n_positive = int(positive.sum())
-    n_negative = int(mask.sum()) - n_positive
+    negative = mask & (w < 0)
+    counts = torch.stack([positive.sum(), negative.sum()]).to(torch.int64)
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(counts, group=group)
+    n_positive, n_negative = (int(c) for c in counts.tolist())
     take_pos = min(n_positive, max((n + 1) // 2, n - n_negative))
     take_neg = n - take_pos
-    new_mask = drop_lowest(w, positive, take_pos) | (mask & (w < 0))  # smallest non-negative ones out
-    return drop_lowest(-w, new_mask & (w < 0), take_neg) | (new_mask & (w >= 0))  # then the largest negative
+    kept_pos = drop_lowest(w, positive, take_pos, offset=offset, group=group)  # smallest non-negative ones out
+    kept_neg = drop_lowest(-w, negative, take_neg, offset=offset, group=group)  # then the largest negative
+    return kept_pos | kept_neg
 
 
-def snip_masks(scores: list[Tensor], count: int) -> list[Tensor]:
+def snip_masks(
+    scores: list[Tensor],
+    count: int,
+    *,
+    offsets: list[int] | None = None,
+    group: ProcessGroup | None = None,
+    sharded: list[bool] | None = None,
+) -> list[Tensor]:
     """SNIP (Lee et al. 2019): keep the ``count`` entries with the largest score over *all* layers together.
 
     ``scores`` are per-layer saliencies ``|g * w|``; returns one ``torch.bool`` mask per layer with exactly
-    ``count`` True entries in total.
+    ``count`` True entries in total. Ties at the threshold go to earlier layers first, then to lower flat
+    indices. With ``group``, the scores of the layers flagged in ``sharded`` are row blocks starting at flat index
+    ``offsets[l]`` (the others are whole on every process) and counts are summed over ``group``: the result
+    is the same as on the full scores. The threshold is found by bisection over the scores' sortable 32-bit keys
+    (32 rounds of one small all-reduce; a one-off at the start of training).
     """
-    total = sum(s.numel() for s in scores)
+    n_layers = len(scores)
+    offsets = offsets or [0] * n_layers
+    sharded = sharded or [group is not None] * n_layers
+    reduce = _layer_reducer(sharded, group)
+    keys = [sortable_key(s.detach().float()).reshape(-1) for s in scores]
+    total = int(reduce(torch.tensor([k.numel() for k in keys], dtype=torch.int64)).sum())
     if not 0 <= count <= total:
         raise ValueError(f"cannot keep {count} of {total} weights")
-    flat = torch.cat([s.detach().float().reshape(-1) for s in scores])
-    keep = torch.zeros(total, dtype=torch.bool, device=flat.device)
-    keep[torch.topk(flat, count, sorted=False).indices] = True
-    return [m.view(s.shape) for m, s in zip(keep.split([s.numel() for s in scores]), scores)]
+
+    def count_at_least(threshold: int) -> Tensor:
+        local = torch.stack([(k >= threshold).sum() for k in keys]).to(torch.int64).cpu()
+        return reduce(local)
+
+    low, high = 0, 2**32  # the largest T with count_at_least(T) >= count lies in [low, high)
+    while high - low > 1:
+        mid = (low + high) // 2
+        if int(count_at_least(mid).sum()) >= count:
+            low = mid
+        else:
+            high = mid
+    threshold = low
+    above = count_at_least(threshold + 1) if count > 0 else torch.zeros(n_layers, dtype=torch.int64)
+    ties = count_at_least(threshold) - above if count > 0 else torch.zeros(n_layers, dtype=torch.int64)
+    need = count - int(above.sum())
+    per_layer = []
+    for a, t in zip(above.tolist(), ties.tolist()):
+        take = min(t, max(need, 0))
+        need -= take
+        per_layer.append(a + take)
+    masks = []
+    for score, k, n, offset, is_sharded in zip(scores, keys, per_layer, offsets, sharded):
+        key = k.view(score.shape)
+        everywhere = torch.ones(score.shape, dtype=torch.bool, device=key.device)
+        masks.append(select_highest(key, everywhere, n, offset=offset, group=group if is_sharded else None))
+    return masks
+
+
+def _layer_reducer(sharded: list[bool], group: ProcessGroup | None):
+    """Sums per-layer counts over ``group``: sharded layers from every process, whole layers from the first."""
+    if group is None or dist.get_world_size(group) == 1:
+        return lambda t: t
+    backend_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
+    first = dist.get_rank(group) == 0
+    whole = torch.tensor([not s for s in sharded])
+
+    def reduce(t: Tensor) -> Tensor:
+        t = t.masked_fill(whole, 0) if not first else t.clone()
+        moved = t.to(backend_device) if backend_device is not None else t
+        dist.all_reduce(moved, group=group)
+        return moved.cpu()
+
+    return reduce

@@ -8,7 +8,7 @@ counts on the host. Pure tensor math, no Lightning.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -19,24 +19,32 @@ from lightning_sparse.functional.init import largest_remainder
 _EPS = 1e-7
 
 
-def momentum_shares(momenta: Sequence[Tensor], masks: Sequence[Tensor]) -> Tensor:
+def momentum_shares(
+    momenta: Sequence[Tensor], masks: Sequence[Tensor], reduce: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
     """Sparse momentum's redistribution: ``mean |M|`` over each layer's active weights, sum-normalized.
 
     Returns a 1-D float32 tensor of shares on the device of the first momentum (no host synchronization).
-    A layer with no active weight has share 0. If every mean is zero, the shares are uniform.
+    A layer with no active weight has share 0. If every mean is zero, the shares are uniform. ``reduce`` sums
+    the per-layer ``[sum |M|, active count]`` pairs (shape ``[L, 2]``) over the processes holding shards of the
+    layers (FSDP2); ``None`` when every layer is whole here.
     """
-    means = torch.stack(
+    sums = torch.stack(
         [
-            m.detach().abs().float().mul_(k.view(torch.uint8)).sum() / k.sum().clamp_min(1)
+            torch.stack([m.detach().abs().float().mul_(k.view(torch.uint8)).sum(), k.sum().float()])
             for m, k in zip(momenta, masks)
         ]
     )
-    return _normalize(means)
+    if reduce is not None:
+        sums = reduce(sums)
+    return _normalize(sums[:, 0] / sums[:, 1].clamp_min(1))
 
 
-def magnitude_shares(weights: Sequence[Tensor], masks: Sequence[Tensor]) -> Tensor:
+def magnitude_shares(
+    weights: Sequence[Tensor], masks: Sequence[Tensor], reduce: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
     """Shares proportional to each layer's mean ``|W|`` over its active weights."""
-    return momentum_shares(weights, masks)
+    return momentum_shares(weights, masks, reduce)
 
 
 def nonzero_shares(masks: Sequence[Tensor]) -> Tensor:
@@ -86,9 +94,17 @@ def floor_counts(rate: float, active: Sequence[int]) -> list[int]:
     return [math.floor(rate * a + _EPS) for a in active]
 
 
-def below_threshold_counts(weights: Sequence[Tensor], masks: Sequence[Tensor], threshold: float) -> list[int]:
-    """DSR's per-layer prune counts: active weights with ``|W| < threshold`` (one host synchronization)."""
-    counts = torch.stack([((w.detach().abs() < threshold) & m).sum() for w, m in zip(weights, masks)])
+def below_threshold_counts(
+    weights: Sequence[Tensor],
+    masks: Sequence[Tensor],
+    threshold: float,
+    reduce: Callable[[Tensor], Tensor] | None = None,
+) -> list[int]:
+    """DSR's per-layer prune counts: active weights with ``|W| < threshold`` (one host synchronization);
+    ``reduce`` sums the local counts over shards as in :func:`momentum_shares`."""
+    counts = torch.stack([((w.detach().abs() < threshold) & m).sum() for w, m in zip(weights, masks)]).to(torch.int64)
+    if reduce is not None:
+        counts = reduce(counts)
     return [int(c) for c in counts.tolist()]
 
 
