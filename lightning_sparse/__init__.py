@@ -4,6 +4,8 @@ from lightning_sparse.algorithms import ALGORITHMS, LayerState, SparseAlgorithm,
 from lightning_sparse.dst import DST
 from lightning_sparse.callback import SparseTrainingCallback
 from lightning_sparse.masking import Masking, maskable_parameters
+from lightning_sparse.scheduling import SparseOptions, UpdateSchedule
+from lightning_sparse.sparsifier import DSTSparsifier, Sparsifier, UpdateReport
 
 __version__ = "0.1.0"
 
@@ -11,11 +13,16 @@ __all__ = [
     "ALGORITHMS",
     "DST",
     "LayerState",
+    "DSTSparsifier",
     "Masking",
     "SparseAlgorithm",
+    "SparseOptions",
     "SparseTrainingCallback",
+    "Sparsifier",
     "UpdateContext",
+    "UpdateReport",
     "UpdateResult",
+    "UpdateSchedule",
     "__version__",
     "maskable_parameters",
 ]

@@ -208,11 +208,14 @@ def test_checkpoint_with_other_masks_raises(tmp_path):
 
 def test_load_state_dict_rejects_wrong_shapes():
     cb = SparseTrainingCallback(density=0.2, seed=0)
-    _fit(cb, max_epochs=1, recorder=False)
+    _, model, _ = _fit(cb, max_epochs=1, recorder=False)
     state = cb.state_dict()
     state["masks"]["net.2.weight"] = torch.ones(3, 3, dtype=torch.bool)
+    cb.load_state_dict(state)  # outside a fit: checked when the next fit binds the masks to the model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=r"mask 'net.2.weight' has shape \(3, 3\) but the weight has shape \(16, 32\)"):
-        cb.load_state_dict(state)
+        _fit(cb, model=model, max_epochs=2, recorder=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # refused before touching it
 
 
 # ----------------------------------------------------------------------------- bad input

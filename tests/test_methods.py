@@ -238,7 +238,7 @@ def test_dst_thresholds_get_gradients_and_sparsity_rises():
 
     class GradSpy(L.Callback):
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            grads.append([m.threshold.grad.abs().sum().item() for m in cb._thresholds.values()])
+            grads.append([m.threshold.grad.abs().sum().item() for m in cb.sparsifier.thresholds.values()])
 
     L.seed_everything(0)
     cb = SparseTrainingCallback(algorithm=DST(alpha=5e-4), seed=0)  # the paper's LeNet value

@@ -1,0 +1,585 @@
+"""``Sparsifier``: sparse training of any ``nn.Module`` in any training loop. No Lightning here.
+
+A :class:`Sparsifier` owns the masks, the seeded random generator, the algorithm's state, the schedule position
+and the counters of one sparse run, bound by name to the tensors the optimizer updates (plain tensors, DDP
+replicas or FSDP2 row shards). The loop calls it at three points::
+
+    sparsifier = Sparsifier(model, optimizer, density=0.1, algorithm="rigl", total_steps=len(loader) * epochs)
+    for epoch in range(epochs):
+        for x, y in loader:
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            sparsifier.before_optimizer_step()   # only DST does anything here
+            optimizer.step()
+            sparsifier.step()                    # re-apply the masks; step-level updates when due
+            optimizer.zero_grad()                # after step(): RigL reads this step's gradients
+        sparsifier.epoch_end()                   # epoch-level updates (the sparse momentum paper's setting)
+    sparsifier.finish()                          # DST: fold its thresholds into the weights
+
+``state_dict()`` / ``load_state_dict()`` hold plain tensors and numbers (``torch.load(weights_only=True)``).
+``SparseTrainingCallback`` is this object driven by Lightning's hooks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import types
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from lightning_sparse import distributed, dst
+from lightning_sparse.algorithms import LayerState, SparseAlgorithm, UpdateContext, UpdateResult
+from lightning_sparse.functional.prune_grow import snip_masks
+from lightning_sparse.masking import MASKED_MODULE_TYPES, Masking, maskable_parameters
+from lightning_sparse.momentum import check_momentum_optimizer, optimizer_momentum, reset_optimizer_state
+from lightning_sparse.scheduling import SparseOptions, check_total_steps
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 2
+"""Version of :meth:`Sparsifier.state_dict`. 1: lightning-sparse 0.1 (same keys, masks always full)."""
+
+
+@dataclass(frozen=True)
+class UpdateReport:
+    """What one mask update did, for logging.
+
+    Attributes:
+        step: the optimizer step of the update.
+        rate: the pruning rate used.
+        progress: progress through the update window.
+        nonzero_before: per layer, the non-zero weights just before the update (the network as trained).
+        result: the algorithm's :class:`~lightning_sparse.UpdateResult` (local masks and global counts).
+    """
+
+    step: int
+    rate: float
+    progress: float
+    nonzero_before: dict[str, int]
+    result: UpdateResult
+
+
+class Sparsifier:
+    """Keep a model sparse during training and update which weights are active.
+
+    Args:
+        model: the model; the weights of its Linear and Conv1d/2d/3d layers are masked (minus ``dense_layers``).
+            Bound by name when the ``Sparsifier`` is made: make it after the model is wrapped or sharded
+            (DDP, FSDP2's ``fully_shard``) and after the optimizer exists.
+        optimizer: the one optimizer that updates the masked weights (sparse momentum reads its momentum; RigL
+            resets its state at grown positions; DST adds its thresholds to it when they are not in it yet).
+        density, algorithm, prune_rate, prune_rate_schedule, init, dense_layers, update_interval, stop_at, seed,
+        mask_kernel: as for :class:`~lightning_sparse.SparseTrainingCallback`.
+        total_steps: number of optimizer steps of the whole run (for the schedules); ``None`` if unknown, which
+            only the ``"constant"`` schedule and methods without a schedule accept. Can be set later with
+            :attr:`total_steps`.
+        options: already checked options (:class:`~lightning_sparse.scheduling.SparseOptions`) instead of the
+            keyword arguments.
+        state: a :meth:`state_dict` to resume from: its masks are used instead of drawing new ones, so the
+            model's (restored) weights are not touched by random masks first.
+
+    ``Sparsifier(..., algorithm="dst")`` gives a :class:`DSTSparsifier`, which has the same methods.
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Sparsifier:
+        if cls is Sparsifier:
+            options = kwargs.get("options")
+            algorithm = options.algorithm if options is not None else kwargs.get("algorithm", "sparse_momentum")
+            if isinstance(algorithm, dst.DST) or algorithm == "dst":
+                return super().__new__(DSTSparsifier)
+        return super().__new__(cls)
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        density: float | None = None,
+        algorithm: str | SparseAlgorithm | dst.DST = "sparse_momentum",
+        total_steps: int | float | None = None,
+        prune_rate: float | None = None,
+        prune_rate_schedule: str | Callable[[float], float] | None = None,
+        init: str | None = None,
+        dense_layers: Sequence[str] = (),
+        update_interval: int | Literal["epoch"] | None = None,
+        stop_at: float | None = None,
+        seed: int | None = None,
+        mask_kernel: Literal["auto", "cpp", "torch"] = "auto",
+        options: SparseOptions | None = None,
+        state: Mapping[str, Any] | None = None,
+    ) -> None:
+        if options is None:
+            options = SparseOptions.resolve(
+                density, algorithm, prune_rate, prune_rate_schedule, init, dense_layers, update_interval, stop_at,
+                seed, mask_kernel,
+            )  # fmt: skip
+        self.options = options
+        self.model = model
+        self.optimizer = optimizer
+        self.schedule = options.schedule
+        self._total_steps = check_total_steps(self.schedule, total_steps) if total_steps is not None else math.inf
+        self.generator = torch.Generator()
+        self.generator.manual_seed(distributed.shared_seed(options.seed))
+        self.algorithm_state: dict[str, Any] = {}
+        self.step_count = 0
+        self.last_update_step = -1
+        self.num_updates = 0
+        self.current_prune_rate = self.schedule.prune_rate
+        self.last_update: UpdateReport | None = None
+        self._needs_snip = False
+        self._bind(state)
+        if state is not None:
+            self.load_state_dict(state)
+
+    # ------------------------------------------------------------------ binding
+    def _bind(self, state: Mapping[str, Any] | None) -> None:
+        algorithm = self.options.algorithm
+        assert isinstance(algorithm, SparseAlgorithm)
+        _refuse_fsdp1(self.model)
+        params = maskable_parameters(self.model, self.options.dense_layers)
+        self._check_optimizer(params, algorithm.needs_momentum)
+        if state is not None:  # resuming: the checkpoint's masks, nothing drawn (`load_state_dict` applies them)
+            if "masks" not in state:
+                raise ValueError("the checkpoint's sparse training state holds no masks")
+            self.masking = Masking(params, state["masks"], self.options.mask_kernel)
+            return
+        if algorithm.start == "random":
+            assert self.options.density is not None
+            self.masking = Masking.random(
+                params, self.options.density, self.options.init, self.generator, self.options.mask_kernel
+            )
+        else:  # dense until GMP prunes or SNIP picks its masks
+            masks = [torch.ones_like(distributed.local(p), dtype=torch.bool) for p in params.values()]
+            self.masking = Masking(params, kernel=self.options.mask_kernel, local_masks=masks)
+        self._needs_snip = algorithm.start == "snip"
+        self.masking.apply_(kernel="torch")
+
+    def _check_optimizer(self, params: Mapping[str, Tensor], needs_momentum: bool) -> None:
+        optimized = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        missing = [name for name, p in params.items() if id(p) not in optimized]
+        if missing:
+            raise ValueError(
+                f"the optimizer does not update the masked weight(s) {missing}: bind the Sparsifier to the model"
+                " the optimizer was built for (after DDP/FSDP2 wrapping), or leave those layers dense with"
+                " `dense_layers`"
+            )
+        if needs_momentum:
+            check_momentum_optimizer(self.optimizer, list(params.values()))
+
+    # ------------------------------------------------------------------ read-only state
+    @property
+    def masks(self) -> Mapping[str, Tensor]:
+        """Parameter name → ``torch.bool`` mask (True = active), on the weight's device. Under FSDP2, this
+        process's rows of the mask, shaped like the weight's local shard."""
+        return types.MappingProxyType(dict(self.masking.items()))
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.masking.names)
+
+    @property
+    def sizes(self) -> list[int]:
+        """Entries of each masked weight (full shapes)."""
+        return self.masking.sizes
+
+    @property
+    def total_steps(self) -> float:
+        """Optimizer steps of the whole run (``inf`` when unknown)."""
+        return self._total_steps
+
+    @total_steps.setter
+    def total_steps(self, value: int | float | None) -> None:
+        self._total_steps = check_total_steps(self.schedule, value)
+
+    def densities(self) -> dict[str, float]:
+        """Fraction of active weights per layer, from the masks' exact counts (no device read)."""
+        return {n: a / s for n, a, s in zip(self.masking.names, self.masking.active, self.masking.sizes)}
+
+    def nonzero_densities(self) -> dict[str, float]:
+        """Fraction of non-zero weights per layer, measured from the weights (one device read)."""
+        counts = self.masking.nonzero_counts()
+        return {n: c / s for n, c, s in zip(self.masking.names, counts, self.masking.sizes)}
+
+    @property
+    def needs_dense_gradients(self) -> bool:
+        """Whether the method reads gradients or momentum of missing weights at every step."""
+        algorithm = self.options.algorithm
+        return isinstance(algorithm, SparseAlgorithm) and algorithm.needs_momentum
+
+    @property
+    def uses_gradient_growth(self) -> bool:
+        """Whether updates read this step's dense gradients (RigL)."""
+        return isinstance(self.options.algorithm, SparseAlgorithm) and self.options.algorithm.grow == "gradient"
+
+    @property
+    def sharded(self) -> bool:
+        """Whether any masked weight is an FSDP2 shard."""
+        return any(s.sharded for s in self.masking.specs)
+
+    def shard_layout(self) -> dict[str, Any]:
+        """Keyword arguments for :meth:`~lightning_sparse.report.SparsityReport.measure` under FSDP2."""
+        if not self.sharded:
+            return {}
+        return {
+            "row_offsets": {n: s.row_offset for n, s in zip(self.masking.names, self.masking.specs)},
+            "out_channels": {n: s.shape[0] for n, s in zip(self.masking.names, self.masking.specs)},
+            "group": self.masking.group,
+        }
+
+    # ------------------------------------------------------------------ the loop
+    def before_optimizer_step(self) -> None:
+        """Call after ``backward`` and before ``optimizer.step()`` (only DST adds a gradient here)."""
+
+    def step(self, step: int | None = None) -> UpdateReport | None:
+        """Call after every ``optimizer.step()`` and before ``optimizer.zero_grad()`` (RigL grows where this step's
+        gradients are largest): re-applies the masks and runs a step-level update when one is due. ``step`` is the number of optimizer steps taken so far (counted here when ``None``). Returns the
+        update's report, or ``None`` when no update ran."""
+        self._check_started()
+        self.step_count = self.step_count + 1 if step is None else int(step)
+        self.masking.apply_()
+        if self.schedule.due(self.step_count, self.last_update_step, self._total_steps, epoch_end=False):
+            return self.update()
+        return None
+
+    def epoch_end(self, step: int | None = None) -> UpdateReport | None:
+        """Call at the end of every epoch: runs an epoch-level update when one is due (never after the last
+        optimizer step). Returns the update's report, or ``None``."""
+        if step is not None:
+            self.step_count = int(step)
+        if self.schedule.due(self.step_count, self.last_update_step, self._total_steps, epoch_end=True):
+            return self.update()
+        return None
+
+    def finish(self) -> None:
+        """Call after training (nothing to do for masks; DST folds its thresholds into the weights)."""
+
+    def update(self) -> UpdateReport:
+        """One mask update now, whatever the schedule says (the schedule still gives the rate)."""
+        self._check_started()
+        algorithm = self.options.algorithm
+        assert isinstance(algorithm, SparseAlgorithm)
+        masking = self.masking
+        step = self.step_count
+        progress = self.schedule.progress(step, self._total_steps)
+        rate = self.schedule.rate_at(progress)
+        nonzero = dict(zip(masking.names, masking.nonzero_counts()))  # the network as trained
+        layers = [
+            LayerState(
+                name,
+                distributed.local(weight),
+                mask,
+                partial(self._momentum, weight),
+                partial(self._grad, weight),
+                spec,
+            )
+            for name, weight, mask, spec in zip(masking.names, masking.weights, masking.masks, masking.specs)
+        ]
+        context = UpdateContext(rate, progress, self.options.density or 1.0, self.generator, self.algorithm_state)
+        result = algorithm.update(layers, masking.active, context)
+        masking.set_masks(result.masks, result.active)
+        if not self.sharded:
+            distributed.ensure_masks_agree(masking.names, masking.masks)
+        masking.apply_()
+        if algorithm.reset_grown:
+            self._reset_grown(result)
+        self.current_prune_rate = rate
+        self.last_update_step = step
+        self.num_updates += 1
+        self.last_update = UpdateReport(step, rate, progress, nonzero, result)
+        return self.last_update
+
+    def _momentum(self, weight: Tensor) -> Tensor:
+        check_momentum_optimizer(self.optimizer, [weight])
+        return distributed.local(optimizer_momentum(self.optimizer, weight))
+
+    @staticmethod
+    def _grad(weight: Tensor) -> Tensor | None:
+        return None if weight.grad is None else distributed.local(weight.grad)
+
+    @torch.no_grad()
+    def _reset_grown(self, result: UpdateResult) -> None:
+        """Grown weights start at zero, and so does their optimizer state (RigL)."""
+        for weight, mask, pruned in zip(self.masking.weights, result.masks, result.pruned_masks):
+            grown = mask & ~pruned
+            distributed.local(weight).masked_fill_(grown, 0.0)
+            reset_optimizer_state(self.optimizer, weight, grown)
+
+    # ------------------------------------------------------------------ SNIP
+    @property
+    def needs_snip(self) -> bool:
+        """Whether :meth:`snip` must be called before training (``algorithm="snip"``, not yet done)."""
+        return self._needs_snip
+
+    def _check_started(self) -> None:
+        if self._needs_snip:
+            raise RuntimeError(
+                "algorithm='snip' picks its masks from one batch: call `sparsifier.snip(loss)` with the loss of one"
+                " training batch before the first optimizer step"
+            )
+
+    def snip(self, loss: Tensor) -> None:
+        """SNIP: keep the global top ``density`` of ``|g ⊙ w|``, ``g`` the gradient of ``loss`` (one training
+        batch, not yet backpropagated). The model's ``.grad`` are left as they were; under DDP the gradients are
+        summed over processes first, under FSDP2 they come reduce-scattered from the backward pass."""
+        assert self.options.density is not None
+        masking = self.masking
+        if self.sharded:
+            saved = {p: p.grad for p in self.model.parameters()}
+            for p in saved:
+                p.grad = None
+            loss.backward()
+            grads = [None if w.grad is None else distributed.local(w.grad) for w in masking.weights]
+            for p, g in saved.items():
+                p.grad = g
+        else:
+            grads = list(torch.autograd.grad(loss, masking.weights, allow_unused=True))
+            if distributed.world_size() > 1:
+                flat = [torch.zeros_like(w) if g is None else g for w, g in zip(masking.weights, grads)]
+                for g in flat:
+                    torch.distributed.all_reduce(g)
+                grads = flat
+        weights = masking.local_weights()
+        scores = [(torch.zeros_like(w) if g is None else g * w).abs() for w, g in zip(weights, grads)]
+        count = int(round(self.options.density * sum(masking.sizes)))
+        masks = snip_masks(
+            scores,
+            count,
+            offsets=[s.offset for s in masking.specs],
+            group=masking.group,
+            sharded=[s.sharded for s in masking.specs],
+        )
+        masking.set_masks(masks, _counts(masks, masking))
+        if not self.sharded:
+            distributed.ensure_masks_agree(masking.names, masking.masks)
+        masking.apply_()
+        self._needs_snip = False
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Masks (full, ``torch.bool`` on the CPU), schedule position, counters and random state: plain tensors
+        and numbers. Under FSDP2 the masks are gathered from every process: call it on every process."""
+        return {
+            "version": STATE_VERSION,
+            "prune_rate": self.current_prune_rate,
+            "last_update_step": self.last_update_step,
+            "num_updates": self.num_updates,
+            "step_count": self.step_count,
+            "generator_state": self.generator.get_state(),
+            "algorithm_state": dict(self.algorithm_state),
+            "masks": self.masking.state_dict(),
+            "snip_pending": self._needs_snip,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` gave (also a lightning-sparse 0.1 checkpoint). Masks that do not
+        match the model (other names or shapes) raise ``ValueError``."""
+        version = int(state.get("version", 1))
+        if version > STATE_VERSION:
+            raise ValueError(
+                f"this checkpoint's sparse state has version {version}; this lightning-sparse reads up to"
+                f" {STATE_VERSION}: upgrade lightning-sparse"
+            )
+        self._load_masks(state)
+        self.current_prune_rate = float(state.get("prune_rate", self.schedule.prune_rate))
+        self.last_update_step = int(state.get("last_update_step", -1))
+        self.num_updates = int(state.get("num_updates", 0))
+        self.step_count = int(state.get("step_count", max(self.last_update_step, 0)))
+        self.algorithm_state = dict(state.get("algorithm_state", {}))
+        if "generator_state" in state:
+            self.generator.set_state(state["generator_state"])
+
+    def _load_masks(self, state: Mapping[str, Any]) -> None:
+        if "masks" not in state:
+            raise ValueError("the checkpoint's sparse training state holds no masks")
+        self.masking.load_masks(state["masks"])
+        self.masking.apply_(kernel="torch")
+        self._needs_snip = bool(state.get("snip_pending", False))
+
+
+def _counts(masks: Sequence[Tensor], masking: Masking) -> list[int]:
+    local_counts = torch.stack([m.sum() for m in masks]).to(torch.int64)
+    totals = distributed.reduce_layer_sums(local_counts, masking.specs, masking.group)
+    return [int(n) for n in totals.tolist()]
+
+
+class DSTSparsifier(Sparsifier):
+    """Dynamic Sparse Training (Liu et al. 2020) behind the :class:`Sparsifier` protocol: trainable per-neuron
+    thresholds attached to the masked layers (see :mod:`lightning_sparse.dst`); the density is learned.
+
+    Thresholds already attached by :func:`prepare_model` are reused; others are attached now and added to the
+    optimizer as a new parameter group without weight decay. Under data parallelism their gradients are averaged
+    over processes before each optimizer step. :meth:`finish` folds the thresholds into the weights, so the model
+    is a plain model again (a later :meth:`step` re-attaches them from :attr:`thresholds`).
+    """
+
+    def _bind(self, state: Mapping[str, Any] | None) -> None:
+        algorithm = self.options.algorithm
+        assert isinstance(algorithm, dst.DST)
+        self.dst = algorithm
+        if any(distributed.is_dtensor(p) for p in self.model.parameters()):
+            raise ValueError(
+                "algorithm='dst' does not support FSDP2 (sharded) models yet: its thresholds parametrize the weights"
+                " that FSDP2 shards. Use DDP, or another algorithm (every other one supports FSDP2)"
+            )
+        self._saved_thresholds: dict[str, Tensor] = {}
+        self.thresholds = attach_dst_thresholds(self.model, self.options.dense_layers)
+        missing = [t.threshold for t in self.thresholds.values() if not _optimized(self.optimizer, t.threshold)]
+        if missing:
+            self.optimizer.add_param_group({"params": missing, "weight_decay": 0.0})
+        self._modules = {name: self.model.get_submodule(name) for name in self.thresholds}
+
+    @property
+    def masks(self) -> Mapping[str, Tensor]:
+        """Parameter name (as before the parametrization) → ``|W| > t`` as ``torch.bool``."""
+        if not self._attached():
+            return types.MappingProxyType({})
+        return types.MappingProxyType(
+            {f"{name}.weight": self.thresholds[name].mask(dst.raw_weight(m)) for name, m in self._modules.items()}
+        )
+
+    @property
+    def names(self) -> list[str]:
+        return [f"{name}.weight" for name in self.thresholds]
+
+    @property
+    def sizes(self) -> list[int]:
+        return [m.weight.numel() for m in self._modules.values()]
+
+    def densities(self) -> dict[str, float]:
+        masks = self.masks
+        if not masks:
+            return {}
+        fractions = torch.stack([m.float().mean() for m in masks.values()]).tolist()
+        return dict(zip(masks, fractions))
+
+    def nonzero_densities(self) -> dict[str, float]:
+        return self.densities()
+
+    @property
+    def needs_dense_gradients(self) -> bool:
+        return True
+
+    @property
+    def uses_gradient_growth(self) -> bool:
+        return False
+
+    @property
+    def sharded(self) -> bool:
+        return False
+
+    def _attached(self) -> bool:
+        return all(parametrize.is_parametrized(m, "weight") for m in self._modules.values())
+
+    def before_optimizer_step(self) -> None:
+        thresholds = [t.threshold for t in self.thresholds.values()]
+        dst.add_regularizer_grad_(thresholds, self.dst.alpha)
+        if distributed.world_size() > 1:  # thresholds added after DDP wrapped the model are not reduced by it
+            grads = [t.grad for t in thresholds]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            torch.distributed.all_reduce(flat)
+            flat /= distributed.world_size()
+            torch.nn.utils.vector_to_parameters(flat, grads)
+
+    def step(self, step: int | None = None) -> UpdateReport | None:
+        """Resets the thresholds of collapsed layers (density at or below ``collapse_density``)."""
+        self.step_count = self.step_count + 1 if step is None else int(step)
+        if not self._attached():
+            self._reattach()
+        by_module = {name.rsplit(".", 1)[0]: d for name, d in self.densities().items()}
+        reset = dst.reset_collapsed_(self.thresholds, by_module, self.dst.collapse_density)
+        if reset:
+            log.info("DST: thresholds of %s reset (density <= %s)", ", ".join(reset), self.dst.collapse_density)
+        return None
+
+    def epoch_end(self, step: int | None = None) -> UpdateReport | None:
+        if step is not None:
+            self.step_count = int(step)
+        return None
+
+    def update(self) -> UpdateReport:
+        raise RuntimeError("DST learns its masks at every step; it has no scheduled mask updates")
+
+    def snip(self, loss: Tensor) -> None:
+        raise RuntimeError("snip() is for algorithm='snip'")
+
+    def finish(self) -> None:
+        """Fold ``W ⊙ S(|W| − t)`` into the weights and remove the parametrizations: the model is a plain model
+        again, its masked weights exactly zero. The thresholds are kept (:attr:`thresholds`)."""
+        if not self._attached():
+            return
+        with torch.no_grad():
+            for name, module in self._modules.items():
+                self._saved_thresholds[name] = self.thresholds[name].threshold.detach().clone()
+                original = dst.raw_weight(module)
+                original.mul_(self.thresholds[name].mask(original))
+                parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+
+    def _reattach(self) -> None:
+        for name, module in self._modules.items():
+            parametrize.register_parametrization(module, "weight", self.thresholds[name])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "step_count": self.step_count,
+            "num_updates": 0,
+            "last_update_step": -1,
+            "prune_rate": 0.0,
+            "generator_state": self.generator.get_state(),
+            "algorithm_state": {},
+        }
+
+    def _load_masks(self, state: Mapping[str, Any]) -> None:
+        """DST's masks are its thresholds, which are model parameters: the model's own checkpoint holds them."""
+
+
+def _refuse_fsdp1(model: nn.Module) -> None:
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover
+        return
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        raise ValueError(
+            "FSDP1 (`FullyShardedDataParallel`, Lightning's FSDPStrategy) flattens the weights, so they cannot be"
+            " masked: use FSDP2 (`fully_shard`, Lightning's ModelParallelStrategy) or DDP"
+        )
+
+
+def _optimized(optimizer: torch.optim.Optimizer, param: Tensor) -> bool:
+    return any(p is param for group in optimizer.param_groups for p in group["params"])
+
+
+def attach_dst_thresholds(model: nn.Module, dense_layers: Sequence[str] = ()) -> dict[str, dst.ThresholdMask]:
+    """DST's thresholds on every maskable layer of ``model`` (module name → :class:`~lightning_sparse.dst.ThresholdMask`):
+    the ones already attached are returned as they are, the others are attached now."""
+    found: dict[str, dst.ThresholdMask] = {}
+    plain: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, MASKED_MODULE_TYPES):
+            continue
+        if parametrize.is_parametrized(module, "weight"):
+            existing = [p for p in module.parametrizations.weight if isinstance(p, dst.ThresholdMask)]
+            if existing:
+                found[name] = existing[0]
+    masked = maskable_parameters(model, dense_layers, include_parametrized=tuple(found))
+    for param_name in masked:
+        module_name = param_name.rsplit(".", 1)[0] if "." in param_name else ""
+        if module_name not in found:
+            plain[module_name] = model.get_submodule(module_name)
+    found.update(dst.attach_thresholds(plain))
+    names = [n.rsplit(".", 1)[0] if "." in n else "" for n in masked]
+    return {name: found[name] for name in names}
+
+
+def prepare_model(model: nn.Module, options: SparseOptions) -> None:
+    """What a method must do to the model before the optimizer is built (``setup`` in Lightning): DST attaches
+    its thresholds, so that ``configure_optimizers`` and DDP see them. Masks need nothing here."""
+    if options.is_dst:
+        attach_dst_thresholds(model, options.dense_layers)
