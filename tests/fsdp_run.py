@@ -1,0 +1,184 @@
+"""Run by tests/test_fsdp.py: short FSDP2 fits (Lightning's ModelParallelStrategy, 2 CPU processes, gloo) that
+save, per rank, what the test checks. Lightning's launcher starts this script again for rank 1, so everything
+below runs in both processes; several fits run one after the other in the same two processes.
+
+    python tests/fsdp_run.py --out DIR --algorithms set rigl
+    python tests/fsdp_run.py --out DIR --resume     # uninterrupted vs checkpoint-and-resume, sparse momentum
+
+The model builds its layers in ``configure_model`` and shards each Linear and the whole network with
+``fully_shard``, as Lightning's FSDP2 guide does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lightning_sparse import SparseTrainingCallback  # noqa: E402
+from tests.helpers import digits_loader, trainer as quiet_trainer  # noqa: E402
+
+STEP_ALGORITHMS = {"rigl": 2, "dsr": 2, "gmp": 2}
+DENSITY = 0.2
+
+
+class ShardedMLP(L.LightningModule):
+    """64-31-16-10 MLP built in ``configure_model`` (31 rows: an uneven split over 2 processes) and sharded."""
+
+    def __init__(self, optimizer: str = "sgd") -> None:
+        super().__init__()
+        self.net: nn.Module | None = None
+        self.optimizer = optimizer
+
+    def configure_model(self) -> None:
+        if self.net is not None:
+            return
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(64, 31), nn.ReLU(), nn.Linear(31, 16), nn.ReLU(), nn.Linear(16, 10))
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.net:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = nn.functional.cross_entropy(self.net(x.flatten(1)), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer == "adam":
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+class Checks(L.Callback):
+    """After every optimizer step: masked-out local weights are zero; records local masks and global counts."""
+
+    def __init__(self, sparse: SparseTrainingCallback) -> None:
+        self.sparse = sparse
+        self.masks: list[dict[str, torch.Tensor]] = []
+        self.counts: list[dict[str, int]] = []
+        self.leaks = 0
+        self.sharded = 0
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        params = dict(pl_module.named_parameters())
+        counts = {}
+        for name, mask in self.sparse.masks.items():
+            weight = params[name]
+            self.sharded += isinstance(weight, DTensor)
+            local = weight.to_local() if isinstance(weight, DTensor) else weight
+            assert mask.shape == local.shape, (name, mask.shape, local.shape)
+            self.leaks += int((local.detach()[~mask] != 0).sum())
+            count = mask.sum().reshape(1)
+            torch.distributed.all_reduce(count)
+            counts[name] = int(count)
+        self.counts.append(counts)
+        self.masks.append({k: v.detach().cpu().clone() for k, v in self.sparse.masks.items()})
+
+
+def _full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+class _Forbidden:
+    """Counts calls of DTensor methods that materialize or redistribute a full tensor."""
+
+    def __init__(self) -> None:
+        self.calls = {"full_tensor": 0, "redistribute": 0}
+        self._saved = {name: getattr(DTensor, name) for name in self.calls}
+
+    def __enter__(self) -> _Forbidden:
+        for name, original in self._saved.items():
+            def counting(*args, _name=name, _original=original, **kwargs):
+                self.calls[_name] += 1
+                return _original(*args, **kwargs)
+            setattr(DTensor, name, counting)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, original in self._saved.items():
+            setattr(DTensor, name, original)
+
+
+def _trainer(out: Path, callbacks: list, epochs: int, **kwargs: Any) -> L.Trainer:
+    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    return quiet_trainer(devices=2, strategy=strategy, max_epochs=epochs, callbacks=callbacks, default_root_dir=out,
+                         **kwargs)  # fmt: skip
+
+
+def run_algorithm(out: Path, algorithm: str) -> None:
+    sparse = SparseTrainingCallback(
+        density=DENSITY, algorithm=algorithm, update_interval=STEP_ALGORITHMS.get(algorithm), seed=7, figure=False
+    )
+    checks = Checks(sparse)
+    model = ShardedMLP(optimizer="adam" if algorithm == "dsr" else "sgd")
+    trainer = _trainer(out, [sparse, checks], epochs=3)
+    with _Forbidden() as forbidden:
+        trainer.fit(model, digits_loader(n=400))
+    state = sparse.state_dict()  # full masks, gathered from both processes
+    weights = _full_weights(model)
+    result = {
+        "leaks": checks.leaks,
+        "sharded": checks.sharded,
+        "counts": checks.counts,
+        "local_masks": checks.masks,
+        "full_masks": state["masks"],
+        "num_updates": state["num_updates"],
+        "forbidden_calls": forbidden.calls,
+        "weights": weights,
+        "shapes": {k: tuple(v.shape) for k, v in weights.items()},
+    }
+    torch.save(result, out / f"{algorithm}_rank{trainer.global_rank}.pt")
+
+
+def run_resume(out: Path) -> None:
+    def fit(tag: str, epochs: int, ckpt_path: str | None = None) -> tuple[SparseTrainingCallback, ShardedMLP, int]:
+        sparse = SparseTrainingCallback(density=DENSITY, seed=7, figure=False)
+        checkpoint = ModelCheckpoint(dirpath=out / "ckpt", filename="{epoch}", save_top_k=-1)
+        model = ShardedMLP()
+        trainer = _trainer(out / tag, [sparse, checkpoint], epochs=epochs, enable_checkpointing=True)
+        trainer.fit(model, digits_loader(n=400), ckpt_path=ckpt_path)
+        return sparse, model, trainer.global_rank
+
+    full, model_full, rank = fit("full", 3)
+    resumed, model_resumed, _ = fit("resumed", 3, ckpt_path=str(out / "ckpt" / "epoch=0.ckpt"))
+    torch.save(
+        {
+            "full": {"state": full.state_dict(), "weights": _full_weights(model_full)},
+            "resumed": {"state": resumed.state_dict(), "weights": _full_weights(model_resumed)},
+        },
+        out / f"resume_rank{rank}.pt",
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--algorithms", nargs="*", default=[])
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args()
+    for i, algorithm in enumerate(args.algorithms):
+        run_algorithm(args.out, algorithm)
+        os.environ["LOCAL_RANK"] = os.environ.get("LOCAL_RANK", "0")  # later fits run in these two processes
+    if args.resume:
+        run_resume(args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""Run by tests/test_sparsifier.py: a ``ddp_spawn`` fit (2 CPU processes). The main process then checks what came
+back: the trained weights and the callback's masks.
+
+    python tests/spawn_run.py --out FILE --algorithm set
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lightning_sparse import SparseTrainingCallback  # noqa: E402
+from tests.helpers import DigitsMLP, digits_loader, trainer as quiet_trainer  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--algorithm", default="set")
+    args = parser.parse_args()
+    dst = args.algorithm == "dst"
+    sparse = SparseTrainingCallback(density=None if dst else 0.2, algorithm=args.algorithm, seed=1, figure=False)
+    model = DigitsMLP(optimizer="adam" if dst else "sgd")
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = quiet_trainer(devices=2, strategy="ddp_spawn", max_epochs=2, callbacks=[sparse])
+    trainer.fit(model, digits_loader(n=400))
+    torch.save(
+        {
+            "masks": dict(sparse.masks),
+            "state": sparse.state_dict(),
+            "weights": model.state_dict(),
+            "initial": initial,
+        },
+        args.out,
+    )
+
+
+if __name__ == "__main__":
+    main()

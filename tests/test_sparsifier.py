@@ -1,0 +1,176 @@
+"""The Lightning-free core: a plain PyTorch loop and a Lightning Fabric loop with ``Sparsifier``; and the callback
+bound late (``configure_model``, a second model, ``ddp_spawn``)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from lightning_sparse import DSTSparsifier, SparseTrainingCallback, Sparsifier
+from tests.helpers import DigitsMLP, digits, digits_loader, trainer
+
+EPOCHS = 3
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 10))
+
+
+def _assert_masked(model: nn.Module, sparsifier: Sparsifier) -> None:
+    params = dict(model.named_parameters())
+    for name, mask in sparsifier.masks.items():
+        assert int((params[name].detach()[~mask] != 0).sum()) == 0, name
+
+
+def _plain_loop(model, optimizer, sparsifier, epochs=EPOCHS, check=True):
+    loader = digits_loader(n=300)
+    masks = []
+    for _ in range(epochs):
+        for x, y in loader:
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            sparsifier.before_optimizer_step()
+            optimizer.step()
+            sparsifier.step()
+            optimizer.zero_grad()
+            if check:
+                _assert_masked(model, sparsifier)
+        sparsifier.epoch_end()
+        masks.append({k: v.clone() for k, v in sparsifier.masks.items()})
+    sparsifier.finish()
+    return masks
+
+
+def test_plain_pytorch_loop():
+    model = _mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sparsifier = Sparsifier(model, optimizer, density=0.2, seed=0, total_steps=EPOCHS * 6)
+    assert list(sparsifier.masks) == ["1.weight", "3.weight", "5.weight"]
+    expected = [round(0.2 * n) for n in (64 * 32, 32 * 16, 16 * 10)]
+    assert sparsifier.masking.active == expected
+    masks = _plain_loop(model, optimizer, sparsifier)
+    assert sparsifier.num_updates == EPOCHS - 1  # every epoch but the last
+    assert sparsifier.step_count == EPOCHS * 6
+    assert sum(int(m.sum()) for m in sparsifier.masks.values()) == sum(expected)  # the total is kept exactly
+    assert not all(torch.equal(masks[0][k], masks[1][k]) for k in masks[0])  # the masks moved
+
+    # the same seed gives the same run; a resumed Sparsifier continues from the checkpoint's state
+    state = sparsifier.state_dict()
+    other = _mlp()
+    again = Sparsifier(other, torch.optim.SGD(other.parameters(), lr=0.1, momentum=0.9), density=0.2, seed=0,
+                       total_steps=EPOCHS * 6, state=state)  # fmt: skip
+    assert all(torch.equal(again.masks[k], v) for k, v in sparsifier.masks.items())
+    assert again.num_updates == sparsifier.num_updates and again.step_count == sparsifier.step_count
+
+
+def test_plain_loop_refusals_touch_nothing():
+    model = _mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="sparse momentum needs an optimizer that keeps a momentum"):
+        Sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1), density=0.2)
+    with pytest.raises(ValueError, match=r"the optimizer does not update the masked weight\(s\) \['5.weight'\]"):
+        Sparsifier(model, torch.optim.SGD(model[1:4].parameters(), lr=0.1, momentum=0.9), density=0.2)
+    with pytest.raises(ValueError, match="the 'cosine' prune-rate schedule needs the length of training"):
+        Sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), density=0.2, total_steps=-1)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_plain_loop_snip_and_dst():
+    model = _mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sparsifier = Sparsifier(model, optimizer, density=0.1, algorithm="snip")
+    with pytest.raises(RuntimeError, match=r"call `sparsifier.snip\(loss\)`"):
+        sparsifier.step()
+    x, y = digits()
+    sparsifier.snip(nn.functional.cross_entropy(model(x[:50]), y[:50]))
+    assert sum(int(m.sum()) for m in sparsifier.masks.values()) == round(0.1 * (64 * 32 + 32 * 16 + 16 * 10))
+    assert all(p.grad is None for p in model.parameters())  # the scoring batch left no gradients behind
+    _plain_loop(model, optimizer, sparsifier, epochs=1)
+
+    model = _mlp()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)  # made before the thresholds exist
+    sparsifier = Sparsifier(model, optimizer, algorithm="dst")
+    assert isinstance(sparsifier, DSTSparsifier) and len(optimizer.param_groups) == 2
+    _plain_loop(model, optimizer, sparsifier, epochs=2, check=False)
+    assert all(float(t.threshold.abs().sum()) > 0 for t in sparsifier.thresholds.values())  # trained
+    keys = set(model.state_dict())
+    assert keys == {f"{i}.{p}" for i in (1, 3, 5) for p in ("weight", "bias")}  # a plain model again
+    assert sum(int((p == 0).sum()) for n, p in model.named_parameters() if n.endswith("weight")) > 0
+
+
+def test_fabric_loop():
+    fabric = L.Fabric(accelerator="cpu", devices=1)
+    model = _mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model, optimizer = fabric.setup(model, optimizer)
+    loader = fabric.setup_dataloaders(digits_loader(n=300))
+    sparsifier = Sparsifier(model.module, optimizer, algorithm="rigl", density=0.2, update_interval=4,
+                            total_steps=2 * len(loader), seed=0)  # fmt: skip
+    start = {k: v.clone() for k, v in sparsifier.masks.items()}
+    for _ in range(2):
+        for x, y in loader:
+            loss = nn.functional.cross_entropy(model(x), y)
+            fabric.backward(loss)
+            optimizer.step()
+            sparsifier.step()
+            optimizer.zero_grad()
+            _assert_masked(model.module, sparsifier)
+        sparsifier.epoch_end()
+    assert sparsifier.num_updates == 2  # steps 4 and 8 of 12 (RigL stops at 75%)
+    assert [int(m.sum()) for m in sparsifier.masks.values()] == [int(m.sum()) for m in start.values()]
+    assert not all(torch.equal(start[k], v) for k, v in sparsifier.masks.items())
+
+
+class BuiltLate(DigitsMLP):
+    """Builds its network in ``configure_model``, as Lightning recommends for large models."""
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        self.net = None
+        self.width = width
+
+    def configure_model(self) -> None:
+        if self.net is None:
+            self.net = nn.Sequential(nn.Linear(64, self.width), nn.ReLU(), nn.Linear(self.width, 10))
+
+
+def test_layers_built_in_configure_model_are_masked_and_one_callback_serves_two_models():
+    cb = SparseTrainingCallback(density=0.25, seed=0, figure=False)
+    first = BuiltLate(32)
+    trainer(callbacks=[cb], max_epochs=2).fit(first, digits_loader(n=200))
+    assert list(cb.masks) == ["net.0.weight", "net.2.weight"]
+    assert cb.masks["net.0.weight"].shape == (32, 64)
+    second = BuiltLate(24)  # a sweep: the same callback on another model
+    trainer(callbacks=[cb], max_epochs=2).fit(second, digits_loader(n=200))
+    assert cb.masks["net.0.weight"].shape == (24, 64)
+    assert sum(int(m.sum()) for m in cb.masks.values()) == round(0.25 * 24 * 64) + round(0.25 * 10 * 24)
+    for name, mask in cb.masks.items():
+        assert int((dict(second.named_parameters())[name].detach()[~mask] != 0).sum()) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["set", "dst"])
+def test_ddp_spawn_returns_the_trained_sparse_model_and_masks(tmp_path, algorithm):
+    out = tmp_path / "result.pt"
+    script = Path(__file__).with_name("spawn_run.py")
+    proc = subprocess.run([sys.executable, str(script), "--out", str(out), "--algorithm", algorithm],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = torch.load(out, weights_only=True)
+    masks, weights = result["masks"], result["weights"]
+    assert set(masks) == {"net.0.weight", "net.2.weight", "net.4.weight"}
+    assert set(weights) == {f"net.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")}  # plain keys
+    for name, mask in masks.items():
+        assert int((weights[name][~mask] != 0).sum()) == 0, name  # the main process holds the sparse weights
+        assert not torch.equal(weights[name], result["initial"][name])  # ... and they were trained
+    if algorithm == "set":
+        assert sum(int(m.sum()) for m in masks.values()) == round(0.2 * (64 * 32 + 32 * 16 + 16 * 10))
+        assert result["state"]["num_updates"] == 1
+        assert all(torch.equal(result["state"]["masks"][k], m) for k, m in masks.items())
+    else:
+        assert 0 < sum(int(m.sum()) for m in masks.values()) < 64 * 32 + 32 * 16 + 16 * 10
