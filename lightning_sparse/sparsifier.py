@@ -428,7 +428,7 @@ class DSTSparsifier(Sparsifier):
                 "algorithm='dst' does not support FSDP2 (sharded) models yet: its thresholds parametrize the weights"
                 " that FSDP2 shards. Use DDP, or another algorithm (every other one supports FSDP2)"
             )
-        self._saved_thresholds: dict[str, Tensor] = {}
+        self._final_masks: dict[str, Tensor] = {}
         self.thresholds = attach_dst_thresholds(self.model, self.options.dense_layers)
         missing = [t.threshold for t in self.thresholds.values() if not _optimized(self.optimizer, t.threshold)]
         if missing:
@@ -437,9 +437,10 @@ class DSTSparsifier(Sparsifier):
 
     @property
     def masks(self) -> Mapping[str, Tensor]:
-        """Parameter name (as before the parametrization) → ``|W| > t`` as ``torch.bool``."""
+        """Parameter name (as before the parametrization) → ``|W| > t`` as ``torch.bool`` (after :meth:`finish`,
+        the masks folded into the weights)."""
         if not self._attached():
-            return types.MappingProxyType({})
+            return types.MappingProxyType(dict(self._final_masks))
         return types.MappingProxyType(
             {f"{name}.weight": self.thresholds[name].mask(dst.raw_weight(m)) for name, m in self._modules.items()}
         )
@@ -516,12 +517,14 @@ class DSTSparsifier(Sparsifier):
             return
         with torch.no_grad():
             for name, module in self._modules.items():
-                self._saved_thresholds[name] = self.thresholds[name].threshold.detach().clone()
                 original = dst.raw_weight(module)
-                original.mul_(self.thresholds[name].mask(original))
+                mask = self.thresholds[name].mask(original)
+                self._final_masks[f"{name}.weight"] = mask
+                original.mul_(mask)
                 parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
 
     def _reattach(self) -> None:
+        self._final_masks = {}
         for name, module in self._modules.items():
             parametrize.register_parametrization(module, "weight", self.thresholds[name])
 

@@ -246,12 +246,12 @@ def test_dst_thresholds_get_gradients_and_sparsity_rises():
     t = trainer(callbacks=[cb, GradSpy(), Spy()], max_epochs=8)
     t.fit(model, digits_loader(1200))
     names = [n for n, _ in model.named_parameters()]
-    assert "net.0.parametrizations.weight.original" in names
-    assert "net.0.parametrizations.weight.0.threshold" in names
+    assert set(names) == {f"net.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")}  # thresholds folded at fit end
     assert all(g > 0 for step in grads for g in step)
     assert densities[0] < 1.0 and densities[-1] < densities[0] - 0.1  # sparsity rises: seen 0.96 -> 0.70
     assert all(later <= earlier + 0.01 for earlier, later in zip(densities, densities[1:]))
     # the forward uses the masked weight: entries under the threshold are exactly zero
+    assert set(cb.masks) == {"net.0.weight", "net.2.weight", "net.4.weight"}  # the masks at the end of fit
     for name, mask in cb.masks.items():
         module = model.get_submodule(name.rsplit(".", 1)[0])
         assert torch.all(module.weight[~mask] == 0)
@@ -262,11 +262,19 @@ def test_dst_thresholds_get_gradients_and_sparsity_rises():
 def test_dst_thresholds_are_checkpointed(tmp_path):
     cb = SparseTrainingCallback(algorithm="dst", seed=0)
     model = DigitsMLP(optimizer="adam", lr=1.0)
-    t = trainer(callbacks=[cb], max_epochs=1, enable_checkpointing=False)
+
+    class Save(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            trainer.save_checkpoint(tmp_path / "during.ckpt")
+
+    t = trainer(callbacks=[cb, Save()], max_epochs=1, enable_checkpointing=False)
     t.fit(model, digits_loader())
-    t.save_checkpoint(tmp_path / "dst.ckpt")
-    state = torch.load(tmp_path / "dst.ckpt", weights_only=True)["state_dict"]
-    assert "net.0.parametrizations.weight.0.threshold" in state
+    state = torch.load(tmp_path / "during.ckpt", weights_only=True)["state_dict"]
+    assert "net.0.parametrizations.weight.0.threshold" in state  # during training: the thresholds are trained
+    t.save_checkpoint(tmp_path / "after.ckpt")
+    after = torch.load(tmp_path / "after.ckpt", weights_only=True)["state_dict"]
+    assert set(after) == {f"net.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")}  # plain after fit
+    DigitsMLP().load_state_dict(after)  # loads into the model without the callback
 
 
 def test_dst_collapse_resets_thresholds():
@@ -277,14 +285,14 @@ def test_dst_collapse_resets_thresholds():
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if batch_idx == 2:
                 with torch.no_grad():
-                    cb._thresholds["net.2"].threshold.fill_(100.0)  # nothing passes: density 0
+                    cb.sparsifier.thresholds["net.2"].threshold.fill_(100.0)  # nothing passes: density 0
 
     seen = []
 
     class After(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, *args):
             if trainer.global_step == 3:
-                seen.append(cb._thresholds["net.2"].threshold.abs().max().item())
+                seen.append(cb.sparsifier.thresholds["net.2"].threshold.abs().max().item())
 
     trainer(callbacks=[Collapse(), cb, After()], max_epochs=1).fit(model, digits_loader())
     assert seen == [0.0]
