@@ -174,3 +174,19 @@ def test_ddp_spawn_returns_the_trained_sparse_model_and_masks(tmp_path, algorith
         assert all(torch.equal(result["state"]["masks"][k], m) for k, m in masks.items())
     else:
         assert 0 < sum(int(m.sum()) for m in masks.values()) < 64 * 32 + 32 * 16 + 16 * 10
+
+
+def test_a_version_1_state_still_loads():
+    # lightning-sparse 0.1 wrote version 1 without `step_count`; its masks and counters load as they are
+    model = _mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    old = Sparsifier(model, optimizer, density=0.2, seed=3).state_dict()
+    old = {k: v for k, v in old.items() if k not in ("step_count", "snip_pending")}
+    old.update(version=1, last_update_step=12, num_updates=2, prune_rate=0.25)
+    other = _mlp()
+    resumed = Sparsifier(other, torch.optim.SGD(other.parameters(), lr=0.1, momentum=0.9), density=0.2, state=old)
+    assert all(torch.equal(resumed.masks[k], v) for k, v in old["masks"].items())
+    assert (resumed.last_update_step, resumed.num_updates, resumed.current_prune_rate) == (12, 2, 0.25)
+    assert resumed.step_count == 12
+    with pytest.raises(ValueError, match="has version 3; this lightning-sparse reads up to 2"):
+        resumed.load_state_dict({**old, "version": 3})
