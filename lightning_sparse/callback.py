@@ -167,8 +167,9 @@ class SparseTrainingCallback(Callback):
             raise ValueError(f"SparseTrainingCallback supports exactly one optimizer, got {len(trainer.optimizers)}")
         optimizer = trainer.optimizers[0]
         previous = self.sparsifier
-        if previous is not None and previous.model is pl_module and self._pending_state is None:
-            previous.optimizer = optimizer  # a second `fit` of the same model keeps its masks
+        same_model = previous is not None and previous.model is pl_module and self._pending_state is None
+        if same_model and isinstance(self.options.algorithm, SparseAlgorithm):
+            previous.optimizer = optimizer  # a second `fit` of the same model keeps its masks (DST: its weights)
         else:
             state, self._pending_state = self._pending_state, None
             self._reset_accounting()

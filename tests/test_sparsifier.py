@@ -190,3 +190,12 @@ def test_a_version_1_state_still_loads():
     assert resumed.step_count == 12
     with pytest.raises(ValueError, match="has version 3; this lightning-sparse reads up to 2"):
         resumed.load_state_dict({**old, "version": 3})
+
+
+def test_a_second_fit_of_the_same_model_keeps_its_masks():
+    cb = SparseTrainingCallback(density=0.3, algorithm="static", seed=0, figure=False)
+    model = DigitsMLP()
+    trainer(callbacks=[cb], max_epochs=1).fit(model, digits_loader(n=200))
+    first = {k: v.clone() for k, v in cb.masks.items()}
+    trainer(callbacks=[cb], max_epochs=1).fit(model, digits_loader(n=200))
+    assert all(torch.equal(first[k], v) for k, v in cb.masks.items())
