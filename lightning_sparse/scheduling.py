@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Literal
 
 from lightning_sparse.algorithms import SparseAlgorithm, get_algorithm, window_progress
 from lightning_sparse.dst import DST
@@ -83,7 +83,6 @@ class SparseOptions:
     schedule: UpdateSchedule
     seed: int | None
     mask_kernel: str
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_dst(self) -> bool:

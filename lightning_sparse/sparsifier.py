@@ -355,7 +355,8 @@ class Sparsifier:
             group=masking.group,
             sharded=[s.sharded for s in masking.specs],
         )
-        masking.set_masks(masks, _counts(masks, masking))
+        masking.set_masks(masks, [])
+        masking.active = masking.count_active()
         if not self.sharded:
             distributed.ensure_masks_agree(masking.names, masking.masks)
         masking.apply_()
@@ -401,12 +402,6 @@ class Sparsifier:
         self.masking.load_masks(state["masks"])
         self.masking.apply_(kernel="torch")
         self._needs_snip = bool(state.get("snip_pending", False))
-
-
-def _counts(masks: Sequence[Tensor], masking: Masking) -> list[int]:
-    local_counts = torch.stack([m.sum() for m in masks]).to(torch.int64)
-    totals = distributed.reduce_layer_sums(local_counts, masking.specs, masking.group)
-    return [int(n) for n in totals.tolist()]
 
 
 class DSTSparsifier(Sparsifier):
