@@ -5,7 +5,7 @@ from lightning_sparse.dst import DST
 from lightning_sparse.callback import SparseTrainingCallback
 from lightning_sparse.masking import Masking, maskable_parameters
 from lightning_sparse.scheduling import SparseOptions, UpdateSchedule
-from lightning_sparse.sparsifier import DSTSparsifier, Sparsifier, UpdateReport
+from lightning_sparse.sparsifier import DSTSparsifier, Sparsifier, UpdateReport, attach_dst_thresholds
 
 __version__ = "0.1.0"
 
@@ -24,5 +24,6 @@ __all__ = [
     "UpdateResult",
     "UpdateSchedule",
     "__version__",
+    "attach_dst_thresholds",
     "maskable_parameters",
 ]

@@ -105,12 +105,22 @@ def regularizer(thresholds: Iterable[Tensor], alpha: float) -> Tensor:
 
 
 @torch.no_grad()
-def add_regularizer_grad_(thresholds: Iterable[nn.Parameter], alpha: float) -> None:
-    """Add the gradient of :func:`regularizer`, ``−α · exp(−t)``, to each threshold's ``.grad``.
+def add_regularizer_grad_(
+    thresholds: Iterable[Tensor], alpha: float, grads: Iterable[Tensor | None] | None = None
+) -> None:
+    """Add the gradient of :func:`regularizer`, ``−α · exp(−t)``, to each threshold's ``.grad`` (or, given
+    ``grads``, to those tensors in place; a ``None`` among them is an error).
 
     Adding it after the backward pass is the same as adding the regularizer to the loss, without touching
     the user's ``training_step``.
     """
+    thresholds = list(thresholds)
+    if grads is not None:
+        for t, g in zip(thresholds, grads, strict=True):
+            if g is None:
+                raise RuntimeError("a DST threshold got no gradient: was its layer used in the forward pass?")
+            g.add_(torch.exp(-t), alpha=-alpha)
+        return
     for t in thresholds:
         g = -alpha * torch.exp(-t)
         if t.grad is None:

@@ -408,37 +408,46 @@ class DSTSparsifier(Sparsifier):
     """Dynamic Sparse Training (Liu et al. 2020) behind the :class:`Sparsifier` protocol: trainable per-neuron
     thresholds attached to the masked layers (see :mod:`lightning_sparse.dst`); the density is learned.
 
-    Thresholds already attached by :func:`prepare_model` are reused; others are attached now and added to the
-    optimizer as a new parameter group without weight decay. Under data parallelism their gradients are averaged
-    over processes before each optimizer step. :meth:`finish` folds the thresholds into the weights, so the model
-    is a plain model again (a later :meth:`step` re-attaches them from :attr:`thresholds`).
+    Thresholds already attached by :func:`attach_dst_thresholds` are reused; others are attached now and added
+    to the optimizer as a new parameter group without weight decay. Under DDP their gradients are averaged over
+    processes before each optimizer step. :meth:`finish` folds the thresholds into the weights, so the model is
+    a plain model again (a later :meth:`step` re-attaches them from :attr:`thresholds`).
+
+    Under FSDP2 the thresholds must be attached before ``fully_shard`` (FSDP2 then shards each one like the rows
+    of its weight): :func:`attach_dst_thresholds` in ``configure_model``, or the callback's ``setup`` for
+    layers built in ``__init__``. FSDP2 reduces their gradients; masks and densities come from the local rows
+    and all-reduced counts. :meth:`finish` then zeroes the raw weights outside the masks and keeps the
+    parametrizations (FSDP2 manages them), so the model computes the same function with exactly sparse weights.
     """
 
     def _bind(self, state: Mapping[str, Any] | None) -> None:
         algorithm = self.options.algorithm
         assert isinstance(algorithm, dst.DST)
         self.dst = algorithm
-        if any(distributed.is_dtensor(p) for p in self.model.parameters()):
-            raise ValueError(
-                "algorithm='dst' does not support FSDP2 (sharded) models yet: its thresholds parametrize the weights"
-                " that FSDP2 shards. Use DDP, or another algorithm (every other one supports FSDP2)"
-            )
+        _refuse_fsdp1(self.model)
+        self._fsdp = any(distributed.is_dtensor(p) for p in self.model.parameters())
         self._final_masks: dict[str, Tensor] = {}
-        self.thresholds = attach_dst_thresholds(self.model, self.options.dense_layers)
+        self._finished = False
+        self.thresholds = attach_dst_thresholds(self.model, self.options.dense_layers, attach=not self._fsdp)
         missing = [t.threshold for t in self.thresholds.values() if not _optimized(self.optimizer, t.threshold)]
         if missing:
             self.optimizer.add_param_group({"params": missing, "weight_decay": 0.0})
         self._modules = {name: self.model.get_submodule(name) for name in self.thresholds}
+        self._specs = [distributed.shard_spec(dst.raw_weight(m), f"{n}.weight") for n, m in self._modules.items()]
+        self._group = distributed.common_group(self._specs)
 
     @property
     def masks(self) -> Mapping[str, Tensor]:
         """Parameter name (as before the parametrization) → ``|W| > t`` as ``torch.bool`` (after :meth:`finish`,
-        the masks folded into the weights)."""
-        if not self._attached():
+        the masks folded into the weights). Under FSDP2, this process's rows."""
+        if self._finished or not self._attached():
             return types.MappingProxyType(dict(self._final_masks))
-        return types.MappingProxyType(
-            {f"{name}.weight": self.thresholds[name].mask(dst.raw_weight(m)) for name, m in self._modules.items()}
-        )
+        return types.MappingProxyType({f"{name}.weight": self._local_mask(name) for name in self._modules})
+
+    def _local_mask(self, name: str) -> Tensor:
+        weight = distributed.local(dst.raw_weight(self._modules[name])).detach()
+        threshold = distributed.local(self.thresholds[name].threshold).detach()
+        return weight.abs() > threshold.view(-1, *([1] * (weight.dim() - 1)))
 
     @property
     def names(self) -> list[str]:
@@ -446,14 +455,15 @@ class DSTSparsifier(Sparsifier):
 
     @property
     def sizes(self) -> list[int]:
-        return [m.weight.numel() for m in self._modules.values()]
+        return [s.numel for s in self._specs]
 
     def densities(self) -> dict[str, float]:
         masks = self.masks
         if not masks:
             return {}
-        fractions = torch.stack([m.float().mean() for m in masks.values()]).tolist()
-        return dict(zip(masks, fractions))
+        local_counts = torch.stack([m.sum() for m in masks.values()]).to(torch.int64)
+        counts = distributed.reduce_layer_sums(local_counts, self._specs, self._group).tolist()
+        return {name: c / size for name, c, size in zip(masks, counts, self.sizes)}
 
     def nonzero_densities(self) -> dict[str, float]:
         return self.densities()
@@ -468,13 +478,27 @@ class DSTSparsifier(Sparsifier):
 
     @property
     def sharded(self) -> bool:
-        return False
+        return any(s.sharded for s in self._specs)
+
+    def shard_layout(self) -> dict[str, Any]:
+        if not self.sharded:
+            return {}
+        return {
+            "row_offsets": {n: s.row_offset for n, s in zip(self.names, self._specs)},
+            "out_channels": {n: s.shape[0] for n, s in zip(self.names, self._specs)},
+            "group": self._group,
+        }
 
     def _attached(self) -> bool:
         return all(parametrize.is_parametrized(m, "weight") for m in self._modules.values())
 
     def before_optimizer_step(self) -> None:
         thresholds = [t.threshold for t in self.thresholds.values()]
+        if self._fsdp:  # FSDP2 has reduce-scattered the gradients: add the regularizer's to the local rows
+            dst.add_regularizer_grad_([distributed.local(t) for t in thresholds], self.dst.alpha,
+                                      grads=[distributed.local(t.grad) if t.grad is not None else None
+                                             for t in thresholds])  # fmt: skip
+            return
         dst.add_regularizer_grad_(thresholds, self.dst.alpha)
         if distributed.world_size() > 1:  # thresholds added after DDP wrapped the model are not reduced by it
             grads = [t.grad for t in thresholds]
@@ -488,6 +512,7 @@ class DSTSparsifier(Sparsifier):
         self.step_count = self.step_count + 1 if step is None else int(step)
         if not self._attached():
             self._reattach()
+        self._finished = False
         by_module = {name.rsplit(".", 1)[0]: d for name, d in self.densities().items()}
         reset = dst.reset_collapsed_(self.thresholds, by_module, self.dst.collapse_density)
         if reset:
@@ -507,16 +532,18 @@ class DSTSparsifier(Sparsifier):
 
     def finish(self) -> None:
         """Fold ``W ⊙ S(|W| − t)`` into the weights and remove the parametrizations: the model is a plain model
-        again, its masked weights exactly zero. The thresholds are kept (:attr:`thresholds`)."""
-        if not self._attached():
+        again, its masked weights exactly zero. The thresholds are kept (:attr:`thresholds`). Under FSDP2 the
+        parametrizations stay (FSDP2 manages them): the raw weights are zeroed outside the masks instead."""
+        if self._finished or not self._attached():
             return
         with torch.no_grad():
             for name, module in self._modules.items():
-                original = dst.raw_weight(module)
-                mask = self.thresholds[name].mask(original)
+                mask = self._local_mask(name)
                 self._final_masks[f"{name}.weight"] = mask
-                original.mul_(mask)
-                parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+                distributed.local(dst.raw_weight(module)).mul_(mask)
+                if not self._fsdp:
+                    parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+        self._finished = True
 
     def _reattach(self) -> None:
         self._final_masks = {}
@@ -554,9 +581,16 @@ def _optimized(optimizer: torch.optim.Optimizer, param: Tensor) -> bool:
     return any(p is param for group in optimizer.param_groups for p in group["params"])
 
 
-def attach_dst_thresholds(model: nn.Module, dense_layers: Sequence[str] = ()) -> dict[str, dst.ThresholdMask]:
+def attach_dst_thresholds(
+    model: nn.Module, dense_layers: Sequence[str] = (), *, attach: bool = True
+) -> dict[str, dst.ThresholdMask]:
     """DST's thresholds on every maskable layer of ``model`` (module name → :class:`~lightning_sparse.dst.ThresholdMask`):
-    the ones already attached are returned as they are, the others are attached now."""
+    the ones already attached are returned as they are, the others are attached now.
+
+    For FSDP2, call it in ``configure_model`` on the layers you build there, before ``fully_shard`` (with the
+    same ``dense_layers`` as the callback), so that FSDP2 shards each threshold like its weight. With
+    ``attach=False`` nothing is attached: a layer without thresholds is an error that names it.
+    """
     found: dict[str, dst.ThresholdMask] = {}
     plain: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
@@ -571,6 +605,13 @@ def attach_dst_thresholds(model: nn.Module, dense_layers: Sequence[str] = ()) ->
         module_name = param_name.rsplit(".", 1)[0] if "." in param_name else ""
         if module_name not in found:
             plain[module_name] = model.get_submodule(module_name)
+    if plain and not attach:
+        raise ValueError(
+            f"algorithm='dst' on an FSDP2 (sharded) model: the layer(s) {sorted(plain)} have no DST thresholds."
+            " FSDP2 must shard them with their weights: call `lightning_sparse.attach_dst_thresholds(module)` in"
+            " `configure_model` before `fully_shard` (layers built in `__init__` get them in the callback's"
+            " `setup`), or keep those layers dense with `dense_layers`"
+        )
     found.update(dst.attach_thresholds(plain))
     names = [n.rsplit(".", 1)[0] if "." in n else "" for n in masked]
     return {name: found[name] for name in names}
@@ -579,5 +620,5 @@ def attach_dst_thresholds(model: nn.Module, dense_layers: Sequence[str] = ()) ->
 def prepare_model(model: nn.Module, options: SparseOptions) -> None:
     """What a method must do to the model before the optimizer is built (``setup`` in Lightning): DST attaches
     its thresholds, so that ``configure_optimizers`` and DDP see them. Masks need nothing here."""
-    if options.is_dst:
-        attach_dst_thresholds(model, options.dense_layers)
+    if options.is_dst and any(isinstance(m, MASKED_MODULE_TYPES) for m in model.modules()):
+        attach_dst_thresholds(model, options.dense_layers)  # layers made in `configure_model` come later

@@ -28,7 +28,7 @@ from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_sparse import SparseTrainingCallback  # noqa: E402
+from lightning_sparse import DST, SparseTrainingCallback, attach_dst_thresholds  # noqa: E402
 from tests.helpers import digits_loader, trainer as quiet_trainer  # noqa: E402
 
 STEP_ALGORITHMS = {"rigl": 2, "dsr": 2, "gmp": 2}
@@ -38,16 +38,19 @@ DENSITY = 0.2
 class ShardedMLP(L.LightningModule):
     """64-31-16-10 MLP built in ``configure_model`` (31 rows: an uneven split over 2 processes) and sharded."""
 
-    def __init__(self, optimizer: str = "sgd") -> None:
+    def __init__(self, optimizer: str = "sgd", dst: bool = False) -> None:
         super().__init__()
         self.net: nn.Module | None = None
         self.optimizer = optimizer
+        self.dst = dst
 
     def configure_model(self) -> None:
         if self.net is not None:
             return
         torch.manual_seed(0)
         self.net = nn.Sequential(nn.Linear(64, 31), nn.ReLU(), nn.Linear(31, 16), nn.ReLU(), nn.Linear(16, 10))
+        if self.dst:  # DST's thresholds go on before `fully_shard`, which shards them like their weights' rows
+            attach_dst_thresholds(self.net)
         mesh = self.device_mesh["data_parallel"]
         for layer in self.net:
             if isinstance(layer, nn.Linear):
@@ -77,19 +80,25 @@ class Checks(L.Callback):
         self.sharded = 0
 
     def on_train_batch_end(self, trainer, pl_module, *args) -> None:
-        params = dict(pl_module.named_parameters())
         counts = {}
         for name, mask in self.sparse.masks.items():
-            weight = params[name]
+            weight = _raw_weight(pl_module, name)
             self.sharded += isinstance(weight, DTensor)
             local = weight.to_local() if isinstance(weight, DTensor) else weight
             assert mask.shape == local.shape, (name, mask.shape, local.shape)
-            self.leaks += int((local.detach()[~mask] != 0).sum())
+            if not isinstance(self.sparse.options.algorithm, DST):  # DST keeps raw weights outside its masks
+                self.leaks += int((local.detach()[~mask] != 0).sum())
             count = mask.sum().reshape(1)
             torch.distributed.all_reduce(count)
             counts[name] = int(count)
         self.counts.append(counts)
         self.masks.append({k: v.detach().cpu().clone() for k, v in self.sparse.masks.items()})
+
+
+def _raw_weight(model: nn.Module, name: str) -> torch.Tensor:
+    """The parameter behind mask ``name``: the weight, or DST's raw weight under its parametrization."""
+    module = model.get_submodule(name.removesuffix(".weight"))
+    return module.parametrizations.weight.original if hasattr(module, "parametrizations") else module.weight
 
 
 def _full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -123,23 +132,42 @@ def _trainer(out: Path, callbacks: list, epochs: int, **kwargs: Any) -> L.Traine
 
 
 def run_algorithm(out: Path, algorithm: str) -> None:
-    sparse = SparseTrainingCallback(
-        density=DENSITY, algorithm=algorithm, update_interval=STEP_ALGORITHMS.get(algorithm), seed=7, figure=False
-    )
+    if algorithm == "dst":
+        sparse = SparseTrainingCallback(algorithm=DST(alpha=0.05), seed=7, figure=False)
+    else:
+        sparse = SparseTrainingCallback(
+            density=DENSITY, algorithm=algorithm, update_interval=STEP_ALGORITHMS.get(algorithm), seed=7, figure=False
+        )
     checks = Checks(sparse)
-    model = ShardedMLP(optimizer="adam" if algorithm == "dsr" else "sgd")
+    model = ShardedMLP(optimizer="adam" if algorithm == "dsr" else "sgd", dst=algorithm == "dst")
     trainer = _trainer(out, [sparse, checks], epochs=3)
     with _Forbidden() as forbidden:
         trainer.fit(model, digits_loader(n=400))
     state = sparse.state_dict()  # full masks, gathered from both processes
     weights = _full_weights(model)
+    if algorithm == "dst":  # DST's masks live in the model: gather the local ones
+        thresholds = {n: p for n, p in model.named_parameters() if n.endswith("threshold")}
+        state["masks"] = {}
+        for name, mask in sparse.masks.items():
+            parts = [torch.zeros(0)] * trainer.world_size
+            torch.distributed.all_gather_object(parts, mask.cpu())
+            state["masks"][name] = torch.cat(parts)
+        state["thresholds_sharded"] = all(isinstance(t, DTensor) for t in thresholds.values()) and len(thresholds) == 3
+        state["optimized_thresholds"] = sum(
+            any(p is t for g in trainer.optimizers[0].param_groups for p in g["params"]) for t in thresholds.values()
+        )
+        state["final_local_leaks"] = sum(
+            int((_raw_weight(model, n).to_local().detach()[~m] != 0).sum()) for n, m in sparse.masks.items()
+        )
     result = {
+        "state": {k: v for k, v in state.items() if k in ("thresholds_sharded", "optimized_thresholds",
+                                                          "final_local_leaks")},  # fmt: skip
         "leaks": checks.leaks,
         "sharded": checks.sharded,
         "counts": checks.counts,
         "local_masks": checks.masks,
         "full_masks": state["masks"],
-        "num_updates": state["num_updates"],
+        "num_updates": state.get("num_updates", 0),
         "forbidden_calls": forbidden.calls,
         "weights": weights,
         "shapes": {k: tuple(v.shape) for k, v in weights.items()},

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lightning_sparse import Masking, Sparsifier, maskable_parameters
+from lightning_sparse import Masking, Sparsifier, attach_dst_thresholds, maskable_parameters
 
 SCRIPT = Path(__file__).with_name("fsdp_run.py")
 ALGORITHMS = ["sparse_momentum", "rigl", "set", "dsr", "static", "snip", "gmp"]
@@ -30,8 +30,8 @@ def _launch(tmp_path, *args):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    _launch(out, "--algorithms", *ALGORITHMS)
-    return {a: [torch.load(out / f"{a}_rank{r}.pt", weights_only=True) for r in (0, 1)] for a in ALGORITHMS}
+    _launch(out, "--algorithms", *ALGORITHMS, "dst")
+    return {a: [torch.load(out / f"{a}_rank{r}.pt", weights_only=True) for r in (0, 1)] for a in [*ALGORITHMS, "dst"]}
 
 
 @pytest.mark.slow
@@ -73,6 +73,27 @@ def test_every_algorithm_under_fsdp2(runs, algorithm):
 
 
 @pytest.mark.slow
+def test_dst_under_fsdp2(runs):
+    rank0, rank1 = runs["dst"]
+    steps = len(rank0["counts"])
+    assert steps == 12 and rank0["sharded"] == rank1["sharded"] == 3 * steps  # raw weights are DTensors
+    for r in (rank0, rank1):  # thresholds attached before `fully_shard`: sharded by it, trained by the optimizer
+        assert r["state"] == {"thresholds_sharded": True, "optimized_thresholds": 3, "final_local_leaks": 0}
+    assert rank0["forbidden_calls"] == rank1["forbidden_calls"] == {"full_tensor": 0, "redistribute": 0}
+    for name, rows in ROWS.items():
+        assert rank0["local_masks"][0][name].shape[0] == (rows + 1) // 2
+        assert rank1["local_masks"][0][name].shape[0] == rows // 2
+    assert rank0["counts"] == rank1["counts"]  # all-reduced counts agree
+    totals = [sum(c.values()) for c in rank0["counts"]]
+    assert totals[-1] < totals[0] < TOTAL  # the thresholds rise: the learned density falls
+    for name, full in rank0["full_masks"].items():  # counts are the sums of the two shards' masks
+        assert torch.equal(full, rank1["full_masks"][name])
+        assert int(full.sum()) == rank0["counts"][-1][name]
+        raw = rank0["weights"][name.replace(".weight", ".parametrizations.weight.original")]
+        assert int((raw[~full] != 0).sum()) == 0 and bool((raw[full] != 0).all())  # finish() zeroed the rest
+
+
+@pytest.mark.slow
 def test_sharded_random_masks_equal_the_single_process_ones(runs):
     # the same seed gives the same masks whatever the number of processes: draw them here, unsharded
     model = nn.Sequential(nn.Linear(64, 31), nn.ReLU(), nn.Linear(31, 16), nn.ReLU(), nn.Linear(16, 10))
@@ -102,7 +123,7 @@ def single_process_group(tmp_path):
     dist.destroy_process_group()
 
 
-def test_fsdp2_on_one_process_and_dst_refused(single_process_group):
+def test_fsdp2_on_one_process(single_process_group):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
@@ -124,5 +145,45 @@ def test_fsdp2_on_one_process_and_dst_refused(single_process_group):
     for name, mask in sparsifier.masks.items():
         weight = dict(model.named_parameters())[name].to_local()
         assert int((weight.detach()[~mask] != 0).sum()) == 0
-    with pytest.raises(ValueError, match="algorithm='dst' does not support FSDP2"):
-        Sparsifier(model, optimizer, algorithm="dst")
+
+
+def test_dst_on_fsdp2_needs_thresholds_attached_before_sharding(single_process_group):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    mesh = init_device_mesh("cpu", (1,))
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    fully_shard(plain, mesh=mesh)
+    with pytest.raises(ValueError, match=r"layer\(s\) \['0', '2'\] have no DST thresholds.*before `fully_shard`"):
+        Sparsifier(plain, torch.optim.SGD(plain.parameters(), lr=0.1), algorithm="dst")
+    assert not any("threshold" in n for n, _ in plain.named_parameters())  # nothing attached by the refusal
+
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    thresholds = attach_dst_thresholds(model)
+    fully_shard(model, mesh=mesh)
+    assert all(isinstance(t.threshold, DTensor) for t in thresholds.values())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    sparsifier = Sparsifier(model, optimizer, algorithm="dst")
+    assert sparsifier.names == ["0.weight", "2.weight"]
+    with torch.no_grad():
+        for t in thresholds.values():
+            t.threshold.fill_(0.2)
+    for _ in range(3):
+        model(torch.randn(4, 8)).sum().backward()
+        sparsifier.before_optimizer_step()
+        optimizer.step()
+        optimizer.zero_grad()
+        sparsifier.step()
+    masks = dict(sparsifier.masks)
+    densities = sparsifier.densities()
+    for name, mask in masks.items():
+        assert densities[name] == int(mask.sum()) / mask.numel()
+    assert densities["0.weight"] < 1.0
+    sparsifier.finish()  # FSDP2 keeps the parametrization; the raw weights are zeroed outside the masks
+    for name, mask in masks.items():
+        module = model.get_submodule(name.removesuffix(".weight"))
+        raw = module.parametrizations.weight.original.to_local()
+        assert torch.equal(sparsifier.masks[name], mask)
+        assert int((raw.detach()[~mask] != 0).sum()) == 0 and bool((raw.detach()[mask] != 0).all())
