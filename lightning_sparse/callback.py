@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 import time
 import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -105,8 +104,7 @@ class SparseTrainingCallback(Callback):
         self.sparsifier: Sparsifier | None = None
         self._bound = False  # bound in the current fit
         self._pending_state: dict[str, Any] | None = None
-        self._handoff: str | None = None  # ddp_spawn: rank zero's final state for the main process
-        self._handed_over: dict[str, Any] | None = None
+        self._handoff = distributed.SpawnHandoff()  # ddp_spawn: rank zero's final state for the main process
         self._reset_accounting()
 
     def _reset_accounting(self) -> None:
@@ -136,7 +134,7 @@ class SparseTrainingCallback(Callback):
         FSDP2, this process's rows. After a ``ddp_spawn`` fit, in the main process: rank zero's final masks."""
         if self.sparsifier is not None:
             return self.sparsifier.masks
-        handed = self._recover_handoff()
+        handed = self._handoff.read()
         return types.MappingProxyType(dict(handed["masks"]) if handed else {})
 
     @property
@@ -144,7 +142,7 @@ class SparseTrainingCallback(Callback):
         """The pruning rate used at the last update (the initial rate before any update)."""
         if self.sparsifier is not None:
             return self.sparsifier.current_prune_rate
-        handed = self._recover_handoff()
+        handed = self._handoff.read()
         return float(handed["state"]["prune_rate"]) if handed else self.prune_rate
 
     def prune_rate_at(self, progress: float) -> float:
@@ -188,7 +186,7 @@ class SparseTrainingCallback(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         if self.sparsifier is None:
-            handed = self._recover_handoff()
+            handed = self._handoff.read()
             return dict(handed["state"]) if handed else {}
         return {**self.sparsifier.state_dict(), "train_flops": self._flops.state_dict()}
 
@@ -199,14 +197,7 @@ class SparseTrainingCallback(Callback):
         total = trainer.estimated_stepping_batches
         sparsifier.total_steps = total if 0 < total < math.inf else None
         if sparsifier.needs_snip:
-            batch = trainer.strategy.batch_to_device(next(iter(trainer.train_dataloader)))
-            buffers = {name: b.clone() for name, b in pl_module.named_buffers()}
-            with _logging_disabled(pl_module):
-                output = pl_module.training_step(batch, 0)
-            sparsifier.snip(output["loss"] if isinstance(output, Mapping) else output)
-            with torch.no_grad():
-                for name, b in pl_module.named_buffers():
-                    b.copy_(buffers[name])
+            _snip_on_first_batch(trainer, pl_module, sparsifier)
         self._capture = InputCapture(pl_module, [n.removesuffix(".weight") for n in sparsifier.names])
         self._measure(trainer.global_step)  # the starting point of the figure
         self._train_start = time.perf_counter()
@@ -242,11 +233,11 @@ class SparseTrainingCallback(Callback):
             update = sparsifier.epoch_end(trainer.global_step)
         if update is not None:
             self._log_update(trainer, pl_module, update, on_step=False)
-        else:
-            if not isinstance(self.options.algorithm, SparseAlgorithm):  # DST's density changes at every step
-                self._log_density(pl_module, sparsifier.densities(), on_step=False)
-                self._set_step_flops()
-            self._log_costs(trainer, pl_module, on_step=False)
+            return
+        if sparsifier.learns_every_step:
+            self._log_density(pl_module, sparsifier.densities(), on_step=False)
+            self._set_step_flops()
+        self._log_costs(trainer, pl_module, on_step=False)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         sparsifier = self._require_sparsifier()
@@ -262,7 +253,8 @@ class SparseTrainingCallback(Callback):
             for logger in trainer.loggers:
                 if hasattr(getattr(logger, "experiment", None), "add_figure"):  # TensorBoard
                     logger.experiment.add_figure("sparse/summary", fig, global_step=trainer.global_step)
-        self._hand_over(trainer, {**final, "state": self.state_dict()})
+        if type(trainer.strategy.launcher).__name__ == "_MultiProcessingLauncher" and trainer.is_global_zero:
+            self._handoff.write({**final, "state": self.state_dict()})
 
     # ------------------------------------------------------------------ logging
     def _log_update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, update: UpdateReport, on_step: bool) -> None:
@@ -298,24 +290,10 @@ class SparseTrainingCallback(Callback):
         self._flops.set_step_flops(flops, sparsifier.densities(), sparsifier.needs_dense_gradients)
 
     def _measure(self, step: int) -> dict[str, Any]:
-        """Channel statistics of every linear/conv layer the report counts: masks of masked layers, weights of
-        the others (on FSDP2 shards: all-reduced counts)."""
-        sparsifier = self._require_sparsifier()
-        layers: dict[str, Tensor] = dict(sparsifier.masks)
-        layout = sparsifier.shard_layout()
-        if self._report.cost_model is not None:
-            params = dict(sparsifier.model.named_parameters())
-            for name in self._report.cost_model.flops:
-                if name not in layers and name in params:
-                    weight = params[name]
-                    spec = distributed.shard_spec(weight, name)
-                    value = distributed.local(weight)
-                    if layout and not spec.sharded and distributed.rank(layout["group"]) != 0:
-                        value = value[:0]  # a whole layer counts once under FSDP2: from the first process
-                    layers[name] = value
-                    if layout:
-                        layout["row_offsets"][name] = spec.row_offset
-                        layout["out_channels"][name] = spec.shape[0]
+        """Channel statistics of every linear/conv layer the report counts (masks, or the weights of unmasked
+        layers; all-reduced counts on FSDP2 shards)."""
+        names = self._report.cost_model.flops if self._report.cost_model is not None else ()
+        layers, layout = self._require_sparsifier().report_layers(names)
         return self._report.measure(step, layers, **layout)
 
     def summary(self, stats: Mapping[str, Any] | None = None) -> str:
@@ -324,9 +302,8 @@ class SparseTrainingCallback(Callback):
         if stats is None:
             stats = self._report.history[-1][1] if self._report.history else self._report.measure(-1, dict(self.masks))
         title = f"SparseTrainingCallback ({self.algorithm_name}): final masks"
-        if self.sparsifier is not None and isinstance(self.options.algorithm, SparseAlgorithm):
-            masking = self.sparsifier.masking
-            title += f", {sum(masking.active)} of {sum(masking.sizes)} masked weights active"
+        if self.sparsifier is not None:
+            title += f", {self.sparsifier.describe()}"
         return title + "\n" + self._report.table(stats)
 
     # ------------------------------------------------------------------ checkpoints and processes
@@ -343,24 +320,22 @@ class SparseTrainingCallback(Callback):
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled for ``ddp_spawn``: the bound Sparsifier (model, optimizer, generator) stays behind, and rank
-        zero writes its final state to a file that the main process reads back (:attr:`masks`)."""
-        if self._handoff is None:
-            fd, self._handoff = tempfile.mkstemp(prefix="lightning-sparse-", suffix=".pt")
-            os.close(fd)
+        zero hands its final state back through a file (:class:`~lightning_sparse.distributed.SpawnHandoff`)."""
+        self._handoff.prepare()
         return {**self.__dict__, "sparsifier": None, "_bound": False}
 
-    def _hand_over(self, trainer: pl.Trainer, final: dict[str, Any]) -> None:
-        spawned = type(trainer.strategy.launcher).__name__ == "_MultiProcessingLauncher"
-        if spawned and self._handoff is not None and trainer.is_global_zero and os.path.exists(self._handoff):
-            torch.save(final, self._handoff)
 
-    def _recover_handoff(self) -> dict[str, Any] | None:
-        if self._handed_over is None and self._handoff is not None and os.path.exists(self._handoff):
-            if os.path.getsize(self._handoff) > 0:
-                self._handed_over = torch.load(self._handoff, weights_only=True)
-                os.remove(self._handoff)
-                self._handoff = None
-        return self._handed_over
+def _snip_on_first_batch(trainer: pl.Trainer, pl_module: pl.LightningModule, sparsifier: Sparsifier) -> None:
+    """SNIP's masks from the loss of the first training batch; the module's buffers (BatchNorm statistics) are
+    restored afterwards and its ``self.log`` calls dropped."""
+    batch = trainer.strategy.batch_to_device(next(iter(trainer.train_dataloader)))
+    buffers = {name: b.clone() for name, b in pl_module.named_buffers()}
+    with _logging_disabled(pl_module):
+        output = pl_module.training_step(batch, 0)
+    sparsifier.snip(output["loss"] if isinstance(output, Mapping) else output)
+    with torch.no_grad():
+        for name, b in pl_module.named_buffers():
+            b.copy_(buffers[name])
 
 
 @contextmanager

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import types
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
@@ -232,6 +232,35 @@ class Sparsifier:
             "out_channels": {n: s.shape[0] for n, s in zip(self.masking.names, self.masking.specs)},
             "group": self.masking.group,
         }
+
+    def report_layers(self, names: Iterable[str]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """What :meth:`~lightning_sparse.report.SparsityReport.measure` takes: the (local) masks, plus the (local)
+        weights of the other layers in ``names``, and the shard layout. Under FSDP2 a layer that every process
+        holds whole is counted from the first process only."""
+        layers: dict[str, Tensor] = dict(self.masks)
+        layout = self.shard_layout()
+        params = dict(self.model.named_parameters())
+        for name in names:
+            if name in layers or name not in params:
+                continue
+            spec = distributed.shard_spec(params[name], name)
+            value = distributed.local(params[name])
+            if layout and not spec.sharded and distributed.rank(layout["group"]) != 0:
+                value = value[:0]
+            layers[name] = value
+            if layout:
+                layout["row_offsets"][name] = spec.row_offset
+                layout["out_channels"][name] = spec.shape[0]
+        return layers, layout
+
+    @property
+    def learns_every_step(self) -> bool:
+        """Whether the masks change at every step (DST) rather than at scheduled updates."""
+        return False
+
+    def describe(self) -> str:
+        """One line on the current masks, for tables and logs."""
+        return f"{sum(self.masking.active)} of {sum(self.masking.sizes)} masked weights active"
 
     # ------------------------------------------------------------------ the loop
     def before_optimizer_step(self) -> None:
@@ -488,6 +517,15 @@ class DSTSparsifier(Sparsifier):
             "out_channels": {n: s.shape[0] for n, s in zip(self.names, self._specs)},
             "group": self._group,
         }
+
+    @property
+    def learns_every_step(self) -> bool:
+        return True
+
+    def describe(self) -> str:
+        densities = self.densities()
+        active = sum(d * n for d, n in zip(densities.values(), self.sizes))
+        return f"{round(active)} of {sum(self.sizes)} masked weights active (learned)"
 
     def _attached(self) -> bool:
         return all(parametrize.is_parametrized(m, "weight") for m in self._modules.values())
