@@ -208,8 +208,19 @@ def gmp_count(layers: Sequence[LayerState], active: list[int], shares: list[floa
     """GMP: prune each layer down to ``round((1 - s_t) * N_l)`` active weights, ``s_t`` the cubic schedule
     from dense to the target sparsity ``1 - density``."""
     sparsity = gmp_sparsity(ctx.progress, final=1.0 - ctx.density)
-    targets = [int(round((1.0 - sparsity) * layer.numel)) for layer in layers]
+    targets = largest_remainder([(1.0 - sparsity) * layer.numel for layer in layers])
     return [max(0, a - t) for a, t in zip(active, targets)]
+
+
+def largest_remainder(shares: Sequence[float]) -> list[int]:
+    """Round ``shares`` to integers whose sum is ``round(sum(shares))``: floors, plus one for the largest
+    fractional parts (ties to the first)."""
+    floors = [math.floor(s) for s in shares]
+    missing = int(round(sum(shares))) - sum(floors)
+    order = sorted(range(len(shares)), key=lambda i: (-(shares[i] - floors[i]), i))
+    for i in order[: max(missing, 0)]:
+        floors[i] += 1
+    return floors
 
 
 @dataclass(frozen=True)
@@ -427,7 +438,7 @@ def get_algorithm(algorithm: str | SparseAlgorithm | DST) -> SparseAlgorithm | D
     """Look up a method by name (``ALGORITHMS``) or pass a :class:`SparseAlgorithm` / :class:`DST` through."""
     if isinstance(algorithm, (SparseAlgorithm, DST)):
         return algorithm
-    if algorithm not in ALGORITHMS:
+    if not isinstance(algorithm, str) or algorithm not in ALGORITHMS:
         raise ValueError(
             f"`algorithm` can be {', '.join(ALGORITHMS)}, a SparseAlgorithm or a DST, got {algorithm!r}"
         )

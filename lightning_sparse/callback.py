@@ -26,7 +26,12 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import (
+    Callback,
+    GradientAccumulationScheduler,
+    StochasticWeightAveraging,
+    WeightAveraging,
+)
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
@@ -45,7 +50,9 @@ class SparseTrainingCallback(Callback):
 
     Args:
         density: fraction of the masked weights that are active, in (0, 1]. Required, except for
-            ``algorithm="dst"``, whose density is learned.
+            ``algorithm="dst"``, whose density is learned (DST refuses ``density``, ``prune_rate``,
+            ``prune_rate_schedule``, ``init``, ``update_interval`` and ``stop_at``). Numbers (here and for
+            ``prune_rate``, ``stop_at``) may be Python, numpy or one-element tensors; they are stored as ``float``.
         algorithm: ``"sparse_momentum"`` (Dettmers & Zettlemoyer 2019), ``"rigl"`` (Evci et al. 2020),
             ``"set"``, ``"dsr"``, ``"static"``, ``"snip"``, ``"gmp"``, ``"dst"`` (Liu et al. 2020), a
             :class:`~lightning_sparse.SparseAlgorithm` or a :class:`~lightning_sparse.DST`.
@@ -53,14 +60,16 @@ class SparseTrainingCallback(Callback):
             fraction pruned), in [0, 1]; ``None`` takes the algorithm's default (0.5 sparse momentum, 0.3 RigL and
             SET, 0.1 DSR).
         prune_rate_schedule: ``"cosine"`` (to zero at the end of the update window), ``"linear"``, ``"constant"``,
-            or a function of progress in [0, 1] returning the rate; ``None`` takes the algorithm's default.
+            or a function of progress in [0, 1] returning the rate (checked at 0, 0.5 and 1 when the callback
+            is made); ``None`` takes the algorithm's default.
             Progress is ``trainer.global_step / (stop_at * trainer.estimated_stepping_batches)``.
         init: ``"uniform"`` (every layer at ``density``), ``"erk"`` or ``"er"``; ``None``: the algorithm's default.
         dense_layers: module or parameter names, or glob patterns (``"*.downsample.*"``), of layers kept dense.
-        update_interval: ``"epoch"`` (end of every epoch but the last), an int (every that many optimizer steps),
-            or ``None`` for the algorithm's default.
+        update_interval: ``"epoch"`` (end of every epoch but the last), an int (every that many optimizer steps;
+            numpy or one-element integer tensors too, not floats), or ``None`` for the algorithm's default.
         stop_at: end of the update window as a fraction of training, in (0, 1]; ``None``: the algorithm's default.
-        seed: seed of the initial masks and of random growth; ``None`` draws one on rank zero and shares it.
+        seed: seed of the initial masks and of random growth, an int in [0, 2**63); ``None`` draws one on rank
+            zero and shares it.
         speedup_timing: layer costs of the speedup estimates: ``"flops"`` or ``"measure"`` (timed once).
         figure: write ``sparsity.png`` to the trainer's log directory at the end of ``fit`` (and to TensorBoard).
         mask_kernel: ``"auto"``, ``"cpp"`` or ``"torch"``: how masks are applied to CPU weights
@@ -92,17 +101,19 @@ class SparseTrainingCallback(Callback):
         speedup_timing: Literal["flops", "measure"] = "flops",
         figure: bool = True,
         mask_kernel: Literal["auto", "cpp", "torch"] = "auto",
+        mask_frozen: bool = False,
     ) -> None:
         self.options = SparseOptions.resolve(
             density, algorithm, prune_rate, prune_rate_schedule, init, dense_layers, update_interval, stop_at, seed,
-            mask_kernel,
+            mask_kernel, mask_frozen,
         )  # fmt: skip
-        if speedup_timing not in TIMINGS:
+        if not isinstance(speedup_timing, str) or speedup_timing not in TIMINGS:
             raise ValueError(f"`speedup_timing` can be {', '.join(TIMINGS)}, got {speedup_timing!r}")
+        if not isinstance(figure, bool):
+            raise ValueError(f"`figure` must be True or False, got {figure!r} ({type(figure).__name__})")
         self.speedup_timing = speedup_timing
         self.figure = figure
         self.sparsifier: Sparsifier | None = None
-        self._bound = False  # bound in the current fit
         self._pending_state: dict[str, Any] | None = None
         self._handoff = distributed.SpawnHandoff()  # ddp_spawn: rank zero's final state for the main process
         self._reset_accounting()
@@ -113,6 +124,7 @@ class SparseTrainingCallback(Callback):
         self._stopwatch = Stopwatch()
         self._capture: InputCapture | None = None
         self._applied_step = -1
+        self._pending_epoch_end: int | None = None
         self._train_start = 0.0
         self._log_dir = "."
 
@@ -127,6 +139,7 @@ class SparseTrainingCallback(Callback):
     stop_at = property(lambda self: self.options.schedule.stop_at)
     seed = property(lambda self: self.options.seed)
     mask_kernel = property(lambda self: self.options.mask_kernel)
+    mask_frozen = property(lambda self: self.options.mask_frozen)
 
     @property
     def masks(self) -> Mapping[str, Tensor]:
@@ -163,46 +176,59 @@ class SparseTrainingCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if len(trainer.optimizers) != 1:
             raise ValueError(f"SparseTrainingCallback supports exactly one optimizer, got {len(trainer.optimizers)}")
-        optimizer = trainer.optimizers[0]
-        previous = self.sparsifier
-        same_model = previous is not None and previous.model is pl_module and self._pending_state is None
-        if same_model and isinstance(self.options.algorithm, SparseAlgorithm):
-            previous.optimizer = optimizer  # a second `fit` of the same model keeps its masks (DST: its weights)
-        else:
-            state, self._pending_state = self._pending_state, None
-            self._reset_accounting()
-            self.sparsifier = Sparsifier(pl_module, optimizer, options=self.options, state=state)
-            if state is not None and "train_flops" in state:
-                self._flops.load_state_dict(state["train_flops"])
-        self._bound = True
-        if self._pending_state is not None:
-            self._restore(self._pending_state)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self._bound:  # FSDP2 restores checkpoints after `on_fit_start`
-            self._restore(state_dict)
-        else:
-            self._pending_state = state_dict
+        self._pending_state = state_dict  # used when the Sparsifier is bound, in `on_train_start`
 
     def state_dict(self) -> dict[str, Any]:
         if self.sparsifier is None:
             handed = self._handoff.read()
             return dict(handed["state"]) if handed else {}
-        return {**self.sparsifier.state_dict(), "train_flops": self._flops.state_dict()}
+        return {
+            **self.sparsifier.state_dict(),
+            "train_flops": self._flops.state_dict(),
+            "pending_epoch_end": self._pending_epoch_end,
+        }
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        sparsifier = self._require_sparsifier()
-        # Read here, not in `on_fit_start`: asking earlier loads the train dataloader before the checkpoint's
-        # loop state is restored, and Lightning then cannot resume a stateful dataloader mid-epoch.
-        total = trainer.estimated_stepping_batches
-        sparsifier.total_steps = total if 0 < total < math.inf else None
+        # Bound here, after `configure_model`, wrapping/sharding and every checkpoint restore (FSDP2 restores after
+        # `on_fit_start`), and only once the length of training is known: every check that can fail runs before
+        # a weight changes. The length is read here, not earlier: asking loads the train dataloader, and before
+        # the loop state is restored Lightning then cannot resume a stateful dataloader mid-epoch.
+        total = _total_steps(trainer)
+        optimizer = trainer.optimizers[0]
+        previous, state, self._pending_state = self.sparsifier, self._pending_state, None
+        if previous is not None and previous.model is pl_module and state is None and not previous.learns_every_step:
+            previous.optimizer = optimizer  # a second `fit` of the same model keeps its masks
+            previous.total_steps = total
+        else:
+            self._reset_accounting()
+            self.sparsifier = Sparsifier(pl_module, optimizer, options=self.options, state=state, total_steps=total)
+            if state is not None:
+                self._flops.load_state_dict(state.get("train_flops", {}))
+                self._pending_epoch_end = state.get("pending_epoch_end")
+        sparsifier = self.sparsifier
         if sparsifier.needs_snip:
             _snip_on_first_batch(trainer, pl_module, sparsifier)
+        _mask_weight_averages(trainer, sparsifier)
         self._capture = InputCapture(pl_module, [n.removesuffix(".weight") for n in sparsifier.names])
         self._measure(trainer.global_step)  # the starting point of the figure
         self._train_start = time.perf_counter()
         self._log_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
         self._applied_step = trainer.global_step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        # The epoch-end update, deferred to the first step of the next epoch (momentum and gradients are the same):
+        # the weights validated and checkpointed at the end of an epoch are the weights trained in it, and a run
+        # that ends (max_epochs, max_steps, EarlyStopping, max_time) gets no update after its last step.
+        if self._pending_epoch_end is None:
+            return
+        step, self._pending_epoch_end = self._pending_epoch_end, None
+        sparsifier = self._require_sparsifier()
+        with self._stopwatch(pl_module.device):
+            update = sparsifier.epoch_end(step)
+        if update is not None:
+            self._log_update(trainer, pl_module, update, on_step=True)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         self._require_sparsifier().before_optimizer_step()
@@ -228,12 +254,8 @@ class SparseTrainingCallback(Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         sparsifier = self._require_sparsifier()
-        with self._stopwatch(pl_module.device):
-            self._flops.advance(trainer.global_step)
-            update = sparsifier.epoch_end(trainer.global_step)
-        if update is not None:
-            self._log_update(trainer, pl_module, update, on_step=False)
-            return
+        self._flops.advance(trainer.global_step)
+        self._pending_epoch_end = trainer.global_step  # run at the next epoch's first step, if there is one
         if sparsifier.learns_every_step:
             self._log_density(pl_module, sparsifier.densities(), on_step=False)
             self._set_step_flops()
@@ -244,7 +266,7 @@ class SparseTrainingCallback(Callback):
         stats = self._measure(trainer.global_step)
         final = {"masks": {k: v.detach().cpu().clone() for k, v in sparsifier.masks.items()}}
         sparsifier.finish()
-        self._bound = False
+        self._pending_epoch_end = None  # the run is over: no update after its last step
         rank_zero_info(self.summary(stats))
         if self.figure and trainer.is_global_zero:
             path = os.path.join(self._log_dir, "sparsity.png")
@@ -307,12 +329,6 @@ class SparseTrainingCallback(Callback):
         return title + "\n" + self._report.table(stats)
 
     # ------------------------------------------------------------------ checkpoints and processes
-    def _restore(self, state: dict[str, Any]) -> None:
-        self._pending_state = None
-        self._require_sparsifier().load_state_dict(state)
-        if "train_flops" in state:
-            self._flops.load_state_dict(state["train_flops"])
-
     def _require_sparsifier(self) -> Sparsifier:
         if self.sparsifier is None:
             raise RuntimeError("SparseTrainingCallback has no masks yet: they are made in `on_fit_start` of `fit`")
@@ -322,7 +338,7 @@ class SparseTrainingCallback(Callback):
         """Pickled for ``ddp_spawn``: the bound Sparsifier (model, optimizer, generator) stays behind, and rank
         zero hands its final state back through a file (:class:`~lightning_sparse.distributed.SpawnHandoff`)."""
         self._handoff.prepare()
-        return {**self.__dict__, "sparsifier": None, "_bound": False}
+        return {**self.__dict__, "sparsifier": None}
 
 
 def _snip_on_first_batch(trainer: pl.Trainer, pl_module: pl.LightningModule, sparsifier: Sparsifier) -> None:
@@ -348,3 +364,55 @@ def _logging_disabled(pl_module: pl.LightningModule) -> Iterator[None]:
     finally:
         del pl_module.log
         del pl_module.log_dict
+
+
+def _total_steps(trainer: pl.Trainer) -> float:
+    """Optimizer steps of the whole run (``inf`` when unknown). With a ``GradientAccumulationScheduler``, the sum
+    over epochs of ``ceil(batches / accumulation)`` (Lightning's own estimate takes the first epoch's factor)."""
+    total = float(trainer.estimated_stepping_batches)
+    if not 0 < total < math.inf:
+        return math.inf
+    scheduler = next((c for c in trainer.callbacks if isinstance(c, GradientAccumulationScheduler)), None)
+    batches = trainer.num_training_batches
+    if scheduler is not None and trainer.max_epochs not in (None, -1) and 0 < batches < math.inf:
+        steps = sum(math.ceil(batches / scheduler.get_accumulate_grad_batches(e)) for e in range(trainer.max_epochs))
+        total = float(min(steps, trainer.max_steps) if trainer.max_steps > 0 else steps)
+    return total
+
+
+def _mask_weight_averages(trainer: pl.Trainer, sparsifier: Sparsifier) -> None:
+    """Keep the averaged models of Lightning's ``WeightAveraging`` (``EMAWeightAveraging``) and
+    ``StochasticWeightAveraging`` within the current masks: each averaging step is followed by masking the
+    average, whatever the order of the callbacks. (An average of weights whose masks changed is otherwise
+    non-zero wherever any of those masks was: validation, checkpoints and the final model would be denser
+    than asked.)"""
+    if sparsifier.learns_every_step:  # DST's parametrization masks the averaged raw weights itself
+        return
+
+    def mask(module: torch.nn.Module) -> None:
+        params = dict(module.named_parameters())
+        with torch.no_grad():
+            for name, m in sparsifier.masks.items():
+                for key in (name, f"module.{name}"):
+                    if key in params:
+                        params[key].mul_(m.to(params[key].device))
+
+    for callback in trainer.callbacks:
+        if isinstance(callback, WeightAveraging) and callback._average_model is not None:
+            _after(callback._average_model, lambda average, *args: mask(average.module))
+            mask(callback._average_model.module)
+        elif isinstance(callback, StochasticWeightAveraging):
+            _after(callback, lambda callback, average, *args: mask(average))
+
+
+def _after(owner: Any, then: Callable[..., None]) -> None:
+    """Make ``owner.update_parameters(*args)`` call ``then(owner, *args)`` after itself (once: a later call
+    replaces ``then``, e.g. when the callback is fitted again with another model)."""
+    original = vars(owner).get("_lightning_sparse_update", owner.update_parameters)
+
+    def update_parameters(*args: Any) -> None:
+        original(*args)
+        then(owner, *args)
+
+    vars(owner)["_lightning_sparse_update"] = original
+    vars(owner)["update_parameters"] = update_parameters

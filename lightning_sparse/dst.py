@@ -84,14 +84,56 @@ class DST:
 
 
 def attach_thresholds(modules: Mapping[str, nn.Module]) -> dict[str, ThresholdMask]:
-    """Register a :class:`ThresholdMask` on the ``weight`` of each module; returns them by module name."""
+    """Register a :class:`ThresholdMask` on the ``weight`` of each module; returns them by module name.
+
+    The module's ``state_dict`` stays plain: it holds ``weight`` (the masked weight ``W ⊙ (|W| > t)``) instead
+    of the raw weight and the threshold, so checkpoints load into the model without DST; loading a plain
+    ``weight`` into the parametrized module sets the raw weight to it and keeps the threshold (DST's own state,
+    :meth:`~lightning_sparse.DSTSparsifier.state_dict`, restores both exactly). Sharded (FSDP2) weights keep
+    the parametrized keys.
+    """
     attached = {}
     for name, module in modules.items():
         weight = module.weight
         mask = ThresholdMask(weight.shape[0], device=weight.device, dtype=weight.dtype)
         parametrize.register_parametrization(module, "weight", mask)
+        if not getattr(module, "_lightning_sparse_plain_state", False):
+            module.register_state_dict_post_hook(_plain_state_dict)
+            module.register_load_state_dict_pre_hook(_load_plain_state_dict)
+            module._lightning_sparse_plain_state = True
         attached[name] = mask
     return attached
+
+
+def _threshold_mask(module: nn.Module) -> ThresholdMask | None:
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    found = [p for p in module.parametrizations.weight if isinstance(p, ThresholdMask)]
+    return found[0] if len(found) == 1 and len(module.parametrizations.weight) == 1 else None
+
+
+def _is_sharded(t: Tensor) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
+def _plain_state_dict(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """State-dict post-hook: ``weight`` = the masked weight, in place of the raw weight and threshold."""
+    threshold = _threshold_mask(module)
+    raw_key, t_key = f"{prefix}parametrizations.weight.original", f"{prefix}parametrizations.weight.0.threshold"
+    if threshold is None or raw_key not in state_dict or _is_sharded(state_dict[raw_key]):
+        return
+    raw = state_dict.pop(raw_key)
+    t = state_dict.pop(t_key, threshold.threshold).detach()
+    state_dict[f"{prefix}weight"] = raw * threshold.mask(raw.to(t.device)).to(raw.device)
+
+
+def _load_plain_state_dict(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
+    """Load-state-dict pre-hook: a plain ``weight`` becomes the raw weight; the threshold is kept."""
+    threshold = _threshold_mask(module)
+    if threshold is None or f"{prefix}weight" not in state_dict or _is_sharded(module.parametrizations.weight.original):
+        return
+    state_dict[f"{prefix}parametrizations.weight.original"] = state_dict.pop(f"{prefix}weight")
+    state_dict.setdefault(f"{prefix}parametrizations.weight.0.threshold", threshold.threshold.detach().clone())
 
 
 def raw_weight(module: nn.Module) -> Tensor:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 
 from lightning_sparse import distributed
@@ -75,6 +77,17 @@ def maskable_parameters(
     masked = {name: p for name, p in candidates.items() if name not in dense}
     if not masked:
         raise ValueError(f"`dense_layers` {list(dense_layers)} leaves no layer to mask")
+    lazy = [
+        f"{module_of[name]!r} ({type(model.get_submodule(module_of[name])).__name__})"
+        for name, p in masked.items()
+        if is_lazy(p)
+    ]
+    if lazy:
+        raise ValueError(
+            f"the layer(s) {', '.join(lazy)} have uninitialized (lazy) weights, so they cannot be masked: run one"
+            " forward pass through the model before binding the masks (before `fit`; or build the layers with"
+            " their sizes in the LightningModule's `configure_model`), or keep them dense with `dense_layers`"
+        )
     return masked
 
 
@@ -113,7 +126,7 @@ class Masking:
         self.active: list[int] = []
         if local_masks is not None:
             self._check_local(local_masks)
-            self.masks = list(local_masks)
+            self.masks = [m.contiguous() for m in local_masks]  # flat (row-major) order, whatever the weight's layout
             self.active = list(active) if active is not None else self.count_active()
         elif masks is not None:
             self.load_masks(masks)
@@ -137,6 +150,15 @@ class Masking:
         """
         specs = [distributed.shard_spec(p, n) for n, p in params.items()]
         counts = layer_active_counts([s.shape for s in specs], density, init)
+        empty = [name for name, n in zip(params, counts) if n == 0]
+        if empty:
+            warnings.warn(
+                f"density {density} with init={init!r} leaves 0 active weights in {', '.join(empty)}:"
+                " they will output only their bias. Raise `density`, use init='erk' or 'er', or keep them dense"
+                " with `dense_layers`",
+                UserWarning,
+                stacklevel=2,
+            )
         local_masks = []
         for weight, spec, n in zip(params.values(), specs, counts):
             seed = draw_seed(generator)
@@ -187,8 +209,9 @@ class Masking:
         return [int(n) for n in totals.tolist()]
 
     def set_masks(self, masks: Sequence[Tensor], active: Sequence[int]) -> None:
-        """Install (local) masks computed by an update, whose active counts are already known."""
-        self.masks = list(masks)
+        """Install (local) masks computed by an update, whose active counts are already known (kept contiguous,
+        whatever the weight's memory format, so that collectives and the C++ kernel can read them flat)."""
+        self.masks = [m.contiguous() for m in masks]
         self.active = list(active)
 
     def to_devices(self) -> None:

@@ -9,15 +9,62 @@ a resumed run cannot drift.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+import numbers
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
+
+import torch
 
 from lightning_sparse.algorithms import SparseAlgorithm, get_algorithm, window_progress
 from lightning_sparse.dst import DST
 from lightning_sparse.functional.init import INIT_METHODS
 from lightning_sparse.functional.schedules import PRUNE_RATE_SCHEDULES
 from lightning_sparse.kernels import check_mask_kernel
+
+REAL = "a real number (int, float, numpy scalar or one-element tensor; not a bool)"
+INTEGER = "an integer (int, numpy integer or one-element integer tensor; not a bool or float)"
+
+
+def _scalar(value: Any) -> Any:
+    """A one-element tensor or numpy scalar/array as a Python number; anything else unchanged."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value
+    if not isinstance(value, (bool, int, float, str)) and hasattr(value, "item") and getattr(value, "size", 0) == 1:
+        try:
+            return value.item()
+        except (TypeError, ValueError):
+            return value
+    return value
+
+
+def as_real(value: Any) -> float | None:
+    """``value`` as a Python float if it is a real number (Python, numpy, one-element tensor), else ``None``.
+    Bools are not numbers here."""
+    value = _scalar(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
+def as_integer(value: Any) -> int | None:
+    """``value`` as a Python int if it is an integer (Python, numpy, one-element integer tensor), else ``None``."""
+    value = _scalar(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        return None
+    return int(value)
+
+
+def _refuse(name: str, allowed: str, value: Any, kind: str) -> ValueError:
+    return ValueError(f"`{name}` must be {allowed}, got {value!r} ({type(value).__name__}); {kind}")
+
+
+def checked_rate(value: Any, progress: float) -> float:
+    """A pruning rate given by a schedule at ``progress``, as a float; raises unless a real number in [0, 1]."""
+    rate = as_real(value)
+    if rate is None or not 0.0 <= rate <= 1.0:
+        raise ValueError(f"`prune_rate_schedule` returned {value!r} at progress {progress}; rates must be in [0, 1]")
+    return rate
 
 
 @dataclass(frozen=True)
@@ -46,28 +93,49 @@ class UpdateSchedule:
     def rate_at(self, progress: float) -> float:
         """The pruning rate at ``progress`` in [0, 1] of the update window."""
         if callable(self.rate_schedule):
-            rate = float(self.rate_schedule(progress))
-        else:
-            rate = PRUNE_RATE_SCHEDULES[self.rate_schedule](progress, self.prune_rate)
-        if not 0.0 <= rate <= 1.0:
-            raise ValueError(f"`prune_rate_schedule` returned {rate} at progress {progress}; rates must be in [0, 1]")
-        return rate
+            return checked_rate(self.rate_schedule(progress), progress)
+        return checked_rate(PRUNE_RATE_SCHEDULES[self.rate_schedule](progress, self.prune_rate), progress)
 
     def progress(self, step: int, total_steps: float) -> float:
         """Fraction of the update window done at optimizer step ``step``."""
         return window_progress(step, total_steps, self.stop_at)
 
-    def due(self, step: int, last_update_step: int, total_steps: float, epoch_end: bool) -> bool:
+    def due(
+        self, step: int, last_update_step: int, total_steps: float, epoch_end: bool, to_target: bool = False
+    ) -> bool:
         """Whether an update runs now: at an epoch end (``interval is None``) or every ``interval`` steps,
         never at or after the last step of training, and not after the first update at or past the window's
-        end. With an unknown length (``total_steps`` infinite) updates run forever."""
-        if not self.dynamic or step >= total_steps:
+        end. With an unknown length (``total_steps`` infinite) updates run forever.
+
+        ``to_target`` (GMP, which prunes towards a final density): the update window's last step
+        (``ceil(stop_at * total_steps)``) is always an update, also when it is the last step of training, so the
+        target is reached exactly whatever the interval."""
+        if not self.dynamic:
             return False
-        if epoch_end != (self.interval is None):
+        if to_target and math.isfinite(total_steps) and self.window_end(total_steps) > last_update_step:
+            if step == self.window_end(total_steps) or (epoch_end and step >= total_steps):
+                return True
+        if step >= total_steps or epoch_end != (self.interval is None):
             return False
         if self.interval is not None and (step <= 0 or step % self.interval):
             return False
         return window_progress(last_update_step, total_steps, self.stop_at) < 1.0
+
+    def window_end(self, total_steps: float) -> int:
+        """The optimizer step at which the update window ends (``ceil(stop_at * total_steps)``)."""
+        return math.ceil(self.stop_at * total_steps - 1e-9)
+
+    def count_updates(self, total_steps: float) -> int | None:
+        """How many step-level updates a run of ``total_steps`` optimizer steps gets (``None``: epoch-level or
+        unknown length)."""
+        if self.interval is None or not math.isfinite(total_steps) or not self.dynamic:
+            return None
+        count, last = 0, -1
+        for step in range(self.interval, int(total_steps), self.interval):
+            if window_progress(last, total_steps, self.stop_at) >= 1.0:
+                break
+            count, last = count + 1, step
+        return count
 
 
 @dataclass(frozen=True)
@@ -83,6 +151,7 @@ class SparseOptions:
     schedule: UpdateSchedule
     seed: int | None
     mask_kernel: str
+    mask_frozen: bool = False
 
     @property
     def is_dst(self) -> bool:
@@ -101,46 +170,73 @@ class SparseOptions:
         stop_at: float | None = None,
         seed: int | None = None,
         mask_kernel: str = "auto",
+        mask_frozen: bool = False,
     ) -> SparseOptions:
         """Check every argument (the error names the allowed values) and fill in the algorithm's defaults."""
         resolved = get_algorithm(algorithm)
         is_dst = isinstance(resolved, DST)
+        if is_dst:
+            given = {"density": density, "prune_rate": prune_rate, "prune_rate_schedule": prune_rate_schedule,
+                     "update_interval": update_interval, "stop_at": stop_at, "init": init}  # fmt: skip
+            ignored = [f"`{name}`" for name, value in given.items() if value is not None]
+            if ignored:
+                raise ValueError(
+                    f"algorithm {algorithm!r} learns its density and masks at every step; it does not use"
+                    f" {', '.join(ignored)}: leave {'it' if len(ignored) == 1 else 'them'} unset (DST's options are"
+                    " `DST(alpha=..., collapse_density=...)`)"
+                )
         if density is None and not is_dst:
             raise ValueError(f"`density` is required for algorithm {algorithm!r} (only 'dst' learns its density)")
-        if density is not None and (
-            isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < density <= 1.0
-        ):
-            raise ValueError(f"`density` must be a number in (0, 1], got {density!r}")
+        if density is not None:
+            value = as_real(density)
+            if value is None or not 0.0 < value <= 1.0:
+                raise _refuse("density", "a number in (0, 1]", density, REAL)
+            density = value
         defaults = resolved if isinstance(resolved, SparseAlgorithm) else SparseAlgorithm()
-        prune_rate = defaults.prune_rate if prune_rate is None else prune_rate
-        if isinstance(prune_rate, bool) or not isinstance(prune_rate, (int, float)) or not 0.0 <= prune_rate <= 1.0:
-            raise ValueError(f"`prune_rate` must be in [0, 1], got {prune_rate!r}")
+        rate = defaults.prune_rate if prune_rate is None else as_real(prune_rate)
+        if rate is None or not 0.0 <= rate <= 1.0:
+            raise _refuse("prune_rate", "in [0, 1]", prune_rate, f"{REAL}, or None for the algorithm's default")
+        prune_rate = rate
         schedule = defaults.schedule if prune_rate_schedule is None else prune_rate_schedule
-        if not callable(schedule) and schedule not in PRUNE_RATE_SCHEDULES:
+        if not callable(schedule) and not (isinstance(schedule, str) and schedule in PRUNE_RATE_SCHEDULES):
             raise ValueError(
                 f"`prune_rate_schedule` can be {', '.join(PRUNE_RATE_SCHEDULES)} or a function of progress,"
                 f" got {schedule!r}"
             )
-        if init is not None and init not in INIT_METHODS:
+        if callable(schedule):  # fail now, not at the first update
+            for progress in (0.0, 0.5, 1.0):
+                checked_rate(schedule(progress), progress)
+        if init is not None and not (isinstance(init, str) and init in INIT_METHODS):
             raise ValueError(f"`init` can be {', '.join(INIT_METHODS)}, got {init!r}")
         if update_interval is None:
             interval = defaults.update_interval
-        elif update_interval == "epoch":
+        elif isinstance(update_interval, str) and update_interval == "epoch":
             interval = None
-        elif isinstance(update_interval, bool) or not isinstance(update_interval, int) or update_interval < 1:
-            raise ValueError(f"`update_interval` must be 'epoch', an int >= 1, or None, got {update_interval!r}")
         else:
-            interval = update_interval
-        stop_at = defaults.stop_at if stop_at is None else stop_at
-        if isinstance(stop_at, bool) or not isinstance(stop_at, (int, float)) or not 0.0 < stop_at <= 1.0:
-            raise ValueError(f"`stop_at` must be in (0, 1], got {stop_at!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
-            raise ValueError(f"`seed` must be an int in [0, 2**63) or None, got {seed!r}")
+            interval = as_integer(update_interval)
+            if interval is None or interval < 1:
+                raise _refuse("update_interval", "'epoch', an int >= 1, or None", update_interval, INTEGER)
+        value = defaults.stop_at if stop_at is None else as_real(stop_at)
+        if value is None or not 0.0 < value <= 1.0:
+            raise _refuse("stop_at", "in (0, 1]", stop_at, f"{REAL}, or None for the algorithm's default")
+        stop_at = value
+        if seed is not None:
+            value = as_integer(seed)
+            if value is None or not 0 <= value < 2**63:
+                raise _refuse("seed", "an int in [0, 2**63) or None", seed, INTEGER)
+            seed = value
         check_mask_kernel(mask_kernel)
+        if not isinstance(mask_frozen, bool):
+            raise ValueError(f"`mask_frozen` must be True or False, got {mask_frozen!r} ({type(mask_frozen).__name__})")
         if isinstance(dense_layers, str):
             dense_layers = [dense_layers]
-        if not all(isinstance(d, str) for d in dense_layers):
-            raise ValueError(f"`dense_layers` must be a sequence of names or glob patterns, got {dense_layers!r}")
+        if isinstance(dense_layers, Iterable):
+            dense_layers = tuple(dense_layers)
+        if not isinstance(dense_layers, tuple) or not all(isinstance(d, str) for d in dense_layers):
+            raise ValueError(
+                "`dense_layers` must be a name or glob pattern (str) or a sequence of them,"
+                f" got {dense_layers!r} ({type(dense_layers).__name__})"
+            )
         return cls(
             density=None if density is None else float(density),
             algorithm=resolved,
@@ -156,17 +252,29 @@ class SparseOptions:
             ),
             seed=seed,
             mask_kernel=mask_kernel,
+            mask_frozen=mask_frozen,
         )
 
 
-def check_total_steps(schedule: UpdateSchedule, total_steps: float | None) -> float:
-    """The number of optimizer steps of training as a float (``inf`` when unknown); raises if a decaying
-    schedule needs it and it is unknown."""
-    total = math.inf if total_steps is None else float(total_steps)
-    if schedule.needs_length and not 0 < total < math.inf:
+def check_total_steps(schedule: UpdateSchedule, total_steps: float | None, to_target: bool = False) -> float:
+    """The number of optimizer steps of training as a float (``inf`` when unknown); raises if the schedule needs
+    it (a decaying rate, an update window that ends before training does, GMP's target) and it is unknown."""
+    total = math.inf if total_steps is None else as_real(total_steps)
+    if total is None or math.isnan(total):
+        raise _refuse("total_steps", "a number of optimizer steps or None (unknown)", total_steps, REAL)
+    if 0 < total < math.inf:
+        return total
+    needs = []
+    if schedule.needs_length:
+        needs.append(f"the {schedule.rate_schedule!r} prune-rate schedule")
+    if schedule.dynamic and schedule.stop_at < 1.0:
+        needs.append(f"the update window (stop_at={schedule.stop_at})")
+    if to_target:
+        needs.append("GMP's pruning schedule")
+    if needs:
         raise ValueError(
-            f"the {schedule.rate_schedule!r} prune-rate schedule needs the length of training (got {total_steps}):"
-            " give the number of optimizer steps (`total_steps`; in Lightning `max_epochs` or `max_steps` with a"
-            " dataloader that has a length), or use prune_rate_schedule='constant'"
+            f"{' and '.join(needs)} {'needs' if len(needs) == 1 else 'need'} the length of training, which is unknown (got {total_steps}): give the"
+            " number of optimizer steps (`total_steps`; in Lightning: `max_steps`, or `max_epochs` with a train"
+            " dataloader that has a `__len__`), or use prune_rate_schedule='constant' and stop_at=1.0"
         )
     return total

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import types
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -112,19 +113,24 @@ class Sparsifier:
         stop_at: float | None = None,
         seed: int | None = None,
         mask_kernel: Literal["auto", "cpp", "torch"] = "auto",
+        mask_frozen: bool = False,
         options: SparseOptions | None = None,
         state: Mapping[str, Any] | None = None,
     ) -> None:
         if options is None:
             options = SparseOptions.resolve(
                 density, algorithm, prune_rate, prune_rate_schedule, init, dense_layers, update_interval, stop_at,
-                seed, mask_kernel,
+                seed, mask_kernel, mask_frozen,
             )  # fmt: skip
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+        if not hasattr(optimizer, "param_groups"):
+            raise ValueError(f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.options = options
         self.model = model
         self.optimizer = optimizer
         self.schedule = options.schedule
-        self._total_steps = check_total_steps(self.schedule, total_steps) if total_steps is not None else math.inf
+        self._total_steps = math.inf
         self.generator = torch.Generator()
         self.generator.manual_seed(distributed.shared_seed(options.seed))
         self.algorithm_state: dict[str, Any] = {}
@@ -134,6 +140,11 @@ class Sparsifier:
         self.current_prune_rate = self.schedule.prune_rate
         self.last_update: UpdateReport | None = None
         self._needs_snip = False
+        self._gradients_checked = False
+        if total_steps is not None:
+            self.total_steps = total_steps
+        if state is not None:
+            self._check_same_run(state)  # before binding touches the model (DST attaches its thresholds)
         self._bind(state)
         if state is not None:
             self.load_state_dict(state)
@@ -143,7 +154,7 @@ class Sparsifier:
         algorithm = self.options.algorithm
         assert isinstance(algorithm, SparseAlgorithm)
         _refuse_fsdp1(self.model)
-        params = maskable_parameters(self.model, self.options.dense_layers)
+        params = select_parameters(self.model, self.options)
         self._check_optimizer(params, algorithm.needs_momentum)
         if state is not None:  # resuming: the checkpoint's masks, nothing drawn (`load_state_dict` applies them)
             if "masks" not in state:
@@ -155,8 +166,9 @@ class Sparsifier:
             self.masking = Masking.random(
                 params, self.options.density, self.options.init, self.generator, self.options.mask_kernel
             )
-        else:  # dense until GMP prunes or SNIP picks its masks
-            masks = [torch.ones_like(distributed.local(p), dtype=torch.bool) for p in params.values()]
+        else:  # dense until GMP prunes or SNIP picks its masks (contiguous, whatever the weight's memory format)
+            local = [distributed.local(p) for p in params.values()]
+            masks = [torch.ones(w.shape, dtype=torch.bool, device=w.device) for w in local]
             self.masking = Masking(params, kernel=self.options.mask_kernel, local_masks=masks)
         self._needs_snip = algorithm.start == "snip"
         self.masking.apply_(kernel="torch")
@@ -196,7 +208,25 @@ class Sparsifier:
 
     @total_steps.setter
     def total_steps(self, value: int | float | None) -> None:
-        self._total_steps = check_total_steps(self.schedule, value)
+        self._total_steps = check_total_steps(self.schedule, value, self._to_target)
+        self._warn_if_no_updates()
+
+    @property
+    def _to_target(self) -> bool:
+        """GMP prunes towards its target density: the end of its window is always an update."""
+        algorithm = self.options.algorithm
+        return isinstance(algorithm, SparseAlgorithm) and algorithm.count == "gmp"
+
+    def _warn_if_no_updates(self) -> None:
+        updates = self.schedule.count_updates(self._total_steps)
+        if updates == 0 and not self._to_target:
+            warnings.warn(
+                f"algorithm {self.options.algorithm_name!r} updates its masks every {self.schedule.interval} steps"
+                f" until step {self.schedule.window_end(self._total_steps)} of {int(self._total_steps)}: this run gets"
+                " no mask update (static masks). Give a smaller `update_interval`",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def densities(self) -> dict[str, float]:
         """Fraction of active weights per layer, from the masks' exact counts (no device read)."""
@@ -271,9 +301,11 @@ class Sparsifier:
         gradients are largest): re-applies the masks and runs a step-level update when one is due. ``step`` is the number of optimizer steps taken so far (counted here when ``None``). Returns the
         update's report, or ``None`` when no update ran."""
         self._check_started()
+        if not self._gradients_checked:
+            self._check_gradients()
         self.step_count = self.step_count + 1 if step is None else int(step)
         self.masking.apply_()
-        if self.schedule.due(self.step_count, self.last_update_step, self._total_steps, epoch_end=False):
+        if self.schedule.due(self.step_count, self.last_update_step, self._total_steps, False, self._to_target):
             return self.update()
         return None
 
@@ -282,12 +314,14 @@ class Sparsifier:
         optimizer step). Returns the update's report, or ``None``."""
         if step is not None:
             self.step_count = int(step)
-        if self.schedule.due(self.step_count, self.last_update_step, self._total_steps, epoch_end=True):
+        if self.schedule.due(self.step_count, self.last_update_step, self._total_steps, True, self._to_target):
             return self.update()
         return None
 
     def finish(self) -> None:
-        """Call after training (nothing to do for masks; DST folds its thresholds into the weights)."""
+        """Call after training: re-applies the masks (weight averaging may have replaced the weights; DST folds
+        its thresholds into the weights instead)."""
+        self.masking.apply_(kernel="torch")
 
     def update(self) -> UpdateReport:
         """One mask update now, whatever the schedule says (the schedule still gives the rate)."""
@@ -310,8 +344,17 @@ class Sparsifier:
             )
             for name, weight, mask, spec in zip(masking.names, masking.weights, masking.masks, masking.specs)
         ]
+        trained = [i for i, w in enumerate(masking.weights) if w.requires_grad]  # frozen layers keep their masks
+        if algorithm.dynamic:
+            self._check_finite([layers[i] for i in trained], algorithm, step, [masking.specs[i] for i in trained])
         context = UpdateContext(rate, progress, self.options.density or 1.0, self.generator, self.algorithm_state)
-        result = algorithm.update(layers, masking.active, context)
+        if len(trained) == len(layers):
+            result = algorithm.update(layers, masking.active, context)
+        else:
+            result = _splice(
+                algorithm.update([layers[i] for i in trained], [masking.active[i] for i in trained], context),
+                trained, masking.masks, masking.active,
+            )  # fmt: skip
         masking.set_masks(result.masks, result.active)
         if not self.sharded:
             distributed.ensure_masks_agree(masking.names, masking.masks)
@@ -323,6 +366,52 @@ class Sparsifier:
         self.num_updates += 1
         self.last_update = UpdateReport(step, rate, progress, nonzero, result)
         return self.last_update
+
+    def _check_gradients(self) -> None:
+        """At the first step: gradient growth (RigL) reads the gradient of every masked weight, so a layer left
+        out of the forward pass is named now rather than at the first update."""
+        if self.uses_gradient_growth:
+            missing = [
+                name for name, w in zip(self.masking.names, self.masking.weights) if w.grad is None and w.requires_grad
+            ]
+            if missing:
+                order = (
+                    " (no masked weight has one: call `sparsifier.step()` after `optimizer.step()` and before"
+                    " `optimizer.zero_grad()`)"
+                    if len(missing) == len(self.masking.names)
+                    else ""
+                )
+                raise ValueError(
+                    f"gradient growth (RigL) reads the gradient of every masked weight, but {missing} got no"
+                    f" gradient in the first step{order}: use those layers in the forward pass, or leave them dense"
+                    f" with `dense_layers={missing}`"
+                )
+        self._gradients_checked = True
+
+    def _check_finite(
+        self, layers: Sequence[LayerState], algorithm: SparseAlgorithm, step: int, specs: Sequence[Any]
+    ) -> None:
+        """Raise ``FloatingPointError`` naming the layers whose weights, momentum or gradients (what the update
+        reads) hold NaN or inf. One fused check: one host read (and one all-reduce under FSDP2)."""
+        reads: dict[str, Callable[[LayerState], Tensor]] = {"weights": lambda layer: layer.weight}
+        if algorithm.needs_momentum:
+            reads["momentum"] = lambda layer: layer.momentum
+        if algorithm.grow == "gradient":
+            reads["gradients"] = lambda layer: layer.grad
+        flags = torch.stack(
+            [torch.stack([~torch.isfinite(read(layer)).all() for read in reads.values()]) for layer in layers]
+        ).to(torch.int64)
+        flags = distributed.reduce_layer_sums(flags, specs, self.masking.group).tolist()
+        bad = [
+            f"{kind} in layer(s) {[layer.name for layer, row in zip(layers, flags) if row[k]]}"
+            for k, kind in enumerate(reads)
+            if any(row[k] for row in flags)
+        ]
+        if bad:
+            raise FloatingPointError(
+                f"non-finite {' and '.join(bad)} at the mask update of step {step}: the loss diverged (lower the"
+                " learning rate, or use gradient clipping)"
+            )
 
     def _momentum(self, weight: Tensor) -> Tensor:
         check_momentum_optimizer(self.optimizer, [weight])
@@ -376,6 +465,7 @@ class Sparsifier:
                 grads = flat
         weights = masking.local_weights()
         scores = [(torch.zeros_like(w) if g is None else g * w).abs() for w, g in zip(weights, grads)]
+        self._check_snip_scores(loss, scores)
         count = int(round(self.options.density * sum(masking.sizes)))
         masks = snip_masks(
             scores,
@@ -391,6 +481,28 @@ class Sparsifier:
         masking.apply_()
         self._needs_snip = False
 
+    def _check_snip_scores(self, loss: Tensor, scores: Sequence[Tensor]) -> None:
+        """Raise ``FloatingPointError`` if the scoring batch's loss or any layer's ``|g ⊙ w|`` is NaN or inf (one
+        host read; under FSDP2 the flags are all-reduced over the sharding group, so every process raises)."""
+        masking = self.masking
+        bad = torch.stack([~torch.isfinite(s).all() for s in scores]).to(torch.int64)
+        bad = distributed.reduce_layer_sums(bad, masking.specs, masking.group)
+        bad_loss = (~torch.isfinite(loss.detach()).all()).to(torch.int64).reshape(1).to(bad.device)
+        distributed.all_reduce_sum_(bad_loss, masking.group)
+        flags = torch.cat([bad_loss, bad]).tolist()
+        layers = [name for name, flag in zip(masking.names, flags[1:]) if flag]
+        if flags[0]:
+            also = f" (and so are the scores |g * w| of layer(s) {layers})" if layers else ""
+            raise FloatingPointError(
+                f"SNIP: the loss of the scoring batch is non-finite{also}: score a batch with a finite loss (check"
+                " the inputs, the loss function and the model's initialization)"
+            )
+        if layers:
+            raise FloatingPointError(
+                f"SNIP: non-finite scores |g * w| in layer(s) {layers}: the weights or the scoring batch's gradients"
+                " hold NaN or inf (check the model's initialization and the inputs)"
+            )
+
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """Masks (full, ``torch.bool`` on the CPU), schedule position, counters and random state: plain tensors
@@ -405,6 +517,8 @@ class Sparsifier:
             "algorithm_state": dict(self.algorithm_state),
             "masks": self.masking.state_dict(),
             "snip_pending": self._needs_snip,
+            "density": self.options.density,
+            "algorithm": self.options.algorithm_name,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -416,6 +530,7 @@ class Sparsifier:
                 f"this checkpoint's sparse state has version {version}; this lightning-sparse reads up to"
                 f" {STATE_VERSION}: upgrade lightning-sparse"
             )
+        self._check_same_run(state)
         self._load_masks(state)
         self.current_prune_rate = float(state.get("prune_rate", self.schedule.prune_rate))
         self.last_update_step = int(state.get("last_update_step", -1))
@@ -424,6 +539,22 @@ class Sparsifier:
         self.algorithm_state = dict(state.get("algorithm_state", {}))
         if "generator_state" in state:
             self.generator.set_state(state["generator_state"])
+
+    def _check_same_run(self, state: Mapping[str, Any]) -> None:
+        """Refuse a checkpoint trained with another algorithm or density (states without them load as they are)."""
+        saved = state.get("algorithm")
+        if saved is not None and str(saved).lower() != self.options.algorithm_name.lower():
+            raise ValueError(
+                f"the checkpoint was trained with algorithm {saved!r}, this run asks for"
+                f" {self.options.algorithm_name!r}: resume with the checkpoint's algorithm, or start a new run"
+            )
+        saved = state.get("density")
+        wanted = self.options.density
+        if saved is not None and wanted is not None and not math.isclose(float(saved), wanted, rel_tol=1e-6):
+            raise ValueError(
+                f"the checkpoint was trained with density {float(saved)}, this run asks for {wanted}: resume with"
+                " the checkpoint's density, or start a new run"
+            )
 
     def _load_masks(self, state: Mapping[str, Any]) -> None:
         if "masks" not in state:
@@ -457,7 +588,9 @@ class DSTSparsifier(Sparsifier):
         self._fsdp = any(distributed.is_dtensor(p) for p in self.model.parameters())
         self._final_masks: dict[str, Tensor] = {}
         self._finished = False
-        self.thresholds = attach_dst_thresholds(self.model, self.options.dense_layers, attach=not self._fsdp)
+        self.thresholds = attach_dst_thresholds(
+            self.model, self.options.dense_layers, attach=not self._fsdp, mask_frozen=self.options.mask_frozen
+        )
         missing = [t.threshold for t in self.thresholds.values() if not _optimized(self.optimizer, t.threshold)]
         if missing:
             self.optimizer.add_param_group({"params": missing, "weight_decay": 0.0})
@@ -597,10 +730,38 @@ class DSTSparsifier(Sparsifier):
             "prune_rate": 0.0,
             "generator_state": self.generator.get_state(),
             "algorithm_state": {},
+            "algorithm": self.options.algorithm_name,
+            **({} if self._fsdp else {"dst": self._dst_state()}),
+        }
+
+    def _dst_state(self) -> dict[str, dict[str, Tensor]]:
+        """The thresholds and raw weights by module name (CPU copies). The model's own ``state_dict`` holds only
+        the masked weights (see :func:`lightning_sparse.dst.attach_thresholds`), so these make a resume exact."""
+        attached = self._attached()
+        return {
+            "thresholds": {n: t.threshold.detach().cpu().clone() for n, t in self.thresholds.items()},
+            "raw": {
+                n: (dst.raw_weight(m) if attached else m.weight).detach().cpu().clone()
+                for n, m in self._modules.items()
+            },
         }
 
     def _load_masks(self, state: Mapping[str, Any]) -> None:
-        """DST's masks are its thresholds, which are model parameters: the model's own checkpoint holds them."""
+        """Restores the thresholds and raw weights (under FSDP2 the model's own checkpoint holds them)."""
+        saved = state.get("dst")
+        if not saved:
+            return
+        if set(saved["thresholds"]) != set(self.thresholds):
+            raise ValueError(
+                f"the checkpoint's DST layers {sorted(saved['thresholds'])} do not match the model's"
+                f" {sorted(self.thresholds)}"
+            )
+        if not self._attached():
+            self._reattach()
+        with torch.no_grad():
+            for name, module in self._modules.items():
+                self.thresholds[name].threshold.copy_(saved["thresholds"][name])
+                dst.raw_weight(module).copy_(saved["raw"][name])
 
 
 def _refuse_fsdp1(model: nn.Module) -> None:
@@ -619,8 +780,35 @@ def _optimized(optimizer: torch.optim.Optimizer, param: Tensor) -> bool:
     return any(p is param for group in optimizer.param_groups for p in group["params"])
 
 
+def select_parameters(
+    model: nn.Module, options: SparseOptions, include_parametrized: Sequence[str] = ()
+) -> dict[str, Tensor]:
+    """The weights a run masks: :func:`~lightning_sparse.maskable_parameters` minus the frozen ones
+    (``requires_grad=False``: a frozen pretrained layer stays dense, logged) unless ``options.mask_frozen``."""
+    params = maskable_parameters(model, options.dense_layers, include_parametrized=tuple(include_parametrized))
+    frozen = [name for name, p in params.items() if not p.requires_grad]
+    if not frozen or options.mask_frozen:
+        return params
+    if len(frozen) == len(params):
+        raise ValueError(
+            f"every maskable weight of {type(model).__name__} is frozen (requires_grad=False): {frozen}. Frozen"
+            " layers are left dense; unfreeze the layers to train sparse, or pass `mask_frozen=True` to mask them"
+        )
+    log.info("frozen (requires_grad=False) weights left dense: %s; `mask_frozen=True` masks them", ", ".join(frozen))
+    return {name: p for name, p in params.items() if p.requires_grad}
+
+
+def _splice(result: UpdateResult, trained: list[int], masks: list[Tensor], active: list[int]) -> UpdateResult:
+    """An update of the ``trained`` layers only, widened to every layer (the others keep ``masks``)."""
+    full = UpdateResult(list(masks), list(masks), list(active), [0] * len(masks), [0] * len(masks))
+    for j, i in enumerate(trained):
+        full.masks[i], full.pruned_masks[i], full.active[i] = result.masks[j], result.pruned_masks[j], result.active[j]
+        full.pruned[i], full.grown[i] = result.pruned[j], result.grown[j]
+    return full
+
+
 def attach_dst_thresholds(
-    model: nn.Module, dense_layers: Sequence[str] = (), *, attach: bool = True
+    model: nn.Module, dense_layers: Sequence[str] = (), *, attach: bool = True, mask_frozen: bool = False
 ) -> dict[str, dst.ThresholdMask]:
     """DST's thresholds on every maskable layer of ``model`` (module name → :class:`~lightning_sparse.dst.ThresholdMask`):
     the ones already attached are returned as they are, the others are attached now.
@@ -638,7 +826,8 @@ def attach_dst_thresholds(
             existing = [p for p in module.parametrizations.weight if isinstance(p, dst.ThresholdMask)]
             if existing:
                 found[name] = existing[0]
-    masked = maskable_parameters(model, dense_layers, include_parametrized=tuple(found))
+    options = SparseOptions.resolve(algorithm="dst", dense_layers=dense_layers, mask_frozen=mask_frozen)
+    masked = select_parameters(model, options, include_parametrized=tuple(found))
     for param_name in masked:
         module_name = param_name.rsplit(".", 1)[0] if "." in param_name else ""
         if module_name not in found:
@@ -659,4 +848,4 @@ def prepare_model(model: nn.Module, options: SparseOptions) -> None:
     """What a method must do to the model before the optimizer is built (``setup`` in Lightning): DST attaches
     its thresholds, so that ``configure_optimizers`` and DDP see them. Masks need nothing here."""
     if options.is_dst and any(isinstance(m, MASKED_MODULE_TYPES) for m in model.modules()):
-        attach_dst_thresholds(model, options.dense_layers)  # layers made in `configure_model` come later
+        attach_dst_thresholds(model, options.dense_layers, mask_frozen=options.mask_frozen)  # see `configure_model`

@@ -67,12 +67,13 @@ def test_density_exact_and_metrics_logged():
 def test_masks_change_every_epoch_but_not_after_the_last():
     cb = SparseTrainingCallback(density=0.2, seed=0)
     _, _, rec = _fit(cb, max_epochs=EPOCHS)
-    masks = rec.epoch_masks
+    masks = rec.epoch_masks  # recorded at each epoch's end, before the (deferred) epoch-boundary update
     assert len(masks) == EPOCHS
-    for before, after in zip(masks[:-2], masks[1:-1]):
+    for before, after in zip(masks, masks[1:]):  # each epoch-boundary update ran at the next epoch's first step
         assert any(not torch.equal(before[k], after[k]) for k in before)
-    assert all(torch.equal(masks[-2][k], masks[-1][k]) for k in masks[-1])  # the last epoch changes nothing
+    assert all(torch.equal(cb.masks[k], masks[-1][k]) for k in masks[-1])  # nothing after the last epoch
     assert cb.state_dict()["num_updates"] == EPOCHS - 1
+    assert cb.state_dict()["last_update_step"] == (EPOCHS - 1) * BATCHES
 
 
 def test_prune_rate_follows_cosine_per_epoch():
@@ -85,7 +86,8 @@ def test_prune_rate_follows_cosine_per_epoch():
     cb = SparseTrainingCallback(density=0.2, seed=0)
     _fit(cb, max_epochs=EPOCHS, extra_callbacks=[RateSpy()], recorder=False)
     expected = [cosine_decay((e + 1) / EPOCHS, 0.5) for e in range(EPOCHS - 1)]
-    assert [r.item() for r in rates[:-1]] == pytest.approx(expected)
+    # the update of epoch e's boundary runs (and is logged) at the first step of epoch e + 1
+    assert rates[0] is None and [r.item() for r in rates[1:]] == pytest.approx(expected)
     assert cb.current_prune_rate == pytest.approx(expected[-1])
 
 
@@ -164,7 +166,10 @@ def test_resume_from_epoch_checkpoint_continues_like_the_uninterrupted_run(tmp_p
     ckpt = tmp_path / "full" / "epoch=1-step=24.ckpt"
     assert ckpt.exists()
     state = torch.load(ckpt, weights_only=True)["callbacks"]["SparseTrainingCallback"]
-    assert state["num_updates"] == 2 and state["prune_rate"] == pytest.approx(cosine_decay(2 / EPOCHS, 0.5))
+    # epoch 1's boundary update is deferred to the first step of epoch 2: the checkpoint holds the weights and
+    # masks as trained, and that pending update
+    assert state["num_updates"] == 1 and state["prune_rate"] == pytest.approx(cosine_decay(1 / EPOCHS, 0.5))
+    assert state["pending_epoch_end"] == 24
     assert all(m.dtype == torch.bool for m in state["masks"].values())
 
     resumed = SparseTrainingCallback(density=0.2, seed=999)  # the checkpoint's masks win over a new seed
@@ -318,7 +323,8 @@ def test_cosine_schedule_needs_a_finite_length():
 
 
 def test_callable_schedule_returning_out_of_range():
-    cb = SparseTrainingCallback(density=0.1, prune_rate_schedule=lambda progress: 2.0)
+    # in range at 0, 0.5 and 1 (checked when the callback is made), out of range at the first update
+    cb = SparseTrainingCallback(density=0.1, prune_rate_schedule=lambda progress: 2.0 if 0 < progress < 0.5 else 0.1)
     with pytest.raises(ValueError, match=r"`prune_rate_schedule` returned 2.0 at progress 0.25; rates must be in \[0, 1\]"):
         _fit(cb, recorder=False, max_epochs=4)
 
