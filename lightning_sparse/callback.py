@@ -53,6 +53,9 @@ class SparseTrainingCallback(Callback):
             ``algorithm="dst"``, whose density is learned (DST refuses ``density``, ``prune_rate``,
             ``prune_rate_schedule``, ``init``, ``update_interval`` and ``stop_at``). Numbers (here and for
             ``prune_rate``, ``stop_at``) may be Python, numpy or one-element tensors; they are stored as ``float``.
+            A mapping ``{name glob: density}`` gives density groups, first match wins (``{"*.attn.*": 0.5,
+            "*": 0.1}``): each group's total is kept exactly, weights move only within a group, ERK/ER distribute
+            within each group; layers no glob matches (no ``"*"``), and groups of density 1.0, stay dense.
         algorithm: ``"sparse_momentum"`` (Dettmers & Zettlemoyer 2019), ``"rigl"`` (Evci et al. 2020),
             ``"set"``, ``"dsr"``, ``"static"``, ``"snip"``, ``"gmp"``, ``"dst"`` (Liu et al. 2020), a
             :class:`~lightning_sparse.SparseAlgorithm` or a :class:`~lightning_sparse.DST`.
@@ -74,6 +77,13 @@ class SparseTrainingCallback(Callback):
         figure: write ``sparsity.png`` to the trainer's log directory at the end of ``fit`` (and to TensorBoard).
         mask_kernel: ``"auto"``, ``"cpp"`` or ``"torch"``: how masks are applied to CPU weights
             (:mod:`lightning_sparse.kernels`).
+        mask_frozen: also mask frozen weights (``requires_grad=False``), with masks that never move; by default
+            they stay dense.
+        layer_types: module types (or class names) whose ``weight`` is masked, instead of Linear and
+            Conv1d/2d/3d; ``MultiheadAttention``'s input projections and ``transformers``' ``Conv1D`` are always
+            recognized (:mod:`lightning_sparse.layers`).
+        include: parameter-name globs of further weights to mask (any parameter of 2 or more dimensions).
+        mask_embeddings: mask embedding tables (and the output layers tied to them) too.
 
     Works with one device, DDP (``"ddp"``, ``"ddp_spawn"``), and FSDP2 (``ModelParallelStrategy``, masks sharded
     like their weights). Logged at every mask update and epoch end: ``sparse/density``,
@@ -102,10 +112,13 @@ class SparseTrainingCallback(Callback):
         figure: bool = True,
         mask_kernel: Literal["auto", "cpp", "torch"] = "auto",
         mask_frozen: bool = False,
+        layer_types: Sequence[type | str] | None = None,
+        include: Sequence[str] = (),
+        mask_embeddings: bool = False,
     ) -> None:
         self.options = SparseOptions.resolve(
             density, algorithm, prune_rate, prune_rate_schedule, init, dense_layers, update_interval, stop_at, seed,
-            mask_kernel, mask_frozen,
+            mask_kernel, mask_frozen, layer_types, include, mask_embeddings,
         )  # fmt: skip
         if not isinstance(speedup_timing, str) or speedup_timing not in TIMINGS:
             raise ValueError(f"`speedup_timing` can be {', '.join(TIMINGS)}, got {speedup_timing!r}")
@@ -211,7 +224,7 @@ class SparseTrainingCallback(Callback):
         if sparsifier.needs_snip:
             _snip_on_first_batch(trainer, pl_module, sparsifier)
         _mask_weight_averages(trainer, sparsifier)
-        self._capture = InputCapture(pl_module, [n.removesuffix(".weight") for n in sparsifier.names])
+        self._capture = InputCapture(pl_module, [sparsifier.layers[n].module for n in sparsifier.names])
         self._measure(trainer.global_step)  # the starting point of the figure
         self._train_start = time.perf_counter()
         self._log_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
@@ -326,7 +339,10 @@ class SparseTrainingCallback(Callback):
         title = f"SparseTrainingCallback ({self.algorithm_name}): final masks"
         if self.sparsifier is not None:
             title += f", {self.sparsifier.describe()}"
-        return title + "\n" + self._report.table(stats)
+        table = title + "\n" + self._report.table(stats)
+        if self.sparsifier is not None and self.sparsifier.left_dense:
+            table += "\nleft dense:\n" + "\n".join(f"  {n}: {why}" for n, why in self.sparsifier.left_dense.items())
+        return table
 
     # ------------------------------------------------------------------ checkpoints and processes
     def _require_sparsifier(self) -> Sparsifier:

@@ -46,14 +46,20 @@ def long_tailed_derivative(x: Tensor) -> Tensor:
 
 
 class ThresholdMask(nn.Module):
-    """The parametrization ``W ↦ W ⊙ S(|W| − t)`` with a trainable per-output threshold ``t``."""
+    """The parametrization ``W ↦ W ⊙ S(|W| − t)`` with a trainable per-output threshold ``t``, one entry per
+    index of dimension ``dim`` of the weight (0; 1 for weights stored ``[in, out]``)."""
 
-    def __init__(self, out_features: int, device: torch.device | None = None, dtype: torch.dtype | None = None):
+    def __init__(
+        self, out_features: int, device: torch.device | None = None, dtype: torch.dtype | None = None, dim: int = 0
+    ):
         super().__init__()
         self.threshold = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
+        self.dim = dim
 
     def _shaped_threshold(self, weight: Tensor) -> Tensor:
-        return self.threshold.view(-1, *([1] * (weight.dim() - 1)))
+        shape = [1] * weight.dim()
+        shape[self.dim] = -1
+        return self.threshold.view(shape)
 
     def forward(self, weight: Tensor) -> Tensor:
         return weight * LongTailedStep.apply(weight.abs() - self._shaped_threshold(weight))
@@ -83,8 +89,11 @@ class DST:
             raise ValueError(f"`collapse_density` must be in [0, 1), got {self.collapse_density}")
 
 
-def attach_thresholds(modules: Mapping[str, nn.Module]) -> dict[str, ThresholdMask]:
-    """Register a :class:`ThresholdMask` on the ``weight`` of each module; returns them by module name.
+def attach_thresholds(
+    modules: Mapping[str, nn.Module], attrs: Mapping[str, str] | None = None, dims: Mapping[str, int] | None = None
+) -> dict[str, ThresholdMask]:
+    """Register a :class:`ThresholdMask` on the ``weight`` of each module (or on its attribute ``attrs[key]``,
+    thresholds along dimension ``dims[key]``); returns them by the keys of ``modules``.
 
     The module's ``state_dict`` stays plain: it holds ``weight`` (the masked weight ``W ⊙ (|W| > t)``) instead
     of the raw weight and the threshold, so checkpoints load into the model without DST; loading a plain
@@ -94,9 +103,11 @@ def attach_thresholds(modules: Mapping[str, nn.Module]) -> dict[str, ThresholdMa
     """
     attached = {}
     for name, module in modules.items():
-        weight = module.weight
-        mask = ThresholdMask(weight.shape[0], device=weight.device, dtype=weight.dtype)
-        parametrize.register_parametrization(module, "weight", mask)
+        attr = (attrs or {}).get(name, "weight")
+        dim = (dims or {}).get(name, 0)
+        weight = getattr(module, attr)
+        mask = ThresholdMask(weight.shape[dim], device=weight.device, dtype=weight.dtype, dim=dim)
+        parametrize.register_parametrization(module, attr, mask)
         if not getattr(module, "_lightning_sparse_plain_state", False):
             module.register_state_dict_post_hook(_plain_state_dict)
             module.register_load_state_dict_pre_hook(_load_plain_state_dict)
@@ -105,40 +116,50 @@ def attach_thresholds(modules: Mapping[str, nn.Module]) -> dict[str, ThresholdMa
     return attached
 
 
-def _threshold_mask(module: nn.Module) -> ThresholdMask | None:
-    if not parametrize.is_parametrized(module, "weight"):
+def threshold_mask(module: nn.Module, attr: str = "weight") -> ThresholdMask | None:
+    """The :class:`ThresholdMask` on ``module.<attr>``, when it is that attribute's only parametrization."""
+    if not parametrize.is_parametrized(module, attr):
         return None
-    found = [p for p in module.parametrizations.weight if isinstance(p, ThresholdMask)]
-    return found[0] if len(found) == 1 and len(module.parametrizations.weight) == 1 else None
+    chain = getattr(module.parametrizations, attr)
+    return chain[0] if len(chain) == 1 and isinstance(chain[0], ThresholdMask) else None
 
 
 def _is_sharded(t: Tensor) -> bool:
     return type(t).__name__ == "DTensor"
 
 
+def thresholded(module: nn.Module) -> dict[str, ThresholdMask]:
+    if not parametrize.is_parametrized(module):
+        return {}
+    found = {attr: threshold_mask(module, attr) for attr in module.parametrizations}
+    return {attr: t for attr, t in found.items() if t is not None}
+
+
 def _plain_state_dict(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    """State-dict post-hook: ``weight`` = the masked weight, in place of the raw weight and threshold."""
-    threshold = _threshold_mask(module)
-    raw_key, t_key = f"{prefix}parametrizations.weight.original", f"{prefix}parametrizations.weight.0.threshold"
-    if threshold is None or raw_key not in state_dict or _is_sharded(state_dict[raw_key]):
-        return
-    raw = state_dict.pop(raw_key)
-    t = state_dict.pop(t_key, threshold.threshold).detach()
-    state_dict[f"{prefix}weight"] = raw * threshold.mask(raw.to(t.device)).to(raw.device)
+    """State-dict post-hook: ``<attr>`` = the masked weight, in place of the raw weight and threshold."""
+    for attr, threshold in thresholded(module).items():
+        raw_key = f"{prefix}parametrizations.{attr}.original"
+        t_key = f"{prefix}parametrizations.{attr}.0.threshold"
+        if raw_key not in state_dict or _is_sharded(state_dict[raw_key]):
+            continue
+        raw = state_dict.pop(raw_key)
+        t = state_dict.pop(t_key, threshold.threshold).detach()
+        state_dict[f"{prefix}{attr}"] = raw * threshold.mask(raw.to(t.device)).to(raw.device)
 
 
 def _load_plain_state_dict(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
-    """Load-state-dict pre-hook: a plain ``weight`` becomes the raw weight; the threshold is kept."""
-    threshold = _threshold_mask(module)
-    if threshold is None or f"{prefix}weight" not in state_dict or _is_sharded(module.parametrizations.weight.original):
-        return
-    state_dict[f"{prefix}parametrizations.weight.original"] = state_dict.pop(f"{prefix}weight")
-    state_dict.setdefault(f"{prefix}parametrizations.weight.0.threshold", threshold.threshold.detach().clone())
+    """Load-state-dict pre-hook: a plain ``<attr>`` becomes the raw weight; the threshold is kept."""
+    for attr, threshold in thresholded(module).items():
+        original = getattr(module.parametrizations, attr).original
+        if f"{prefix}{attr}" not in state_dict or _is_sharded(original):
+            continue
+        state_dict[f"{prefix}parametrizations.{attr}.original"] = state_dict.pop(f"{prefix}{attr}")
+        state_dict.setdefault(f"{prefix}parametrizations.{attr}.0.threshold", threshold.threshold.detach().clone())
 
 
-def raw_weight(module: nn.Module) -> Tensor:
-    """The trainable weight under a parametrized module's ``weight``."""
-    return module.parametrizations.weight.original
+def raw_weight(module: nn.Module, attr: str = "weight") -> Tensor:
+    """The trainable weight under a parametrized module's ``<attr>``."""
+    return getattr(module.parametrizations, attr).original
 
 
 def regularizer(thresholds: Iterable[Tensor], alpha: float) -> Tensor:

@@ -7,88 +7,65 @@ tensors (one process, or replicated by DDP) or FSDP2 row shards (``DTensor``, se
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.nn.parameter import is_lazy
-from torch.nn.utils import parametrize
 
 from lightning_sparse import distributed
 from lightning_sparse.distributed import ShardSpec
 from lightning_sparse.functional.init import layer_active_counts
 from lightning_sparse.functional.selection import hash_scores, select_highest
 from lightning_sparse.kernels import check_mask_kernel, cpu_masked_zero
+from lightning_sparse.layers import DEFAULT_LAYER_TYPES, FoundLayers, find_layers
 
-MASKED_MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+MASKED_MODULE_TYPES: tuple[type[nn.Module], ...] = DEFAULT_LAYER_TYPES
 
 
 def maskable_parameters(
     model: nn.Module,
     dense_layers: Sequence[str] = (),
-    module_types: tuple[type[nn.Module], ...] = MASKED_MODULE_TYPES,
+    module_types: Sequence[type[nn.Module] | str] | None = None,
     include_parametrized: Sequence[str] = (),
+    *,
+    include: Sequence[str] = (),
+    mask_embeddings: bool = False,
 ) -> dict[str, Tensor]:
-    """The weights that get masks: ``weight`` of every Linear and Conv1d/2d/3d, minus ``dense_layers``.
+    """The weights that get masks, by the name ``named_parameters()`` gives them (see
+    :func:`lightning_sparse.layers.find_layers`): the ``weight`` of every Linear and Conv1d/2d/3d (or of
+    ``module_types``), ``MultiheadAttention``'s input projections and ``transformers``' ``Conv1D``, minus
+    ``dense_layers``.
 
     Biases and normalization weights are never masked. ``dense_layers`` holds module names, parameter names
     or ``fnmatch`` glob patterns of either (``"features.0"``, ``"*.downsample.*"``, ``"fc.weight"``); a
     pattern that matches no maskable weight raises ``ValueError`` listing the names it could match.
-    A weight shared by several modules is masked once, under its first name. A parametrized weight is skipped,
-    unless its module is named in ``include_parametrized`` (DST's thresholds): then its raw weight is returned.
+    A weight shared by several modules is masked once. A parametrized weight is refused, unless its module is
+    named in ``include_parametrized`` (DST's thresholds): then its raw weight is returned.
     """
-    candidates: dict[str, Tensor] = {}
-    module_of: dict[str, str] = {}
-    seen: set[int] = set()
-    for module_name, module in model.named_modules():
-        if not isinstance(module, module_types):
-            continue
-        if module_name in include_parametrized and parametrize.is_parametrized(module, "weight"):
-            weight = module.parametrizations.weight.original
-        else:
-            weight = getattr(module, "weight", None)
-        if not isinstance(weight, nn.Parameter) or id(weight) in seen:
-            continue
-        seen.add(id(weight))
-        param_name = f"{module_name}.weight" if module_name else "weight"
-        candidates[param_name] = weight
-        module_of[param_name] = module_name
-    if not candidates:
-        raise ValueError(
-            f"{type(model).__name__} has no maskable weights: sparse training masks the weights of"
-            f" {', '.join(t.__name__ for t in module_types)} layers"
-        )
-    dense: set[str] = set()
-    for pattern in dense_layers:
-        matched = {
-            name
-            for name in candidates
-            if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(module_of[name], pattern)
-        }
-        if not matched:
-            raise ValueError(
-                f"`dense_layers` pattern {pattern!r} matches no maskable layer; the maskable layers are:"
-                f" {', '.join(module_of[n] for n in candidates)}"
-            )
-        dense |= matched
-    masked = {name: p for name, p in candidates.items() if name not in dense}
-    if not masked:
+    found = find_layers(
+        model,
+        dense_layers=dense_layers,
+        layer_types=module_types,
+        include=include,
+        mask_embeddings=mask_embeddings,
+        include_parametrized=include_parametrized,
+    )
+    check_found(model, found, dense_layers)
+    return dict(found.params)
+
+
+def check_found(model: nn.Module, found: FoundLayers, dense_layers: Sequence[str]) -> None:
+    """Refuse a model in which nothing is left to mask."""
+    if found.masked:
+        return
+    if dense_layers:
         raise ValueError(f"`dense_layers` {list(dense_layers)} leaves no layer to mask")
-    lazy = [
-        f"{module_of[name]!r} ({type(model.get_submodule(module_of[name])).__name__})"
-        for name, p in masked.items()
-        if is_lazy(p)
-    ]
-    if lazy:
-        raise ValueError(
-            f"the layer(s) {', '.join(lazy)} have uninitialized (lazy) weights, so they cannot be masked: run one"
-            " forward pass through the model before binding the masks (before `fit`; or build the layers with"
-            " their sizes in the LightningModule's `configure_model`), or keep them dense with `dense_layers`"
-        )
-    return masked
+    raise ValueError(
+        f"{type(model).__name__} has no maskable weights: sparse training masks the weights of Linear, Conv1d,"
+        " Conv2d, Conv3d, MultiheadAttention and transformers' Conv1D layers (see `layer_types`, `include`)"
+    )
 
 
 class Masking:
@@ -137,23 +114,30 @@ class Masking:
     def random(
         cls,
         params: Mapping[str, Tensor],
-        density: float,
+        density: float | Sequence[int],
         init: str = "uniform",
         generator: torch.Generator | None = None,
         kernel: str = "auto",
     ) -> Masking:
-        """Random masks with the per-layer counts of ``init`` (``"uniform"``, ``"erk"``, ``"er"``).
+        """Random masks with the per-layer counts of ``init`` (``"uniform"``, ``"erk"``, ``"er"``) at ``density``,
+        or with the given per-layer counts (a sequence of ints, one per weight).
 
         The positions are the ``n`` highest of a counter-based hash of (a seed drawn from ``generator``, the
         flat index), so the same generator state gives the same masks on any device and with any number of
         FSDP2 shards; each process computes only its own rows.
         """
         specs = [distributed.shard_spec(p, n) for n, p in params.items()]
-        counts = layer_active_counts([s.shape for s in specs], density, init)
+        if isinstance(density, Sequence):
+            counts = [int(n) for n in density]
+            if len(counts) != len(specs):
+                raise ValueError(f"got {len(counts)} counts for {len(specs)} weights")
+        else:
+            counts = layer_active_counts([s.shape for s in specs], density, init)
         empty = [name for name, n in zip(params, counts) if n == 0]
         if empty:
+            what = f"density {density}" if not isinstance(density, Sequence) else "the `density` groups"
             warnings.warn(
-                f"density {density} with init={init!r} leaves 0 active weights in {', '.join(empty)}:"
+                f"{what} with init={init!r} leaves 0 active weights in {', '.join(empty)}:"
                 " they will output only their bias. Raise `density`, use init='erk' or 'er', or keep them dense"
                 " with `dense_layers`",
                 UserWarning,

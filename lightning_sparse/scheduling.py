@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -143,7 +143,7 @@ class SparseOptions:
     """The checked options of a sparse run (see :class:`~lightning_sparse.SparseTrainingCallback` for their
     meaning); build it with :meth:`resolve`, which fills in the algorithm's defaults."""
 
-    density: float | None
+    density: float | dict[str, float] | None
     algorithm: SparseAlgorithm | DST
     algorithm_name: str
     init: str
@@ -152,10 +152,23 @@ class SparseOptions:
     seed: int | None
     mask_kernel: str
     mask_frozen: bool = False
+    layer_types: tuple[type | str, ...] | None = None
+    include: tuple[str, ...] = ()
+    mask_embeddings: bool = False
 
     @property
     def is_dst(self) -> bool:
         return isinstance(self.algorithm, DST)
+
+    @property
+    def groups(self) -> list[tuple[str, float]]:
+        """``(name glob, density)`` per density group, first match wins: ``[("*", density)]`` for one density,
+        ``[]`` for DST."""
+        if self.density is None:
+            return []
+        if isinstance(self.density, dict):
+            return list(self.density.items())
+        return [("*", self.density)]
 
     @classmethod
     def resolve(
@@ -171,6 +184,9 @@ class SparseOptions:
         seed: int | None = None,
         mask_kernel: str = "auto",
         mask_frozen: bool = False,
+        layer_types: Sequence[type | str] | None = None,
+        include: Sequence[str] | str = (),
+        mask_embeddings: bool = False,
     ) -> SparseOptions:
         """Check every argument (the error names the allowed values) and fill in the algorithm's defaults."""
         resolved = get_algorithm(algorithm)
@@ -187,10 +203,12 @@ class SparseOptions:
                 )
         if density is None and not is_dst:
             raise ValueError(f"`density` is required for algorithm {algorithm!r} (only 'dst' learns its density)")
-        if density is not None:
+        if isinstance(density, Mapping):
+            density = _density_groups(density)
+        elif density is not None:
             value = as_real(density)
             if value is None or not 0.0 < value <= 1.0:
-                raise _refuse("density", "a number in (0, 1]", density, REAL)
+                raise _refuse("density", "a number in (0, 1]", density, f"{REAL}; or a mapping {{name glob: density}}")
             density = value
         defaults = resolved if isinstance(resolved, SparseAlgorithm) else SparseAlgorithm()
         rate = defaults.prune_rate if prune_rate is None else as_real(prune_rate)
@@ -226,6 +244,22 @@ class SparseOptions:
                 raise _refuse("seed", "an int in [0, 2**63) or None", seed, INTEGER)
             seed = value
         check_mask_kernel(mask_kernel)
+        for flag, value in (("mask_embeddings", mask_embeddings),):
+            if not isinstance(value, bool):
+                raise ValueError(f"`{flag}` must be True or False, got {value!r} ({type(value).__name__})")
+        if isinstance(include, str):
+            include = (include,)
+        if not isinstance(include, Iterable):
+            raise ValueError(f"`include` must be parameter-name globs (str), got {include!r}")
+        include = tuple(include)
+        if not all(isinstance(i, str) for i in include):
+            raise ValueError(f"`include` must be parameter-name globs (str), got {include!r}")
+        if layer_types is not None:
+            if isinstance(layer_types, (str, type)):
+                layer_types = (layer_types,)
+            layer_types = tuple(layer_types)
+            if not layer_types or not all(isinstance(t, (str, type)) for t in layer_types):
+                raise ValueError(f"`layer_types` must be module types or class names, got {layer_types!r}")
         if not isinstance(mask_frozen, bool):
             raise ValueError(f"`mask_frozen` must be True or False, got {mask_frozen!r} ({type(mask_frozen).__name__})")
         if isinstance(dense_layers, str):
@@ -238,7 +272,7 @@ class SparseOptions:
                 f" got {dense_layers!r} ({type(dense_layers).__name__})"
             )
         return cls(
-            density=None if density is None else float(density),
+            density=density,
             algorithm=resolved,
             algorithm_name=algorithm if isinstance(algorithm, str) else type(algorithm).__name__,
             init=init or defaults.init,
@@ -253,7 +287,25 @@ class SparseOptions:
             seed=seed,
             mask_kernel=mask_kernel,
             mask_frozen=mask_frozen,
+            layer_types=layer_types,
+            include=include,
+            mask_embeddings=mask_embeddings,
         )
+
+
+def _density_groups(density: Mapping[Any, Any]) -> dict[str, float]:
+    """A checked ``{name glob: density}`` mapping (first match wins; density 1.0 keeps a group dense)."""
+    if not density:
+        raise ValueError("`density` mapping is empty: give {name glob: density}, e.g. {'*.attn.*': 0.5, '*': 0.1}")
+    groups: dict[str, float] = {}
+    for pattern, value in density.items():
+        real = as_real(value)
+        if not isinstance(pattern, str):
+            raise ValueError(f"`density` keys must be name globs (str), got {pattern!r} ({type(pattern).__name__})")
+        if real is None or not 0.0 < real <= 1.0:
+            raise _refuse(f"density[{pattern!r}]", "a number in (0, 1]", value, REAL)
+        groups[pattern] = real
+    return groups
 
 
 def check_total_steps(schedule: UpdateSchedule, total_steps: float | None, to_target: bool = False) -> float:

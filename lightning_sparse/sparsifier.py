@@ -22,6 +22,7 @@ replicas or FSDP2 row shards). The loop calls it at three points::
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import math
 import types
@@ -38,7 +39,9 @@ from torch.nn.utils import parametrize
 from lightning_sparse import distributed, dst
 from lightning_sparse.algorithms import LayerState, SparseAlgorithm, UpdateContext, UpdateResult
 from lightning_sparse.functional.prune_grow import snip_masks
-from lightning_sparse.masking import MASKED_MODULE_TYPES, Masking, maskable_parameters
+from lightning_sparse.functional.init import layer_active_counts
+from lightning_sparse.layers import FoundLayers, find_layers
+from lightning_sparse.masking import Masking, check_found
 from lightning_sparse.momentum import check_momentum_optimizer, optimizer_momentum, reset_optimizer_state
 from lightning_sparse.scheduling import SparseOptions, check_total_steps
 
@@ -114,13 +117,16 @@ class Sparsifier:
         seed: int | None = None,
         mask_kernel: Literal["auto", "cpp", "torch"] = "auto",
         mask_frozen: bool = False,
+        layer_types: Sequence[type | str] | None = None,
+        include: Sequence[str] = (),
+        mask_embeddings: bool = False,
         options: SparseOptions | None = None,
         state: Mapping[str, Any] | None = None,
     ) -> None:
         if options is None:
             options = SparseOptions.resolve(
                 density, algorithm, prune_rate, prune_rate_schedule, init, dense_layers, update_interval, stop_at,
-                seed, mask_kernel, mask_frozen,
+                seed, mask_kernel, mask_frozen, layer_types, include, mask_embeddings,
             )  # fmt: skip
         if not isinstance(model, nn.Module):
             raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
@@ -154,7 +160,10 @@ class Sparsifier:
         algorithm = self.options.algorithm
         assert isinstance(algorithm, SparseAlgorithm)
         _refuse_fsdp1(self.model)
-        params = select_parameters(self.model, self.options)
+        found = select_layers(self.model, self.options)
+        self.layers, self.left_dense, params = found.masked, found.dense, found.params
+        self.layer_groups = [found.groups[name] for name in params]
+        self.group_density = dict(self.options.groups)
         self._check_optimizer(params, algorithm.needs_momentum)
         if state is not None:  # resuming: the checkpoint's masks, nothing drawn (`load_state_dict` applies them)
             if "masks" not in state:
@@ -162,16 +171,28 @@ class Sparsifier:
             self.masking = Masking(params, state["masks"], self.options.mask_kernel)
             return
         if algorithm.start == "random":
-            assert self.options.density is not None
-            self.masking = Masking.random(
-                params, self.options.density, self.options.init, self.generator, self.options.mask_kernel
-            )
+            shapes = [distributed.shard_spec(p, n).shape for n, p in params.items()]
+            counts = [0] * len(shapes)
+            for pattern, indices in self._group_indices().items():
+                group_counts = layer_active_counts([shapes[i] for i in indices], self.group_density[pattern],
+                                                   self.options.init)  # fmt: skip
+                for i, n in zip(indices, group_counts):
+                    counts[i] = n
+            by = self.group_density["*"] if list(self.group_density) == ["*"] else counts
+            self.masking = Masking.random(params, by, self.options.init, self.generator, self.options.mask_kernel)
         else:  # dense until GMP prunes or SNIP picks its masks (contiguous, whatever the weight's memory format)
             local = [distributed.local(p) for p in params.values()]
             masks = [torch.ones(w.shape, dtype=torch.bool, device=w.device) for w in local]
             self.masking = Masking(params, kernel=self.options.mask_kernel, local_masks=masks)
         self._needs_snip = algorithm.start == "snip"
         self.masking.apply_(kernel="torch")
+
+    def _group_indices(self) -> dict[str, list[int]]:
+        """Layer indices (in mask order) by density group."""
+        groups: dict[str, list[int]] = {}
+        for i, pattern in enumerate(self.layer_groups):
+            groups.setdefault(pattern, []).append(i)
+        return groups
 
     def _check_optimizer(self, params: Mapping[str, Tensor], needs_momentum: bool) -> None:
         optimized = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
@@ -347,14 +368,22 @@ class Sparsifier:
         trained = [i for i, w in enumerate(masking.weights) if w.requires_grad]  # frozen layers keep their masks
         if algorithm.dynamic:
             self._check_finite([layers[i] for i in trained], algorithm, step, [masking.specs[i] for i in trained])
-        context = UpdateContext(rate, progress, self.options.density or 1.0, self.generator, self.algorithm_state)
-        if len(trained) == len(layers):
-            result = algorithm.update(layers, masking.active, context)
-        else:
-            result = _splice(
-                algorithm.update([layers[i] for i in trained], [masking.active[i] for i in trained], context),
-                trained, masking.masks, masking.active,
-            )  # fmt: skip
+        groups = self._group_indices()
+        result = None
+        for pattern, indices in groups.items():  # each group keeps its own total; weights move only within it
+            chosen = [i for i in indices if i in set(trained)]
+            if not chosen:
+                continue
+            state = self.algorithm_state if len(groups) == 1 else self.algorithm_state.setdefault(f"group {pattern}", {})
+            context = UpdateContext(rate, progress, self.group_density[pattern], self.generator, state)
+            if len(chosen) == len(layers):
+                result = algorithm.update(layers, masking.active, context)
+            else:
+                part = algorithm.update([layers[i] for i in chosen], [masking.active[i] for i in chosen], context)
+                base = result or _splice(None, [], masking.masks, masking.active)
+                result = _splice(part, chosen, base.masks, base.active, base)
+        if result is None:
+            result = _splice(None, [], masking.masks, masking.active)
         masking.set_masks(result.masks, result.active)
         if not self.sharded:
             distributed.ensure_masks_agree(masking.names, masking.masks)
@@ -445,8 +474,8 @@ class Sparsifier:
     def snip(self, loss: Tensor) -> None:
         """SNIP: keep the global top ``density`` of ``|g ⊙ w|``, ``g`` the gradient of ``loss`` (one training
         batch, not yet backpropagated). The model's ``.grad`` are left as they were; under DDP the gradients are
-        summed over processes first, under FSDP2 they come reduce-scattered from the backward pass."""
-        assert self.options.density is not None
+        summed over processes first, under FSDP2 they come reduce-scattered from the backward pass. With density
+        groups, each group keeps its own top share."""
         masking = self.masking
         if self.sharded:
             saved = {p: p.grad for p in self.model.parameters()}
@@ -466,14 +495,18 @@ class Sparsifier:
         weights = masking.local_weights()
         scores = [(torch.zeros_like(w) if g is None else g * w).abs() for w, g in zip(weights, grads)]
         self._check_snip_scores(loss, scores)
-        count = int(round(self.options.density * sum(masking.sizes)))
-        masks = snip_masks(
-            scores,
-            count,
-            offsets=[s.offset for s in masking.specs],
-            group=masking.group,
-            sharded=[s.sharded for s in masking.specs],
-        )
+        masks = list(masking.masks)
+        for pattern, indices in self._group_indices().items():  # the top scores of each density group
+            count = int(round(self.group_density[pattern] * sum(masking.sizes[i] for i in indices)))
+            chosen = snip_masks(
+                [scores[i] for i in indices],
+                count,
+                offsets=[masking.specs[i].offset for i in indices],
+                group=masking.group,
+                sharded=[masking.specs[i].sharded for i in indices],
+            )
+            for i, mask in zip(indices, chosen):
+                masks[i] = mask
         masking.set_masks(masks, [])
         masking.active = masking.count_active()
         if not self.sharded:
@@ -550,10 +583,12 @@ class Sparsifier:
             )
         saved = state.get("density")
         wanted = self.options.density
-        if saved is not None and wanted is not None and not math.isclose(float(saved), wanted, rel_tol=1e-6):
+        if saved is not None and wanted is not None and not _same_density(saved, wanted):
+            what = "density groups" if isinstance(saved, Mapping) or isinstance(wanted, Mapping) else "density"
+            saved = dict(saved) if isinstance(saved, Mapping) else float(saved)
             raise ValueError(
-                f"the checkpoint was trained with density {float(saved)}, this run asks for {wanted}: resume with"
-                " the checkpoint's density, or start a new run"
+                f"the checkpoint was trained with {what} {saved}, this run asks for {wanted}: resume with"
+                " the checkpoint's, or start a new run"
             )
 
     def _load_masks(self, state: Mapping[str, Any]) -> None:
@@ -588,15 +623,18 @@ class DSTSparsifier(Sparsifier):
         self._fsdp = any(distributed.is_dtensor(p) for p in self.model.parameters())
         self._final_masks: dict[str, Tensor] = {}
         self._finished = False
-        self.thresholds = attach_dst_thresholds(
-            self.model, self.options.dense_layers, attach=not self._fsdp, mask_frozen=self.options.mask_frozen
-        )
+        self.thresholds = attach_dst_thresholds(self.model, self.options, attach=not self._fsdp)
         missing = [t.threshold for t in self.thresholds.values() if not _optimized(self.optimizer, t.threshold)]
         if missing:
             self.optimizer.add_param_group({"params": missing, "weight_decay": 0.0})
-        self._modules = {name: self.model.get_submodule(name) for name in self.thresholds}
-        self._specs = [distributed.shard_spec(dst.raw_weight(m), f"{n}.weight") for n, m in self._modules.items()]
+        found = select_layers(self.model, self.options, include_parametrized=_dst_modules(self.model))
+        self.layers, self.left_dense = found.masked, found.dense
+        self._modules = {name: self.model.get_submodule(self.layers[name].module) for name in self.thresholds}
+        self._specs = [distributed.shard_spec(self._raw(n), n) for n in self._modules]
         self._group = distributed.common_group(self._specs)
+
+    def _raw(self, name: str) -> Tensor:
+        return dst.raw_weight(self._modules[name], self.layers[name].attr)
 
     @property
     def masks(self) -> Mapping[str, Tensor]:
@@ -604,16 +642,18 @@ class DSTSparsifier(Sparsifier):
         the masks folded into the weights). Under FSDP2, this process's rows."""
         if self._finished or not self._attached():
             return types.MappingProxyType(dict(self._final_masks))
-        return types.MappingProxyType({f"{name}.weight": self._local_mask(name) for name in self._modules})
+        return types.MappingProxyType({name: self._local_mask(name) for name in self._modules})
 
     def _local_mask(self, name: str) -> Tensor:
-        weight = distributed.local(dst.raw_weight(self._modules[name])).detach()
-        threshold = distributed.local(self.thresholds[name].threshold).detach()
-        return weight.abs() > threshold.view(-1, *([1] * (weight.dim() - 1)))
+        weight = distributed.local(self._raw(name)).detach()
+        threshold = self.thresholds[name]
+        shape = [1] * weight.dim()
+        shape[threshold.dim] = -1
+        return weight.abs() > distributed.local(threshold.threshold).detach().view(shape)
 
     @property
     def names(self) -> list[str]:
-        return [f"{name}.weight" for name in self.thresholds]
+        return list(self.thresholds)
 
     @property
     def sizes(self) -> list[int]:
@@ -661,7 +701,7 @@ class DSTSparsifier(Sparsifier):
         return f"{round(active)} of {sum(self.sizes)} masked weights active (learned)"
 
     def _attached(self) -> bool:
-        return all(parametrize.is_parametrized(m, "weight") for m in self._modules.values())
+        return all(parametrize.is_parametrized(m, self.layers[n].attr) for n, m in self._modules.items())
 
     def before_optimizer_step(self) -> None:
         thresholds = [t.threshold for t in self.thresholds.values()]
@@ -684,8 +724,7 @@ class DSTSparsifier(Sparsifier):
         if not self._attached():
             self._reattach()
         self._finished = False
-        by_module = {name.rsplit(".", 1)[0]: d for name, d in self.densities().items()}
-        reset = dst.reset_collapsed_(self.thresholds, by_module, self.dst.collapse_density)
+        reset = dst.reset_collapsed_(self.thresholds, self.densities(), self.dst.collapse_density)
         if reset:
             log.info("DST: thresholds of %s reset (density <= %s)", ", ".join(reset), self.dst.collapse_density)
         return None
@@ -710,16 +749,16 @@ class DSTSparsifier(Sparsifier):
         with torch.no_grad():
             for name, module in self._modules.items():
                 mask = self._local_mask(name)
-                self._final_masks[f"{name}.weight"] = mask
-                distributed.local(dst.raw_weight(module)).mul_(mask)
+                self._final_masks[name] = mask
+                distributed.local(self._raw(name)).mul_(mask)
                 if not self._fsdp:
-                    parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+                    parametrize.remove_parametrizations(module, self.layers[name].attr, leave_parametrized=False)
         self._finished = True
 
     def _reattach(self) -> None:
         self._final_masks = {}
         for name, module in self._modules.items():
-            parametrize.register_parametrization(module, "weight", self.thresholds[name])
+            parametrize.register_parametrization(module, self.layers[name].attr, self.thresholds[name])
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -741,7 +780,7 @@ class DSTSparsifier(Sparsifier):
         return {
             "thresholds": {n: t.threshold.detach().cpu().clone() for n, t in self.thresholds.items()},
             "raw": {
-                n: (dst.raw_weight(m) if attached else m.weight).detach().cpu().clone()
+                n: (self._raw(n) if attached else getattr(m, self.layers[n].attr)).detach().cpu().clone()
                 for n, m in self._modules.items()
             },
         }
@@ -759,9 +798,19 @@ class DSTSparsifier(Sparsifier):
         if not self._attached():
             self._reattach()
         with torch.no_grad():
-            for name, module in self._modules.items():
+            for name in self._modules:
                 self.thresholds[name].threshold.copy_(saved["thresholds"][name])
-                dst.raw_weight(module).copy_(saved["raw"][name])
+                self._raw(name).copy_(saved["raw"][name])
+
+
+def _same_density(saved: Any, wanted: float | Mapping[str, float]) -> bool:
+    if isinstance(saved, Mapping) != isinstance(wanted, Mapping):
+        return False
+    if isinstance(wanted, Mapping):
+        return list(saved) == list(wanted) and all(
+            math.isclose(float(saved[k]), float(wanted[k]), rel_tol=1e-6) for k in wanted
+        )
+    return math.isclose(float(saved), float(wanted), rel_tol=1e-6)
 
 
 def _refuse_fsdp1(model: nn.Module) -> None:
@@ -780,58 +829,115 @@ def _optimized(optimizer: torch.optim.Optimizer, param: Tensor) -> bool:
     return any(p is param for group in optimizer.param_groups for p in group["params"])
 
 
+def select_layers(model: nn.Module, options: SparseOptions, include_parametrized: Sequence[str] = ()) -> FoundLayers:
+    """The weights a run masks (:func:`~lightning_sparse.layers.find_layers` with the run's options), each in
+    its density group (``found.groups``: first matching glob of ``density``), minus:
+
+    * frozen weights (``requires_grad=False``: a frozen pretrained layer stays dense, logged), unless
+      ``options.mask_frozen``;
+    * weights that no density group matches (a mapping without ``"*"``), and groups of density 1.0.
+
+    The others are listed in ``found.dense`` with the reason when they are large 2-D weights.
+    """
+    found = find_layers(
+        model,
+        dense_layers=options.dense_layers,
+        layer_types=options.layer_types,
+        include=options.include,
+        mask_embeddings=options.mask_embeddings,
+        include_parametrized=tuple(include_parametrized),
+    )
+    check_found(model, found, options.dense_layers)
+    frozen = [name for name, p in found.params.items() if not p.requires_grad]
+    if frozen and not options.mask_frozen:
+        if len(frozen) == len(found.params):
+            raise ValueError(
+                f"every maskable weight of {type(model).__name__} is frozen (requires_grad=False): {frozen}. Frozen"
+                " layers are left dense; unfreeze the layers to train sparse, or pass `mask_frozen=True` to mask"
+                " them"
+            )
+        log.info("frozen (requires_grad=False) weights left dense: %s; `mask_frozen=True` masks them", ", ".join(frozen))
+        found.drop(frozen, "frozen (requires_grad=False; mask_frozen=True masks it)")
+    groups = options.groups
+    if groups:
+        unmatched, full = [], []
+        for name, layer in found.masked.items():
+            pattern = next(
+                (g for g, _ in groups if fnmatch.fnmatchcase(name, g) or fnmatch.fnmatchcase(layer.module, g)), None
+            )
+            if pattern is None:
+                unmatched.append(name)
+            elif dict(groups)[pattern] >= 1.0:
+                full.append(name)
+            else:
+                found.groups[name] = pattern
+        found.drop(unmatched, "no `density` group matches it")
+        found.drop(full, "its `density` group is 1.0")
+        if not found.masked:
+            raise ValueError(
+                f"the `density` groups {dict(groups)} leave no layer to mask; the maskable layers are:"
+                f" {', '.join(unmatched + full)}"
+            )
+    else:
+        found.groups = {name: "*" for name in found.masked}
+    return found
+
+
 def select_parameters(
     model: nn.Module, options: SparseOptions, include_parametrized: Sequence[str] = ()
 ) -> dict[str, Tensor]:
-    """The weights a run masks: :func:`~lightning_sparse.maskable_parameters` minus the frozen ones
-    (``requires_grad=False``: a frozen pretrained layer stays dense, logged) unless ``options.mask_frozen``."""
-    params = maskable_parameters(model, options.dense_layers, include_parametrized=tuple(include_parametrized))
-    frozen = [name for name, p in params.items() if not p.requires_grad]
-    if not frozen or options.mask_frozen:
-        return params
-    if len(frozen) == len(params):
-        raise ValueError(
-            f"every maskable weight of {type(model).__name__} is frozen (requires_grad=False): {frozen}. Frozen"
-            " layers are left dense; unfreeze the layers to train sparse, or pass `mask_frozen=True` to mask them"
-        )
-    log.info("frozen (requires_grad=False) weights left dense: %s; `mask_frozen=True` masks them", ", ".join(frozen))
-    return {name: p for name, p in params.items() if p.requires_grad}
+    """The weights a run masks, by name (see :func:`select_layers`)."""
+    return dict(select_layers(model, options, include_parametrized).params)
 
 
-def _splice(result: UpdateResult, trained: list[int], masks: list[Tensor], active: list[int]) -> UpdateResult:
-    """An update of the ``trained`` layers only, widened to every layer (the others keep ``masks``)."""
-    full = UpdateResult(list(masks), list(masks), list(active), [0] * len(masks), [0] * len(masks))
+def _splice(
+    result: UpdateResult | None,
+    trained: list[int],
+    masks: list[Tensor],
+    active: list[int],
+    into: UpdateResult | None = None,
+) -> UpdateResult:
+    """An update of the ``trained`` layers only, widened to every layer (the others keep ``masks``, or what
+    ``into`` holds for them)."""
+    if into is None:
+        into = UpdateResult(list(masks), list(masks), list(active), [0] * len(masks), [0] * len(masks))
+    full = UpdateResult(list(into.masks), list(into.pruned_masks), list(into.active), list(into.pruned), list(into.grown))
+    if result is None:
+        return full
     for j, i in enumerate(trained):
         full.masks[i], full.pruned_masks[i], full.active[i] = result.masks[j], result.pruned_masks[j], result.active[j]
         full.pruned[i], full.grown[i] = result.pruned[j], result.grown[j]
     return full
 
 
+def _dst_modules(model: nn.Module) -> list[str]:
+    """Names of the modules that carry DST thresholds already."""
+    return [name for name, module in model.named_modules() if dst.thresholded(module)]
+
+
 def attach_dst_thresholds(
-    model: nn.Module, dense_layers: Sequence[str] = (), *, attach: bool = True, mask_frozen: bool = False
+    model: nn.Module, options: SparseOptions | Sequence[str] | None = None, *, attach: bool = True
 ) -> dict[str, dst.ThresholdMask]:
-    """DST's thresholds on every maskable layer of ``model`` (module name → :class:`~lightning_sparse.dst.ThresholdMask`):
+    """DST's thresholds on every weight the run masks (parameter name → :class:`~lightning_sparse.dst.ThresholdMask`):
     the ones already attached are returned as they are, the others are attached now.
 
-    For FSDP2, call it in ``configure_model`` on the layers you build there, before ``fully_shard`` (with the
-    same ``dense_layers`` as the callback), so that FSDP2 shards each threshold like its weight. With
-    ``attach=False`` nothing is attached: a layer without thresholds is an error that names it.
+    ``options`` are the run's :class:`~lightning_sparse.SparseOptions` (or just its ``dense_layers``). For FSDP2,
+    call it in ``configure_model`` on the layers you build there, before ``fully_shard``, so that FSDP2 shards
+    each threshold like its weight. With ``attach=False`` nothing is attached: a layer without thresholds is an
+    error that names it.
     """
-    found: dict[str, dst.ThresholdMask] = {}
+    if not isinstance(options, SparseOptions):
+        options = SparseOptions.resolve(algorithm="dst", dense_layers=tuple(options or ()))
+    found = select_layers(model, options, include_parametrized=_dst_modules(model))
+    existing: dict[str, dst.ThresholdMask] = {}
     plain: dict[str, nn.Module] = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, MASKED_MODULE_TYPES):
-            continue
-        if parametrize.is_parametrized(module, "weight"):
-            existing = [p for p in module.parametrizations.weight if isinstance(p, dst.ThresholdMask)]
-            if existing:
-                found[name] = existing[0]
-    options = SparseOptions.resolve(algorithm="dst", dense_layers=dense_layers, mask_frozen=mask_frozen)
-    masked = select_parameters(model, options, include_parametrized=tuple(found))
-    for param_name in masked:
-        module_name = param_name.rsplit(".", 1)[0] if "." in param_name else ""
-        if module_name not in found:
-            plain[module_name] = model.get_submodule(module_name)
+    for name, layer in found.masked.items():
+        module = model.get_submodule(layer.module)
+        threshold = dst.threshold_mask(module, layer.attr)
+        if threshold is not None:
+            existing[name] = threshold
+        else:
+            plain[name] = module
     if plain and not attach:
         raise ValueError(
             f"algorithm='dst' on an FSDP2 (sharded) model: the layer(s) {sorted(plain)} have no DST thresholds."
@@ -839,13 +945,18 @@ def attach_dst_thresholds(
             " `configure_model` before `fully_shard` (layers built in `__init__` get them in the callback's"
             " `setup`), or keep those layers dense with `dense_layers`"
         )
-    found.update(dst.attach_thresholds(plain))
-    names = [n.rsplit(".", 1)[0] if "." in n else "" for n in masked]
-    return {name: found[name] for name in names}
+    existing.update(
+        dst.attach_thresholds(
+            plain,
+            attrs={n: found.masked[n].attr for n in plain},
+            dims={n: found.masked[n].out_dim for n in plain},
+        )
+    )
+    return {name: existing[name] for name in found.masked}
 
 
 def prepare_model(model: nn.Module, options: SparseOptions) -> None:
     """What a method must do to the model before the optimizer is built (``setup`` in Lightning): DST attaches
     its thresholds, so that ``configure_optimizers`` and DDP see them. Masks need nothing here."""
-    if options.is_dst and any(isinstance(m, MASKED_MODULE_TYPES) for m in model.modules()):
-        attach_dst_thresholds(model, options.dense_layers, mask_frozen=options.mask_frozen)  # see `configure_model`
+    if options.is_dst and find_layers(model, include_parametrized=_dst_modules(model)).masked:  # else: `configure_model`
+        attach_dst_thresholds(model, options)

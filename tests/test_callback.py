@@ -256,7 +256,7 @@ def test_density_is_required_except_for_dst():
 
 def test_dense_layers_pattern_matching_nothing():
     cb = SparseTrainingCallback(density=0.1, dense_layers=["encoder.*"])
-    with pytest.raises(ValueError, match=r"`dense_layers` pattern 'encoder.\*' matches no maskable layer; the maskable layers are: net.0, net.2, net.4"):
+    with pytest.raises(ValueError, match=r"`dense_layers` pattern 'encoder.\*' matches no maskable layer; the maskable layers are: net.0.weight, net.2.weight, net.4.weight"):
         _fit(cb, recorder=False)
 
 
@@ -270,7 +270,7 @@ def test_model_without_maskable_weights():
         def forward(self, x):
             return self.net(x) @ self.scale
 
-    with pytest.raises(ValueError, match=r"NoLinear has no maskable weights: sparse training masks the weights of Linear, Conv1d, Conv2d, Conv3d layers"):
+    with pytest.raises(ValueError, match=r"NoLinear has no maskable weights: sparse training masks the weights of Linear, Conv1d, Conv2d, Conv3d, MultiheadAttention and transformers' Conv1D layers"):
         _fit(SparseTrainingCallback(density=0.1), model=NoLinear(), recorder=False)
 
 

@@ -238,7 +238,7 @@ def test_resume_with_another_density_or_algorithm_is_refused():
 
     model2, optimizer2 = _tiny()
     before = {k: v.clone() for k, v in model2.state_dict().items()}
-    with pytest.raises(ValueError, match=r"the checkpoint was trained with density 0.2, this run asks for 0.1: resume with the checkpoint's density, or start a new run"):
+    with pytest.raises(ValueError, match=r"the checkpoint was trained with density 0.2, this run asks for 0.1: resume with the checkpoint's, or start a new run"):
         Sparsifier(model2, optimizer2, density=0.1, state=state)
     with pytest.raises(ValueError, match=r"the checkpoint was trained with algorithm 'sparse_momentum', this run asks for 'rigl': resume with the checkpoint's algorithm, or start a new run"):
         Sparsifier(model2, optimizer2, density=0.2, algorithm="rigl", state=state)

@@ -275,7 +275,7 @@ def test_dst_thresholds_are_checkpointed(tmp_path):
     assert set(state) == {f"net.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")}
     DigitsMLP().load_state_dict(state)
     dst_state = during["callbacks"]["SparseTrainingCallback"]["dst"]  # thresholds and raw weights, for resume
-    assert set(dst_state["thresholds"]) == set(dst_state["raw"]) == {"net.0", "net.2", "net.4"}
+    assert set(dst_state["thresholds"]) == set(dst_state["raw"]) == {"net.0.weight", "net.2.weight", "net.4.weight"}
     assert all(bool((t != 0).any()) for t in dst_state["thresholds"].values())  # trained
     t.save_checkpoint(tmp_path / "after.ckpt")
     after = torch.load(tmp_path / "after.ckpt", weights_only=True)["state_dict"]
@@ -291,14 +291,14 @@ def test_dst_collapse_resets_thresholds():
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if batch_idx == 2:
                 with torch.no_grad():
-                    cb.sparsifier.thresholds["net.2"].threshold.fill_(100.0)  # nothing passes: density 0
+                    cb.sparsifier.thresholds["net.2.weight"].threshold.fill_(100.0)  # nothing passes: density 0
 
     seen = []
 
     class After(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, *args):
             if trainer.global_step == 3:
-                seen.append(cb.sparsifier.thresholds["net.2"].threshold.abs().max().item())
+                seen.append(cb.sparsifier.thresholds["net.2.weight"].threshold.abs().max().item())
 
     trainer(callbacks=[Collapse(), cb, After()], max_epochs=1).fit(model, digits_loader())
     assert seen == [0.0]
