@@ -40,7 +40,7 @@ from lightning_sparse.algorithms import SparseAlgorithm
 from lightning_sparse.profiling import InputCapture
 from lightning_sparse.report import TIMINGS, SparsityReport, Stopwatch, TrainFlops
 from lightning_sparse.scheduling import SparseOptions
-from lightning_sparse.sparsifier import Sparsifier, UpdateReport, prepare_model
+from lightning_sparse.sparsifier import Sparsifier, UpdateReport, _dst_modules, prepare_model, select_layers
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,7 @@ class SparseTrainingCallback(Callback):
         self.figure = figure
         self.sparsifier: Sparsifier | None = None
         self._pending_state: dict[str, Any] | None = None
+        self._index, self._prefix = 0, "sparse"  # with several sparse callbacks: metrics under sparse/<index>/
         self._handoff = distributed.SpawnHandoff()  # ddp_spawn: rank zero's final state for the main process
         self._reset_accounting()
 
@@ -171,6 +172,34 @@ class SparseTrainingCallback(Callback):
         handed = self._handoff.read()
         return float(handed["state"]["prune_rate"]) if handed else self.prune_rate
 
+    @property
+    def state_key(self) -> str:
+        """``"SparseTrainingCallback"`` followed by the options that choose the layers (density groups,
+        ``dense_layers``, ``include``, ``layer_types``), as Lightning's ``EarlyStopping`` does: several callbacks
+        over disjoint layers checkpoint separately."""
+        options = self.options
+        types_ = None if options.layer_types is None else [getattr(t, "__name__", t) for t in options.layer_types]
+        return self._generate_state_key(
+            density=options.density, dense_layers=list(options.dense_layers), include=list(options.include),
+            layer_types=types_,
+        )  # fmt: skip
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # A checkpoint written under another key (0.1's "SparseTrainingCallback", or another density: refused with
+        # both values when the state is loaded) is this callback's when it is the only sparse one on both sides.
+        states = checkpoint.get("callbacks", {})
+        if self.state_key in states:
+            return
+        ours = [k for k in states if isinstance(k, str) and k.startswith("SparseTrainingCallback")]
+        mine = [c for c in trainer.callbacks if isinstance(c, SparseTrainingCallback)]
+        if len(ours) == 1 and len(mine) == 1:
+            states[self.state_key] = states[ours[0]]
+        elif ours:
+            raise ValueError(
+                f"the checkpoint holds the sparse states {ours}, none of them for this callback ({self.state_key}):"
+                " resume with the callbacks' original options"
+            )
+
     def prune_rate_at(self, progress: float) -> float:
         """The pruning rate the schedule gives at ``progress`` in [0, 1]."""
         return self.options.schedule.rate_at(progress)
@@ -208,6 +237,10 @@ class SparseTrainingCallback(Callback):
         # `on_fit_start`), and only once the length of training is known: every check that can fail runs before
         # a weight changes. The length is read here, not earlier: asking loads the train dataloader, and before
         # the loop state is restored Lightning then cannot resume a stateful dataloader mid-epoch.
+        _refuse_overlap(self, trainer, pl_module)
+        siblings = [c for c in trainer.callbacks if isinstance(c, SparseTrainingCallback)]
+        self._index = siblings.index(self)
+        self._prefix = "sparse" if len(siblings) == 1 else f"sparse/{self._index}"
         total = _total_steps(trainer)
         optimizer = trainer.optimizers[0]
         previous, state, self._pending_state = self.sparsifier, self._pending_state, None
@@ -282,12 +315,12 @@ class SparseTrainingCallback(Callback):
         self._pending_epoch_end = None  # the run is over: no update after its last step
         rank_zero_info(self.summary(stats))
         if self.figure and trainer.is_global_zero:
-            path = os.path.join(self._log_dir, "sparsity.png")
+            path = os.path.join(self._log_dir, "sparsity.png" if self._prefix == "sparse" else f"sparsity_{self._index}.png")
             fig = self._report.figure(path)
             rank_zero_info(f"SparseTrainingCallback: figure written to {path}")
             for logger in trainer.loggers:
                 if hasattr(getattr(logger, "experiment", None), "add_figure"):  # TensorBoard
-                    logger.experiment.add_figure("sparse/summary", fig, global_step=trainer.global_step)
+                    logger.experiment.add_figure(f"{self._prefix}/summary", fig, global_step=trainer.global_step)
         if type(trainer.strategy.launcher).__name__ == "_MultiProcessingLauncher" and trainer.is_global_zero:
             self._handoff.write({**final, "state": self.state_dict()})
 
@@ -299,14 +332,14 @@ class SparseTrainingCallback(Callback):
         self._set_step_flops()
         sizes = dict(zip(sparsifier.names, sparsifier.sizes))
         self._log_density(pl_module, {n: c / sizes[n] for n, c in update.nonzero_before.items()}, on_step)
-        pl_module.log("sparse/prune_rate", update.rate, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step)
+        self._log(pl_module, {"sparse/prune_rate": update.rate}, on_step)
         self._log_costs(trainer, pl_module, on_step)
 
     def _log_density(self, pl_module: pl.LightningModule, densities: Mapping[str, float], on_step: bool) -> None:
         sizes = dict(zip(self._require_sparsifier().names, self._require_sparsifier().sizes))
         total = sum(d * sizes[n] for n, d in densities.items()) / max(sum(sizes[n] for n in densities), 1)
         metrics = {"sparse/density": total, **{f"sparse/density/{name}": d for name, d in densities.items()}}
-        pl_module.log_dict(metrics, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step)
+        self._log(pl_module, metrics, on_step)
 
     def _log_costs(self, trainer: pl.Trainer, pl_module: pl.LightningModule, on_step: bool) -> None:
         """Channel statistics, speedup estimates, training FLOPs ratio and the callback's overhead."""
@@ -317,7 +350,13 @@ class SparseTrainingCallback(Callback):
         elapsed = time.perf_counter() - self._train_start
         if elapsed > 0:
             metrics["sparse/overhead"] = self._stopwatch.total() / elapsed
-        pl_module.log_dict(metrics, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step)
+        self._log(pl_module, metrics, on_step)
+
+    def _log(self, pl_module: pl.LightningModule, metrics: Mapping[str, float], on_step: bool) -> None:
+        """Log through Lightning; with several sparse callbacks, callback ``i`` logs ``sparse/<i>/...``."""
+        if self._prefix != "sparse":
+            metrics = {self._prefix + k.removeprefix("sparse"): v for k, v in metrics.items()}
+        pl_module.log_dict(dict(metrics), on_step=on_step, on_epoch=not on_step, sync_dist=not on_step)
 
     def _set_step_flops(self) -> None:
         sparsifier = self._require_sparsifier()
@@ -432,3 +471,18 @@ def _after(owner: Any, then: Callable[..., None]) -> None:
 
     vars(owner)["_lightning_sparse_update"] = original
     vars(owner)["update_parameters"] = update_parameters
+
+
+def _refuse_overlap(callback: SparseTrainingCallback, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Several sparse callbacks must mask disjoint sets of weights; checked before any of them binds."""
+    others = [c for c in trainer.callbacks if isinstance(c, SparseTrainingCallback) and c is not callback]
+    if not others:
+        return
+    mine = set(select_layers(pl_module, callback.options, _dst_modules(pl_module)).masked)
+    for other in others:
+        shared = mine & set(select_layers(pl_module, other.options, _dst_modules(pl_module)).masked)
+        if shared:
+            raise ValueError(
+                f"two SparseTrainingCallbacks mask the same weights {sorted(shared)}: give each callback its own"
+                " layers (`density` groups without a '*' entry, `dense_layers`)"
+            )

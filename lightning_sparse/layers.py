@@ -207,7 +207,8 @@ def find_layers(
         matched = {
             n for n in found.masked if fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(module_names[n], pattern)
         }
-        if not matched and found.masked:
+        keeps_refused = any(fnmatch.fnmatchcase(path, pattern) or fnmatch.fnmatchcase(m, pattern) for path, m, _ in refused)
+        if not matched and found.masked and not keeps_refused:
             raise ValueError(
                 f"`dense_layers` pattern {pattern!r} matches no maskable layer; the maskable layers are:"
                 f" {', '.join(found.masked)}"

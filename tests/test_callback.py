@@ -165,7 +165,7 @@ def test_resume_from_epoch_checkpoint_continues_like_the_uninterrupted_run(tmp_p
     model_full = _ckpt_fit(full, tmp_path / "full", EPOCHS)
     ckpt = tmp_path / "full" / "epoch=1-step=24.ckpt"
     assert ckpt.exists()
-    state = torch.load(ckpt, weights_only=True)["callbacks"]["SparseTrainingCallback"]
+    state = torch.load(ckpt, weights_only=True)["callbacks"][full.state_key]
     # epoch 1's boundary update is deferred to the first step of epoch 2: the checkpoint holds the weights and
     # masks as trained, and that pending update
     assert state["num_updates"] == 1 and state["prune_rate"] == pytest.approx(cosine_decay(1 / EPOCHS, 0.5))
@@ -194,7 +194,7 @@ def test_resume_from_checkpoint_saved_after_validation_before_the_epoch_update(t
     full = SparseTrainingCallback(density=0.2, seed=3)
     model_full = _ckpt_fit(full, tmp_path / "full", EPOCHS, **kwargs)
     ckpt = tmp_path / "full" / "epoch=1-step=24.ckpt"
-    state = torch.load(ckpt, weights_only=True)["callbacks"]["SparseTrainingCallback"]
+    state = torch.load(ckpt, weights_only=True)["callbacks"][full.state_key]
     assert state["num_updates"] == 1  # saved before epoch 1's update
     resumed = SparseTrainingCallback(density=0.2, seed=3)
     model_resumed = _ckpt_fit(resumed, tmp_path / "resumed", EPOCHS, ckpt_path=ckpt, **kwargs)

@@ -274,7 +274,7 @@ def test_dst_thresholds_are_checkpointed(tmp_path):
     state = during["state_dict"]  # plain also during training: the masked weights, no thresholds
     assert set(state) == {f"net.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")}
     DigitsMLP().load_state_dict(state)
-    dst_state = during["callbacks"]["SparseTrainingCallback"]["dst"]  # thresholds and raw weights, for resume
+    dst_state = during["callbacks"][cb.state_key]["dst"]  # thresholds and raw weights, for resume
     assert set(dst_state["thresholds"]) == set(dst_state["raw"]) == {"net.0.weight", "net.2.weight", "net.4.weight"}
     assert all(bool((t != 0).any()) for t in dst_state["thresholds"].values())  # trained
     t.save_checkpoint(tmp_path / "after.ckpt")
