@@ -92,7 +92,7 @@ def _large_2d(param: Tensor) -> bool:
 
 def is_hf_conv1d(module: nn.Module) -> bool:
     """``transformers.pytorch_utils.Conv1D`` (GPT-2's linear layers, weight ``[in, out]``), without importing it."""
-    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
+    return any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers") for c in type(module).__mro__)
 
 
 def _type_matches(module: nn.Module, types: Sequence[type[nn.Module] | str]) -> bool:

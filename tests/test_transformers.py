@@ -245,3 +245,26 @@ def test_overlapping_callbacks_are_refused_before_any_weight_changes():
     with pytest.raises(ValueError, match=r"two SparseTrainingCallbacks mask the same weights \['encoder.layers.0.self_attn.in_proj_weight'"):
         trainer(max_epochs=1, callbacks=[first, second]).fit(model, _loader())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_dst_on_attention_and_conv1d_weights():
+    model = Encoder()
+    cb = SparseTrainingCallback(algorithm="dst", seed=0, figure=False)
+    trainer(max_epochs=2, callbacks=[cb]).fit(model, _loader())
+    assert set(cb.masks) == ENCODER_MASKED
+    assert not any("parametrizations" in n for n, _ in model.named_parameters())  # plain again after fit
+    weights = dict(model.named_parameters())
+    assert all(int((weights[n].detach()[~m] != 0).sum()) == 0 for n, m in cb.masks.items())
+
+    gpt2 = _gpt2()
+    optimizer = torch.optim.Adam(gpt2.parameters(), lr=1e-2)
+    sparsifier = Sparsifier(gpt2, optimizer, algorithm="dst")
+    c_fc = sparsifier.thresholds["transformer.h.0.mlp.c_fc.weight"]
+    assert c_fc.dim == 1 and c_fc.threshold.shape == (64,)  # one threshold per output channel: columns of [in, out]
+    tokens = torch.randint(0, 300, (2, 8))
+    gpt2(tokens, labels=tokens).loss.backward()
+    sparsifier.before_optimizer_step()
+    optimizer.step()
+    sparsifier.step()
+    sparsifier.finish()
+    assert set(gpt2.state_dict()) >= {"transformer.h.0.mlp.c_fc.weight"}
