@@ -156,7 +156,7 @@ def test_dst_on_fsdp2_needs_thresholds_attached_before_sharding(single_process_g
     torch.manual_seed(0)
     plain = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
     fully_shard(plain, mesh=mesh)
-    with pytest.raises(ValueError, match=r"layer\(s\) \['0', '2'\] have no DST thresholds.*before `fully_shard`"):
+    with pytest.raises(ValueError, match=r"layer\(s\) \['0.weight', '2.weight'\] have no DST thresholds.*before `fully_shard`"):
         Sparsifier(plain, torch.optim.SGD(plain.parameters(), lr=0.1), algorithm="dst")
     assert not any("threshold" in n for n, _ in plain.named_parameters())  # nothing attached by the refusal
 
