@@ -37,10 +37,28 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch_pruning as tp
 from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
+
+
+class _LazyTorchPruning:
+    def __getattr__(self, name: str) -> Any:
+        return getattr(_torch_pruning(), name)
+
+
+tp = _LazyTorchPruning()
+
+
+def _torch_pruning() -> Any:
+    """torch-pruning, which :func:`compact` uses to remove channels (the ``[export]`` extra)."""
+    try:
+        import torch_pruning
+    except ImportError as error:  # pragma: no cover - installed by the [export] and [test] extras
+        raise ImportError(
+            "lightning_sparse.export.compact needs torch-pruning: pip install 'lightning-sparse[export]'"
+        ) from error
+    return torch_pruning
 
 ExampleInput = Tensor | tuple[Tensor, ...] | list[Tensor]
 

@@ -132,9 +132,12 @@ def test_summary_table_lists_every_layer():
     cb = SparseTrainingCallback(density=0.2, seed=0)
     _fit(cb, max_epochs=1, recorder=False)
     table = cb.summary()
-    for name in cb.masks:
-        assert name in table
-    assert "all" in table
+    rows = {line.split()[0]: line.split() for line in table.splitlines()[3:] if line.split()}
+    active = sum(int(m.sum()) for m in cb.masks.values())
+    assert f"{active} of {sum(m.numel() for m in cb.masks.values())} masked weights active" in table.splitlines()[0]
+    for name, mask in cb.masks.items():  # one row per layer: its shape and its exact density
+        assert rows[name][1] == "x".join(map(str, mask.shape))
+        assert rows[name][2] == f"{mask.float().mean().item():.4f}"
 
 
 # ----------------------------------------------------------------------------- checkpoints and resume
