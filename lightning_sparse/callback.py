@@ -15,6 +15,7 @@ A thin shell over :class:`~lightning_sparse.Sparsifier` (the method), :mod:`ligh
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import os
@@ -32,7 +33,7 @@ from lightning.pytorch.callbacks import (
     StochasticWeightAveraging,
     WeightAveraging,
 )
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_sparse import distributed, dst
@@ -88,6 +89,7 @@ class SparseTrainingCallback(Callback):
     Works with one device, DDP (``"ddp"``, ``"ddp_spawn"``), and FSDP2 (``ModelParallelStrategy``, masks sharded
     like their weights). Logged at every mask update and epoch end: ``sparse/density``,
     ``sparse/density/<param>``, ``sparse/prune_rate``, ``sparse/empty_in|out/<param>``,
+    ``sparse/empty_heads/<attention module>`` (fraction of its heads with an all-masked Q, K or V projection),
     ``sparse/speedup_dense_conv``, ``sparse/speedup_sparse_conv``, ``sparse/train_flops_ratio``,
     ``sparse/overhead``.
 
@@ -214,6 +216,9 @@ class SparseTrainingCallback(Callback):
                 " optimizer step Lightning takes); set `automatic_optimization = True`"
             )
         prepare_model(pl_module, self.options)
+        if self.figure and importlib.util.find_spec("matplotlib") is None:
+            rank_zero_warn("SparseTrainingCallback(figure=True) needs matplotlib, which is not installed: no figure"
+                           " will be written (pip install 'lightning-sparse[plot]', or pass figure=False)")  # fmt: skip
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if len(trainer.optimizers) != 1:
@@ -303,9 +308,8 @@ class SparseTrainingCallback(Callback):
         self._flops.advance(trainer.global_step)
         self._pending_epoch_end = trainer.global_step  # run at the next epoch's first step, if there is one
         if sparsifier.learns_every_step:
-            self._log_density(pl_module, sparsifier.densities(), on_step=False)
             self._set_step_flops()
-        self._log_costs(trainer, pl_module, on_step=False)
+        self._log_epoch(trainer, pl_module)  # every method, every epoch
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         sparsifier = self._require_sparsifier()
@@ -314,7 +318,7 @@ class SparseTrainingCallback(Callback):
         sparsifier.finish()
         self._pending_epoch_end = None  # the run is over: no update after its last step
         rank_zero_info(self.summary(stats))
-        if self.figure and trainer.is_global_zero:
+        if self.figure and trainer.is_global_zero and importlib.util.find_spec("matplotlib") is not None:
             path = os.path.join(self._log_dir, "sparsity.png" if self._prefix == "sparse" else f"sparsity_{self._index}.png")
             fig = self._report.figure(path)
             rank_zero_info(f"SparseTrainingCallback: figure written to {path}")
@@ -326,37 +330,55 @@ class SparseTrainingCallback(Callback):
 
     # ------------------------------------------------------------------ logging
     def _log_update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, update: UpdateReport, on_step: bool) -> None:
+        """One row for a mask update: densities measured just before it, its rate, the costs after it."""
         sparsifier = self._require_sparsifier()
         if sparsifier.uses_gradient_growth:  # this step's weight gradients were dense (RigL)
             self._flops.add_dense_weight_gradients()
         self._set_step_flops()
         sizes = dict(zip(sparsifier.names, sparsifier.sizes))
-        self._log_density(pl_module, {n: c / sizes[n] for n, c in update.nonzero_before.items()}, on_step)
-        self._log(pl_module, {"sparse/prune_rate": update.rate}, on_step)
-        self._log_costs(trainer, pl_module, on_step)
+        density = self._density_metrics({n: c / sizes[n] for n, c in update.nonzero_before.items()})
+        self._log(pl_module, {**density, "sparse/prune_rate": update.rate, **self._cost_metrics(trainer)}, on_step)
 
-    def _log_density(self, pl_module: pl.LightningModule, densities: Mapping[str, float], on_step: bool) -> None:
+    def _log_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """One row per epoch end, for every method: densities of the weights as trained, and the costs."""
+        density = self._density_metrics(self._require_sparsifier().nonzero_densities())
+        self._log(pl_module, {**density, **self._cost_metrics(trainer)}, on_step=False)
+
+    def _density_metrics(self, densities: Mapping[str, float]) -> dict[str, float]:
         sizes = dict(zip(self._require_sparsifier().names, self._require_sparsifier().sizes))
         total = sum(d * sizes[n] for n, d in densities.items()) / max(sum(sizes[n] for n in densities), 1)
-        metrics = {"sparse/density": total, **{f"sparse/density/{name}": d for name, d in densities.items()}}
-        self._log(pl_module, metrics, on_step)
+        return {"sparse/density": total, **{f"sparse/density/{name}": d for name, d in densities.items()}}
 
-    def _log_costs(self, trainer: pl.Trainer, pl_module: pl.LightningModule, on_step: bool) -> None:
+    def _cost_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
         """Channel statistics, speedup estimates, training FLOPs ratio and the callback's overhead."""
-        metrics = self._report.metrics(self._measure(trainer.global_step))
+        metrics = dict(self._report.metrics(self._measure(trainer.global_step)))
         self._flops.advance(trainer.global_step)
         if self._flops.ratio is not None:
             metrics["sparse/train_flops_ratio"] = self._flops.ratio
         elapsed = time.perf_counter() - self._train_start
         if elapsed > 0:
             metrics["sparse/overhead"] = self._stopwatch.total() / elapsed
-        self._log(pl_module, metrics, on_step)
+        return metrics
 
     def _log(self, pl_module: pl.LightningModule, metrics: Mapping[str, float], on_step: bool) -> None:
-        """Log through Lightning; with several sparse callbacks, callback ``i`` logs ``sparse/<i>/...``."""
+        """Epoch metrics through ``pl_module.log`` (reduced over processes, written at the epoch's last step).
+        Metrics of a mask update (``on_step``) go to every logger at the step of the update itself (on Lightning's
+        step axis, with the optimizer step that triggered it), whatever ``log_every_n_steps`` says, and to
+        ``trainer.callback_metrics``. With several sparse callbacks,
+        callback ``i`` logs ``sparse/<i>/...``."""
         if self._prefix != "sparse":
             metrics = {self._prefix + k.removeprefix("sparse"): v for k, v in metrics.items()}
-        pl_module.log_dict(dict(metrics), on_step=on_step, on_epoch=not on_step, sync_dist=not on_step)
+        if not on_step:
+            pl_module.log_dict(dict(metrics), on_step=False, on_epoch=True, sync_dist=True)
+            return
+        trainer = pl_module.trainer
+        values = {k: float(v) for k, v in metrics.items()}
+        if trainer.is_global_zero:
+            # Lightning's step axis: the metrics of optimizer step s (global_step s after it) are at step s - 1
+            row = {**values, "epoch": trainer.current_epoch}
+            for logger in trainer.loggers:
+                logger.log_metrics(row, step=max(trainer.global_step - 1, 0))
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in values.items()})
 
     def _set_step_flops(self) -> None:
         sparsifier = self._require_sparsifier()
@@ -364,8 +386,8 @@ class SparseTrainingCallback(Callback):
         self._flops.set_step_flops(flops, sparsifier.densities(), sparsifier.needs_dense_gradients)
 
     def _measure(self, step: int) -> dict[str, Any]:
-        """Channel statistics of every linear/conv layer the report counts (masks, or the weights of unmasked
-        layers; all-reduced counts on FSDP2 shards)."""
+        """Channel statistics of every layer the report counts (masks, or the weights of unmasked layers;
+        all-reduced counts on FSDP2 shards) and the empty heads of the attention modules."""
         names = self._report.cost_model.flops if self._report.cost_model is not None else ()
         layers, layout = self._require_sparsifier().report_layers(names)
         return self._report.measure(step, layers, **layout)
