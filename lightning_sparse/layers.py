@@ -29,6 +29,8 @@ from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 
+from lightning_sparse.functional.speedup import AttentionHeads
+
 DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 EMBEDDING_TYPES: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
 ATTENTION_PROJECTIONS = ("q_proj_weight", "k_proj_weight", "v_proj_weight")
@@ -90,9 +92,70 @@ def _large_2d(param: Tensor) -> bool:
     return not is_lazy(param) and param.dim() >= 2 and param.numel() >= LARGE_DENSE
 
 
-def is_hf_conv1d(module: nn.Module) -> bool:
+def is_hf_conv1d(module: nn.Module | None) -> bool:
     """``transformers.pytorch_utils.Conv1D`` (GPT-2's linear layers, weight ``[in, out]``), without importing it."""
     return any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers") for c in type(module).__mro__)
+
+
+def find_attention(model: nn.Module) -> dict[str, AttentionHeads]:
+    """The attention modules of ``model`` whose heads :func:`~lightning_sparse.functional.speedup.empty_heads`
+    can count: module name → :class:`~lightning_sparse.functional.speedup.AttentionHeads` (the parameter names of
+    its Q | K | V projections, as ``named_parameters()`` gives them, its heads, 3 parts), in module order.
+
+    Recognized, without importing their libraries:
+
+    * ``nn.MultiheadAttention``: ``in_proj_weight`` ``[3E, E]``, or ``q_proj_weight``, ``k_proj_weight`` and
+      ``v_proj_weight`` (``E`` rows each);
+    * timm's ``Attention`` (and any module with an integer ``num_heads`` and an ``nn.Linear`` child ``qkv``):
+      ``qkv.weight``, output channels Q | K | V;
+    * GPT-2's ``GPT2Attention`` (a module with ``num_heads`` and a ``transformers`` ``Conv1D`` child ``c_attn``):
+      ``c_attn.weight`` ``[E, 3E]``, whose *columns* are Q | K | V; with cross-attention, ``q_attn.weight``
+      (Q) then ``c_attn.weight`` (K | V).
+
+    A module whose projections cannot hold ``3 x heads`` equal blocks is left out. Other attention layouts
+    (separate ``query``/``key``/``value`` linear layers, grouped-query attention) are not recognized.
+
+    Example:
+        >>> from torch import nn
+        >>> model = nn.TransformerEncoderLayer(16, 2, 32)
+        >>> find_attention(model)
+        {'self_attn': AttentionHeads(layers=('self_attn.in_proj_weight',), heads=2, parts=3)}
+    """
+    names = {id(p): n for n, p in model.named_parameters()}
+    found: dict[str, AttentionHeads] = {}
+
+    def weight_name(module_name: str, module: nn.Module, attr: str) -> str | None:
+        weight = getattr(module, attr, None)
+        if not isinstance(weight, Tensor) or weight.dim() != 2 or is_lazy(weight):
+            return None
+        path = f"{module_name}.{attr}" if module_name else attr
+        return names.get(id(weight), path)
+
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        heads = getattr(module, "num_heads", None)
+        if isinstance(module, nn.MultiheadAttention):
+            attrs = ["in_proj_weight"] if module.in_proj_weight is not None else list(ATTENTION_PROJECTIONS)
+            layers = [weight_name(module_name, module, attr) for attr in attrs]
+            channels = 3 * module.embed_dim
+        elif not isinstance(heads, int) or isinstance(heads, bool) or heads < 1:
+            continue
+        elif isinstance(getattr(module, "qkv", None), nn.Linear):
+            layers = [weight_name(f"{prefix}qkv", module.qkv, "weight")]
+            channels = module.qkv.out_features
+        elif is_hf_conv1d(getattr(module, "c_attn", None)):
+            attrs = ["c_attn"]
+            if getattr(module, "is_cross_attention", False) and is_hf_conv1d(getattr(module, "q_attn", None)):
+                attrs = ["q_attn", "c_attn"]  # Q from the decoder, K | V from the encoder's states
+            layers = [weight_name(f"{prefix}{attr}", getattr(module, attr), "weight") for attr in attrs]
+            channels = sum(getattr(module, attr).weight.shape[-1] for attr in attrs)
+        else:
+            continue
+        heads = module.num_heads
+        if None in layers or channels == 0 or channels % (3 * heads):
+            continue
+        found[module_name] = AttentionHeads(tuple(layers), heads, 3)  # type: ignore[arg-type]
+    return found
 
 
 def _type_matches(module: nn.Module, types: Sequence[type[nn.Module] | str]) -> bool:

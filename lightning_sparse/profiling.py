@@ -1,6 +1,15 @@
 """What each linear/conv layer of a model costs, and how the layers feed each other: the model-side inputs of the
 speedup estimates of :mod:`lightning_sparse.functional.speedup`. No Lightning here.
 
+The layers costed are ``nn.Linear``, ``nn.Conv1d/2d/3d``, ``transformers``' ``Conv1D`` (GPT-2's layers, weight
+``[in, out]``: ``2 · tokens · in · out`` FLOPs, like a linear layer) and the input projections of
+``nn.MultiheadAttention`` (``in_proj_weight``, or ``q_proj_weight``/``k_proj_weight``/``v_proj_weight``), named by
+their parameter names. An attention module runs its projections itself, so their FLOPs come from the shapes of
+its calls (:func:`call_flops`): ``2 · tokens · E · E`` for each of Q, K and V on the query, key and value tokens
+(``2 · tokens · 3E · E`` for self-attention: the in-projection is ``3E x E`` per token), and ``2 · query tokens ·
+E · E`` for its ``out_proj`` (a Linear the module never calls); the attention core (``Q K^T`` and the weighted
+sum of ``V``) is no layer's cost.
+
 * :func:`layer_flops` counts each layer's FLOPs with ``torch.utils.flop_counter.FlopCounterMode``, and
   :func:`layer_times` times each layer's forward+backward in isolation;
 * :func:`layer_calls` / :func:`flops_from_calls` record each layer's input and output shapes with hooks during one
@@ -60,6 +69,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, mm_flop
 
 from lightning_sparse.functional.speedup import ChainLink
+from lightning_sparse.layers import ATTENTION_PROJECTIONS, is_hf_conv1d
 
 __all__ = [
     "LAYER_TYPES",
@@ -88,7 +98,8 @@ _CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 @dataclass
 class CostModel:
-    """The cost of every linear/conv layer of a model for one batch, keyed by parameter name.
+    """The cost of every linear/conv layer (and ``Conv1D``, and ``nn.MultiheadAttention`` projection) of a model
+    for one batch, keyed by parameter name.
 
     Attributes:
         flops: forward FLOPs per layer (``torch.utils.flop_counter``'s formulas), for the captured input shapes.
@@ -109,12 +120,25 @@ class CostModel:
         Runs ``root`` under ``FlopCounterMode`` (:func:`layer_flops`), times each layer when ``measure_time``
         (:func:`layer_times`) and traces ``root`` with ``torch.fx`` (:func:`chain_links`): ``root`` must be an
         ordinary module whose layers can be called on their own (not FSDP2 shards: see :meth:`from_calls`).
+
+        The projections of an ``nn.MultiheadAttention`` (and its ``out_proj``) get their FLOPs from the shapes of
+        the module's calls (:func:`layer_calls`, :func:`call_flops`); their times are the module's measured time
+        split in proportion to the FLOPs of its projections and of its attention core (not counted).
         """
         local = _layer_names(root)
         full = {name: f"{prefix}.{name}" if prefix else name for name in local}
-        flops = layer_flops(root, example_input, local)
-        times = layer_times(root, example_input, local) if measure_time else None
-        links = chain_links(root, example_input, local)
+        by_attention = {n: m for n in local if (m := _attention_module(root, n)) is not None}
+        plain = [n for n in local if n not in by_attention]
+        flops = layer_flops(root, example_input, plain)
+        if by_attention:
+            flops.update(flops_from_calls(root, layer_calls(root, example_input, list(by_attention))))
+        flops = {n: flops[n] for n in local}
+        times = None
+        if measure_time:
+            times = layer_times(root, example_input, plain)
+            times.update(_attention_times(root, example_input, by_attention))
+            times = {n: times[n] for n in local}
+        links = chain_links(root, example_input, plain)
         groups = conv_groups(root, local)
         return cls(
             flops={full[n]: v for n, v in flops.items()},
@@ -142,7 +166,10 @@ class CostModel:
         local = _layer_names(root)
         unknown = [n for n in calls if n not in local]
         if unknown:
-            raise ValueError(f"`calls` names {unknown}, which are not linear/conv layers of root: {local}")
+            raise ValueError(
+                f"`calls` names {unknown}, which are not linear/conv layers (or Conv1D, attention projections) of"
+                f" root: {local}"
+            )
         full = {name: f"{prefix}.{name}" if prefix else name for name in local}
         flops = flops_from_calls(root, {name: calls.get(name, ()) for name in local})
         return cls(
@@ -159,30 +186,120 @@ class CostModel:
 
 
 def _layer_names(root: nn.Module) -> list[str]:
-    """The weight names of every linear/conv layer under ``root``."""
-    return [f"{name}.weight" if name else "weight" for name, m in root.named_modules() if isinstance(m, LAYER_TYPES)]
+    """The weight names of every costed layer under ``root`` (:func:`_costed_weights`)."""
+    return list(_costed_weights(root))
+
+
+def _is_costed(module: nn.Module) -> bool:
+    return isinstance(module, (*LAYER_TYPES, nn.MultiheadAttention)) or is_hf_conv1d(module)
+
+
+def _attention_projections(module: nn.MultiheadAttention) -> tuple[str, ...]:
+    return ("in_proj_weight",) if module.in_proj_weight is not None else ATTENTION_PROJECTIONS
+
+
+def _costed_weights(root: nn.Module) -> dict[str, tuple[str, str]]:
+    """Weight name → (module name, attribute) of every layer under ``root`` that a cost model counts: the
+    ``weight`` of linear/conv layers and ``Conv1D``, the input projections of ``nn.MultiheadAttention``."""
+    found: dict[str, tuple[str, str]] = {}
+    for name, module in root.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, LAYER_TYPES) or is_hf_conv1d(module):
+            found[f"{prefix}weight"] = (name, "weight")
+        elif isinstance(module, nn.MultiheadAttention):
+            found.update({f"{prefix}{attr}": (name, attr) for attr in _attention_projections(module)})
+    return found
+
+
+def _attention_parent(model: nn.Module, module_name: str) -> str | None:
+    """The name of the ``nn.MultiheadAttention`` whose ``out_proj`` is the module ``module_name``, or ``None``."""
+    parent, _, child = module_name.rpartition(".")
+    if child != "out_proj" or not module_name:
+        return None
+    owner = model.get_submodule(parent)
+    is_out_proj = isinstance(owner, nn.MultiheadAttention) and owner.out_proj is model.get_submodule(module_name)
+    return parent if is_out_proj else None
+
+
+def _attention_module(model: nn.Module, name: str) -> str | None:
+    """The ``nn.MultiheadAttention`` whose calls give the cost of layer ``name`` (one of its projections or its
+    ``out_proj``), or ``None``."""
+    module_name = _resolve(model, [name])[name]
+    if isinstance(model.get_submodule(module_name), nn.MultiheadAttention):
+        return module_name
+    return _attention_parent(model, module_name)
+
+
+def _call_sources(model: nn.Module, module_name: str) -> list[nn.Module]:
+    """The modules whose recorded calls are the calls of layer ``module_name``, first non-empty wins: the layer,
+    then for an ``nn.MultiheadAttention``'s ``out_proj`` (which the module does not call) the attention module."""
+    parent = _attention_parent(model, module_name)
+    module = model.get_submodule(module_name)
+    return [module] if parent is None else [module, model.get_submodule(parent)]
+
+
+def _attention_times(model: nn.Module, example_input: Any, names: Mapping[str, str]) -> dict[str, float]:
+    """Seconds of each attention layer ``name`` (→ its ``nn.MultiheadAttention``): the module's measured
+    forward+backward time split in proportion to the FLOPs of its projections and attention core."""
+    if not names:
+        return {}
+    modules = list(dict.fromkeys(names.values()))
+    seconds = layer_times(model, example_input, modules)
+    calls = layer_calls(model, example_input, modules)
+    shares: dict[str, dict[str, int]] = {}
+    for m in modules:
+        totals: dict[str, int] = {}
+        for call in calls[m]:
+            for key, value in _attention_flops(model.get_submodule(m), call).items():
+                totals[key] = totals.get(key, 0) + value
+        shares[m] = totals
+    times = {}
+    for name, m in names.items():
+        module_name = _resolve(model, [name])[name]
+        key = "out_proj.weight" if module_name != m else name.rpartition(".")[2]
+        total = sum(shares[m].values())
+        times[name] = seconds[m] * shares[m].get(key, 0) / total if total else 0.0
+    return times
 
 
 # ----------------------------------------------------------------------------- FLOPs from shapes
 
 
 class LayerCall(NamedTuple):
-    """The input and output shapes of one call of a linear/conv layer."""
+    """The input and output shapes of one call of a linear/conv layer; for an ``nn.MultiheadAttention``, the
+    query's and the attention output's shapes, and ``other_input_shapes`` = the key's and the value's."""
 
     input_shape: tuple[int, ...]
     output_shape: tuple[int, ...]
+    other_input_shapes: tuple[tuple[int, ...], ...] = ()
 
 
-def call_flops(module: nn.Module, call: LayerCall) -> int:
-    """Forward FLOPs of one call of a linear/conv layer, from its shapes and ``module.weight.shape``.
+def call_flops(module: nn.Module, call: LayerCall, attr: str = "weight") -> int:
+    """Forward FLOPs of one call of a layer, from its shapes and the shape of its weight ``attr``.
 
     The formulas of ``torch.utils.flop_counter`` (``mm_flop``, ``conv_flop_count``), applied as
-    ``FlopCounterMode`` applies them to the ops the layer runs: a linear layer on an input ``[*batch, in]`` is one
-    ``[prod(batch), in] @ [in, out]`` product, ``2 · prod(batch) · in · out``; a convolution counts
+    ``FlopCounterMode`` applies them to the ops the layer runs: a linear layer (or ``transformers``' ``Conv1D``,
+    weight ``[in, out]``) on an input ``[*batch, in]`` is one ``[prod(batch), in] @ [in, out]`` product,
+    ``2 · prod(batch) · in · out``; a convolution counts
     ``2 · batch · out · (in / groups) · prod(kernel) · prod(output spatial)`` (an unbatched input is a batch of
-    one). Biases are not counted. The weight may be a DTensor: its ``.shape`` is the global shape.
+    one). An ``nn.MultiheadAttention`` call counts, for ``attr`` ``"in_proj_weight"``, its three ``E x E``
+    products on the query, key and value tokens (``2 · tokens · 3E · E`` for self-attention), for
+    ``"q_proj_weight"`` / ``"k_proj_weight"`` / ``"v_proj_weight"`` the one of that part (``E x kdim`` for K, ``E x
+    vdim`` for V); its ``out_proj`` Linear, given the attention module's calls, counts ``2 · query tokens · E · E``.
+    Biases are not counted. The weight may be a DTensor: its ``.shape`` is the global shape.
     """
+    if isinstance(module, nn.MultiheadAttention):
+        flops = _attention_flops(module, call)
+        if attr not in _attention_projections(module):
+            raise ValueError(
+                f"call_flops of an nn.MultiheadAttention counts one of its projections"
+                f" {_attention_projections(module)}, got attr={attr!r}"
+            )
+        return flops[attr]
     weight_shape = tuple(module.weight.shape)
+    if is_hf_conv1d(module):
+        n_in, n_out = weight_shape
+        return int(mm_flop((math.prod(call.input_shape[:-1]), n_in), (n_in, n_out)))
     if isinstance(module, nn.Linear):
         n_out, n_in = weight_shape
         return int(mm_flop((math.prod(call.input_shape[:-1]), n_in), (n_in, n_out)))
@@ -191,39 +308,91 @@ def call_flops(module: nn.Module, call: LayerCall) -> int:
         if len(x_shape) == len(weight_shape) - 1:  # unbatched
             x_shape, out_shape = [1, *x_shape], [1, *out_shape]
         return int(conv_flop_count(x_shape, list(weight_shape), out_shape, transposed=False))
-    raise TypeError(f"call_flops counts {', '.join(t.__name__ for t in LAYER_TYPES)}, got {type(module).__name__}")
+    raise TypeError(
+        f"call_flops counts {', '.join(t.__name__ for t in LAYER_TYPES)}, Conv1D and MultiheadAttention, got"
+        f" {type(module).__name__}"
+    )
+
+
+def _attention_flops(module: nn.MultiheadAttention, call: LayerCall) -> dict[str, int]:
+    """FLOPs of one ``nn.MultiheadAttention`` call: per input projection attribute, ``"out_proj.weight"``, and
+    ``"attention"`` (its core: ``Q K^T`` and the weighted sum of ``V``, over all heads)."""
+    e = module.embed_dim
+    query = call.input_shape
+    key, value = call.other_input_shapes if len(call.other_input_shapes) == 2 else (query, query)
+    tokens = [math.prod(shape[:-1]) for shape in (query, key, value)]
+    q = int(mm_flop((tokens[0], e), (e, e)))
+    k = int(mm_flop((tokens[1], module.kdim), (module.kdim, e)))
+    v = int(mm_flop((tokens[2], module.vdim), (module.vdim, e)))
+    flops = (
+        {"in_proj_weight": q + k + v}
+        if module.in_proj_weight is not None
+        else {"q_proj_weight": q, "k_proj_weight": k, "v_proj_weight": v}
+    )
+    flops["out_proj.weight"] = q
+    source = key[1] if module.batch_first and len(key) == 3 else key[0]
+    flops["attention"] = 2 * int(mm_flop((tokens[0], e), (e, source)))
+    return flops
+
+
+def _weight_attr(name: str, module_name: str) -> str:
+    """The attribute of module ``module_name`` that layer ``name`` names (``"weight"`` for a module name)."""
+    if name == module_name:
+        return "weight"
+    return name[len(module_name) + 1 :] if module_name else name
 
 
 def flops_from_calls(model: nn.Module, calls: Mapping[str, Sequence[LayerCall]]) -> dict[str, int]:
     """Forward FLOPs of each named layer of ``model``: the sum of :func:`call_flops` over its ``calls``.
 
-    ``calls`` is keyed by layer name (parameter or module name, as for :func:`layer_flops`); the result has the
-    same keys, in the same order.
+    ``calls`` is keyed by layer name (parameter or module name, as for :func:`layer_flops`;
+    ``"<attention>.in_proj_weight"`` and the like for an ``nn.MultiheadAttention``, whose calls they are); the
+    result has the same keys, in the same order.
     """
     resolved = _resolve(model, list(calls))
-    return {name: sum((call_flops(model.get_submodule(m), c) for c in calls[name]), 0) for name, m in resolved.items()}
+    return {
+        name: sum((call_flops(model.get_submodule(m), c, _weight_attr(name, m)) for c in calls[name]), 0)
+        for name, m in resolved.items()
+    }
 
 
 def layer_calls(model: nn.Module, example_input: Any, names: Sequence[str]) -> dict[str, list[LayerCall]]:
-    """The input and output shapes of every call of each named linear/conv layer in one forward pass.
+    """The input and output shapes of every call of each named layer in one forward pass.
 
     ``model`` runs once on ``example_input`` (in eval mode, without gradients, restored afterwards) with forward
     hooks on the named layers. ``flops_from_calls(model, layer_calls(model, x, names))`` equals
     ``layer_flops(model, x, names)`` for ordinary models. During training, :class:`InputCapture` records the same
-    shapes in a real training step instead.
+    shapes in a real training step instead. An ``nn.MultiheadAttention``'s projections (and its ``out_proj``,
+    which it does not call as a module) get the attention module's calls.
     """
     resolved = _resolve(model, names)
-    not_layers = [n for n, m in resolved.items() if not isinstance(model.get_submodule(m), LAYER_TYPES)]
+    not_layers = [n for n, m in resolved.items() if not _is_costed(model.get_submodule(m))]
     if not_layers:
-        raise ValueError(f"layer_calls records linear/conv layers only; {not_layers} are not")
-    recorder = _CallRecorder({model.get_submodule(m) for m in resolved.values()})
+        raise ValueError(
+            f"layer_calls records linear/conv layers only (and Conv1D, MultiheadAttention); {not_layers} are not"
+        )
+    sources = {name: _call_sources(model, m) for name, m in resolved.items()}
+    recorder = _CallRecorder({module for modules in sources.values() for module in modules})
     recorder.recording = True
     try:
         with _eval_mode(model), torch.no_grad():
             model(*_as_args(example_input))
     finally:
         recorder.remove()
-    return {name: [call for _, call in recorder.calls.get(model.get_submodule(m), [])] for name, m in resolved.items()}
+    return {name: _first_calls(recorder.calls, modules) for name, modules in sources.items()}
+
+
+def _first_calls(
+    calls: Mapping[nn.Module, Sequence[tuple[int, LayerCall]]],
+    modules: Sequence[nn.Module],
+    span: tuple[float, float] = (-math.inf, math.inf),
+) -> list[LayerCall]:
+    """The calls within ``span`` of the first of ``modules`` that has some."""
+    for module in modules:
+        found = [call for seq, call in calls.get(module, []) if span[0] <= seq <= span[1]]
+        if found:
+            return found
+    return []
 
 
 class _CallRecorder:
@@ -233,7 +402,7 @@ class _CallRecorder:
         self.counter = counter if counter is not None else itertools.count()
         self.recording = False
         self.calls: dict[nn.Module, list[tuple[int, LayerCall]]] = {}
-        self._open: dict[nn.Module, list[tuple[int, tuple[int, ...] | None]]] = {}
+        self._open: dict[nn.Module, list[tuple[int, tuple[int, ...] | None, tuple[tuple[int, ...], ...]]]] = {}
         self._handles = []
         for module in modules:
             self._handles.append(module.register_forward_pre_hook(self._pre, with_kwargs=True))
@@ -242,18 +411,27 @@ class _CallRecorder:
     def _pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if not self.recording:
             return
-        x = args[0] if args else kwargs.get("input")
+        others: tuple[tuple[int, ...], ...] = ()
+        if isinstance(module, nn.MultiheadAttention):  # forward(query, key, value, ...)
+            x = args[0] if args else kwargs.get("query")
+            key, value = (args[i] if len(args) > i else kwargs.get(k) for i, k in ((1, "key"), (2, "value")))
+            if isinstance(key, Tensor) and isinstance(value, Tensor):
+                others = (tuple(key.shape), tuple(value.shape))
+        else:
+            x = args[0] if args else kwargs.get("input", kwargs.get("x"))
         self._open.setdefault(module, []).append(
-            (next(self.counter), tuple(x.shape) if isinstance(x, Tensor) else None)
+            (next(self.counter), tuple(x.shape) if isinstance(x, Tensor) else None, others)
         )
 
     def _post(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         pending = self._open.get(module)
         if not pending:
             return
-        seq, input_shape = pending.pop()
+        seq, input_shape, others = pending.pop()
+        if isinstance(module, nn.MultiheadAttention) and isinstance(output, tuple) and output:
+            output = output[0]  # (attention output, attention weights)
         if input_shape is not None and isinstance(output, Tensor):
-            self.calls.setdefault(module, []).append((seq, LayerCall(input_shape, tuple(output.shape))))
+            self.calls.setdefault(module, []).append((seq, LayerCall(input_shape, tuple(output.shape), others)))
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -269,7 +447,8 @@ class InputCapture:
 
     Forward pre-hooks on each module of ``model`` that contains every one of ``layer_modules`` (the
     LightningModule, ``self.net``, ...) keep the positional tensor inputs of each of its calls; forward hooks on
-    every ``nn.Linear`` / ``nn.Conv1d/2d/3d`` of ``model`` record each layer's input and output shapes during the
+    every ``nn.Linear`` / ``nn.Conv1d/2d/3d``, ``transformers`` ``Conv1D`` and ``nn.MultiheadAttention`` of
+    ``model`` record each layer's input and output shapes during the
     first recorded call of any of those modules. Call :meth:`cost_model` (or :meth:`finish`) after the step to
     remove the hooks.
 
@@ -291,7 +470,7 @@ class InputCapture:
                 self._modules[name] = module
                 self._handles.append(module.register_forward_pre_hook(partial(self._pre, name)))
                 self._handles.append(module.register_forward_hook(partial(self._post, name), always_call=True))
-        layers = {m for m in model.modules() if isinstance(m, LAYER_TYPES)} if self._modules else set()
+        layers = {m for m in model.modules() if _is_costed(m)} if self._modules else set()
         self._recorder = _CallRecorder(layers)
 
     def _pre(self, name: str, module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -331,18 +510,16 @@ class InputCapture:
         return name, self._modules[name], self._calls[name][0]
 
     def layer_calls(self, name: str) -> dict[str, list[LayerCall]]:
-        """The calls of every linear/conv layer under the module ``name`` during that module's first recorded
-        call, keyed by weight name under it (``"0.weight"``), as :meth:`CostModel.from_calls` takes them."""
+        """The calls of every costed layer under the module ``name`` during that module's first recorded call,
+        keyed by weight name under it (``"0.weight"``, ``"attn.in_proj_weight"``), as :meth:`CostModel.from_calls`
+        takes them (an ``nn.MultiheadAttention``'s projections and ``out_proj`` get the attention module's calls)."""
         if name not in self._spans:
             raise ValueError(f"module {name!r} has no recorded call; recorded: {sorted(self._spans)}")
         start, end = self._spans[name]
         root = self._modules[name]
         return {
-            f"{path}.weight" if path else "weight": [
-                call for seq, call in self._recorder.calls.get(module, []) if start <= seq <= end
-            ]
-            for path, module in root.named_modules()
-            if isinstance(module, LAYER_TYPES)
+            weight: _first_calls(self._recorder.calls, _call_sources(root, module_name), (start, end))
+            for weight, (module_name, _) in _costed_weights(root).items()
         }
 
     def cost_model(self, measure_time: bool, sharded: bool) -> CostModel | None:
@@ -710,18 +887,22 @@ def _shape(node: Any) -> tuple[int, ...] | None:
 
 
 def _resolve(model: nn.Module, names: Sequence[str]) -> dict[str, str]:
-    """``{name: module name}``: a module name stays, ``"<module>.weight"`` (or ``"weight"``) names its module."""
+    """``{name: module name}``: a module name stays, ``"<module>.weight"`` (or ``"weight"``) names its module, and
+    ``"<attention>.in_proj_weight"`` (or ``q_proj_weight``, ...) its ``nn.MultiheadAttention``."""
     if isinstance(names, str):
         raise ValueError(f"`names` must be a sequence of layer names, got the string {names!r}")  # noqa: TRY004
     modules = dict(model.named_modules())
     resolved = {}
     for name in names:
+        owner, _, attr = name.rpartition(".")
         if name in modules:
             resolved[name] = name
         elif name == "weight" or (name.endswith(".weight") and name[: -len(".weight")] in modules):
             resolved[name] = name[: -len(".weight")] if name != "weight" else ""
+        elif isinstance(modules.get(owner), nn.MultiheadAttention) and attr in _attention_projections(modules[owner]):
+            resolved[name] = owner
         else:
-            layers = [f"{m}.weight" if m else "weight" for m, mod in modules.items() if isinstance(mod, LAYER_TYPES)]
+            layers = list(_costed_weights(model))
             raise ValueError(
                 f"{name!r} is neither a module name nor a '<module>.weight' parameter name of"
                 f" {type(model).__name__}; its linear/conv layers are: {layers}"
@@ -735,13 +916,21 @@ def _as_args(example_input: Any) -> tuple[Any, ...]:
 
 @contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode for every submodule, each one's own flag restored afterwards."""
+    """Eval mode for every submodule, each one's own flag restored afterwards; and the fused fast path of
+    ``nn.TransformerEncoderLayer`` / ``nn.MultiheadAttention`` off (it runs in eval mode without gradients and
+    skips the calls of their submodules, so ``FlopCounterMode`` and the hooks would see none of their layers)."""
     modes = [(m, m.training) for m in model.modules()]
+    mha = getattr(torch.backends, "mha", None)
+    fastpath = mha.get_fastpath_enabled() if mha is not None else None
     for m, _ in modes:
         m.training = False
+    if mha is not None:
+        mha.set_fastpath_enabled(False)
     try:
         yield
     finally:
+        if mha is not None:
+            mha.set_fastpath_enabled(fastpath)
         for m, mode in modes:
             m.training = mode
 

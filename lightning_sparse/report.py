@@ -2,8 +2,13 @@
 table and figure. No Lightning here: :class:`SparsityReport` works on any model and masks.
 
 What is counted (see :mod:`lightning_sparse.functional.speedup` and :mod:`lightning_sparse.profiling`): every
-``nn.Linear`` / ``nn.Conv1d/2d/3d`` of the model, masked or not (an unmasked layer counts with its non-zero
-weights), with its forward FLOPs for the real input shapes, or its measured forward+backward time. Output
+``nn.Linear`` / ``nn.Conv1d/2d/3d``, ``transformers``' ``Conv1D`` and ``nn.MultiheadAttention`` input projection
+of the model, masked or not (an unmasked layer counts with its non-zero weights), with its forward FLOPs for the
+real input shapes, or its measured forward+backward time. An attention head's rows (its Q, K and V output
+channels) count as channels of the projections: all-masked rows are empty output channels of the projection.
+The empty heads of each attention module (:func:`~lightning_sparse.functional.speedup.empty_heads`) are
+reported, but do not reduce the cost further (the other parts of an empty head, the attention core and the
+output projection's columns of that head are still counted). Output
 channels emptied in one layer idle the next layer's input channels only along plain chains (conv → BN → ReLU →
 pool → conv, conv → flatten → linear); residual additions and concatenations break the chain, which
 underestimates the speedup. On a sharded (FSDP2) model the cost model is built from the layers' input shapes
@@ -17,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +32,9 @@ import torch
 from torch import Tensor
 
 from lightning_sparse.functional.speedup import (
+    AttentionHeads,
     LayerChannelStats,
+    attention_empty_heads,
     channel_stats,
     speedup_dense_conv,
     speedup_sparse_conv,
@@ -38,11 +45,21 @@ from lightning_sparse.profiling import CostModel
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
-__all__ = ["TIMINGS", "CostModel", "SparsityReport", "Stopwatch", "TrainFlops"]
+__all__ = ["TIMINGS", "CostModel", "MeasuredStats", "SparsityReport", "Stopwatch", "TrainFlops"]
 
 log = logging.getLogger(__name__)
 
 TIMINGS = ("flops", "measure")
+
+
+class MeasuredStats(dict):
+    """What :meth:`SparsityReport.measure` returns: a dict of layer name → :class:`LayerChannelStats`, and
+    :attr:`empty_heads`, attention module name → fraction of its heads that are empty
+    (:func:`~lightning_sparse.functional.speedup.empty_heads`)."""
+
+    def __init__(self, stats: Mapping[str, LayerChannelStats] = (), empty_heads: Mapping[str, float] | None = None):
+        super().__init__(stats)
+        self.empty_heads: dict[str, float] = dict(empty_heads or {})
 
 
 @dataclass
@@ -57,6 +74,8 @@ class SparsityReport:
     cost_model: CostModel | None = None
     history: list[tuple[int, dict[str, LayerChannelStats]]] = field(default_factory=list)
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    heads: dict[str, int] = field(default_factory=dict)
+    """Attention module name → its number of heads, for the modules measured so far."""
 
     def measure(
         self,
@@ -66,9 +85,18 @@ class SparsityReport:
         row_offsets: Mapping[str, int] | None = None,
         out_channels: Mapping[str, int] | None = None,
         group: ProcessGroup | None = None,
-    ) -> dict[str, LayerChannelStats]:
+        transposed: Collection[str] = (),
+        attention: Mapping[str, AttentionHeads] | None = None,
+    ) -> MeasuredStats:
         """Channel statistics of ``layers`` (name → bool mask, or weight for an unmasked layer), recorded
-        at ``step``. One host synchronization.
+        at ``step``, and the empty heads of the ``attention`` modules. One host synchronization (two with
+        ``attention``).
+
+        ``transposed`` names the layers stored ``[in, out]`` (``transformers``' ``Conv1D``, see
+        :func:`~lightning_sparse.functional.speedup.channel_stats`). ``attention`` maps attention module names
+        to their :class:`~lightning_sparse.functional.speedup.AttentionHeads`
+        (:func:`~lightning_sparse.layers.find_attention`); modules whose projections are not all in ``layers``
+        are left out.
 
         With ``group``, ``layers`` are the local row blocks of masks sharded over its processes (FSDP2's
         ``Shard(0)``), placed by ``row_offsets`` and ``out_channels``, and the statistics are those of the full
@@ -90,11 +118,18 @@ class SparsityReport:
             row_offsets=row_offsets,
             out_channels=out_channels,
             group=group,
+            transposed=transposed,
         )
+        modules = {m: a for m, a in (attention or {}).items() if all(n in layers for n in a.layers)}
+        empty_heads = attention_empty_heads(
+            modules, layers, transposed=transposed, row_offsets=row_offsets, out_channels=out_channels, group=group
+        )
+        self.heads.update({m: a.heads for m, a in modules.items()})
+        measured = MeasuredStats(stats, empty_heads)
         rows = dict(out_channels or {})
         self.shapes.update({n: (rows[n], *t.shape[1:]) if n in rows else tuple(t.shape) for n, t in layers.items()})
-        self.history.append((step, stats))
-        return stats
+        self.history.append((step, measured))
+        return measured
 
     def speedups(self, stats: Mapping[str, LayerChannelStats]) -> dict[str, float]:
         """The dense-convolution and sparse-convolution speedup estimates (empty without a cost model)."""
@@ -109,16 +144,20 @@ class SparsityReport:
         }
 
     def metrics(self, stats: Mapping[str, LayerChannelStats]) -> dict[str, float]:
-        """``sparse/empty_in/<name>``, ``sparse/empty_out/<name>`` and the speedups, for a logger."""
+        """``sparse/empty_in/<name>``, ``sparse/empty_out/<name>``, ``sparse/empty_heads/<attention module>``
+        (for :class:`MeasuredStats`) and the speedups, for a logger."""
         out: dict[str, float] = {}
         for name, s in stats.items():
             out[f"sparse/empty_in/{name}"] = s.empty_in
             out[f"sparse/empty_out/{name}"] = s.empty_out
+        for module, fraction in getattr(stats, "empty_heads", {}).items():
+            out[f"sparse/empty_heads/{module}"] = fraction
         out.update({f"sparse/{k}": v for k, v in self.speedups(stats).items()})
         return out
 
     def table(self, stats: Mapping[str, LayerChannelStats]) -> str:
-        """Per layer: shape, density, empty input/output channels, share of the dense FLOPs."""
+        """Per layer: shape, density, empty input/output channels, share of the dense FLOPs; then the empty heads
+        of each attention module (for :class:`MeasuredStats`)."""
         flops = self.cost_model.flops if self.cost_model is not None else {}
         total = sum(flops.values()) or 1
         rows = [("layer", "shape", "density", "empty in", "empty out", "FLOPs share")]
@@ -129,6 +168,15 @@ class SparsityReport:
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
+        empty_heads = getattr(stats, "empty_heads", {})
+        if empty_heads:
+            width = max(len(m) for m in empty_heads)
+            lines.append("empty attention heads:")
+            lines += [
+                f"  {m.ljust(width)}  {round(f * self.heads[m]) if m in self.heads else '?'} of"
+                f" {self.heads.get(m, '?')} ({f:.3f})"
+                for m, f in empty_heads.items()
+            ]
         speedups = self.speedups(stats)
         if speedups:
             lines.append(

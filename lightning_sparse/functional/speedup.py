@@ -17,10 +17,13 @@ weight) in one host synchronization, also from row shards of the masks spread ov
 chain links (:class:`ChainLink`, found by :func:`~lightning_sparse.profiling.chain_links`), an output channel
 emptied in one layer also idles the input channel(s) it feeds in the next layer of a plain chain.
 
+:func:`empty_heads` and :func:`attention_empty_heads` count the attention heads left without a query, key or
+value projection (all its output channels empty).
+
 Conventions: layers are keyed by name, as the masks are: parameter names such as ``"features.0.weight"``;
 costs, fractions and densities are dicts keyed by those names. Weights are laid out ``[out, in, *kernel]``
-(``nn.Linear``, ``nn.Conv1d/2d/3d``; transposed convolutions, whose weights are ``[in, out, *kernel]``, are not
-supported).
+(``nn.Linear``, ``nn.Conv1d/2d/3d``), or ``[in, out]`` for the layers named in ``transposed`` (``transformers``'
+``Conv1D``); transposed convolutions, whose weights are ``[in, out, *kernel]``, are not supported.
 
 Example (two linear layers ``10 -> 20 -> 5``, the second fed by the first):
     >>> import torch
@@ -41,7 +44,7 @@ Example (two linear layers ``10 -> 20 -> 5``, the second fed by the first):
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -52,9 +55,12 @@ if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
 __all__ = [
+    "AttentionHeads",
     "ChainLink",
     "LayerChannelStats",
+    "attention_empty_heads",
     "channel_stats",
+    "empty_heads",
     "speedup_dense_conv",
     "speedup_sparse_conv",
     "training_step_flops",
@@ -105,6 +111,7 @@ def channel_stats(
     row_offsets: Mapping[str, int] | None = None,
     out_channels: Mapping[str, int] | None = None,
     group: ProcessGroup | None = None,
+    transposed: Collection[str] = (),
 ) -> dict[str, LayerChannelStats]:
     """Empty input/output channels and density of every layer, from its mask.
 
@@ -134,6 +141,12 @@ def channel_stats(
             the processes go unnoticed, and a check failing on some processes only leaves the others waiting
             in the collective. ``None``, or a group of one process: the masks are the full weights
             (``row_offsets`` must then be 0 and ``out_channels`` the masks' rows, where given).
+        transposed: names of 2-D layers whose masks are stored ``[in, out]`` (``transformers``' ``Conv1D``):
+            their columns are the output channels and their rows the input channels, and the statistics are
+            those of the ``[out, in]`` layer. With ``group``, such a mask is still sharded by its stored rows
+            (FSDP2's ``Shard(0)`` of the ``[in, out]`` weight: blocks of input channels), and ``row_offsets`` /
+            ``out_channels`` give its stored rows (``out_channels`` is then its number of *input* channels).
+            They have 1 group.
 
     Returns:
         :class:`LayerChannelStats` per name, in the order of ``names``. The counts are computed on each
@@ -152,12 +165,16 @@ def channel_stats(
     groups = dict(groups or {})
     row_offsets = dict(row_offsets or {})
     out_channels = dict(out_channels or {})
+    if isinstance(transposed, str):
+        raise ValueError(f"`transposed` must be a collection of layer names, got the string {transposed!r}")
+    transposed = set(transposed)
     known = set(names)
     for what, keys in (
         ("links", list(links)),
         ("groups", list(groups)),
         ("row_offsets", list(row_offsets)),
         ("out_channels", list(out_channels)),
+        ("transposed", sorted(transposed)),
     ):
         unknown = [k for k in keys if k not in known]
         if unknown:
@@ -168,10 +185,16 @@ def channel_stats(
     unpaired = sorted(set(row_offsets) ^ set(out_channels))
     if unpaired:
         raise ValueError(f"`row_offsets` and `out_channels` must name the same layers; only one names {unpaired}")
+    for name, mask in zip(names, masks):
+        if name in transposed and (mask.dim() != 2 or groups.get(name, 1) != 1):
+            raise ValueError(
+                f"mask {name!r} is named in `transposed`: it must be a 2-D [in, out] mask of 1 group, got shape"
+                f" {tuple(mask.shape)} and groups {groups.get(name, 1)!r}"
+            )
     if not names:
         return {}
     if group is not None and torch.distributed.get_world_size(group) > 1:
-        return _sharded_stats(names, masks, links, groups, row_offsets, out_channels, group)
+        return _sharded_stats(names, masks, links, groups, row_offsets, out_channels, group, transposed)
     for name, mask in zip(names, masks):
         if name in out_channels and (row_offsets[name] != 0 or out_channels[name] != mask.shape[0]):
             raise ValueError(
@@ -179,7 +202,7 @@ def channel_stats(
                 f" `row_offsets` gives {row_offsets[name]!r} and `out_channels` {out_channels[name]!r} for a mask"
                 f" of {mask.shape[0] if mask.dim() else 0} rows"
             )
-    return _local_stats(names, masks, links, groups)
+    return _local_stats(names, [m.t() if n in transposed else m for n, m in zip(names, masks)], links, groups)
 
 
 def _local_stats(
@@ -241,8 +264,10 @@ def _sharded_stats(
     row_offsets: dict[str, int],
     out_channels: dict[str, int],
     group: ProcessGroup,
+    transposed: set[str],
 ) -> dict[str, LayerChannelStats]:
-    """:func:`channel_stats` of row blocks of the masks: per-layer count vectors, one ``all_reduce``."""
+    """:func:`channel_stats` of row blocks of the masks: per-layer count vectors, one ``all_reduce``. The counts
+    are those of the stored rows and columns; for a ``transposed`` layer the columns are its output channels."""
     rank = torch.distributed.get_rank(group)
     # Every check comes before the collective: a process that raises must not leave the others waiting in it.
     blocks: dict[str, tuple[Tensor, int, int, int]] = {}  # name -> (local active block, row offset, rows, groups)
@@ -275,11 +300,15 @@ def _sharded_stats(
                 f"groups[{name!r}] must be a positive integer dividing the {n_out} output channels, got {g!r}"
             )
         blocks[name] = (mask if mask.dtype == torch.bool else mask != 0, offset, n_out, g)
+    # (output channels, input channels) of each layer: stored (rows, columns), swapped for a transposed layer
+    channels = {
+        n: (b[0].shape[1], b[2]) if n in transposed else (b[2], b[0].shape[1] * b[3]) for n, b in blocks.items()
+    }
     for name, link in links.items():
         if not isinstance(link.repeat, int) or link.repeat < 1:
             raise ValueError(f"links[{name!r}].repeat must be a positive integer, got {link.repeat!r}")
-        n_source = blocks[link.source][2]
-        n_in = blocks[name][0].shape[1] * blocks[name][3]
+        n_source = channels[link.source][0]
+        n_in = channels[name][1]
         if n_source * link.repeat != n_in:
             raise ValueError(
                 f"link {link.source!r} -> {name!r}: {n_source} output channels x repeat {link.repeat} ="
@@ -307,10 +336,16 @@ def _sharded_stats(
     torch.distributed.all_reduce(totals, op=torch.distributed.ReduceOp.SUM, group=group)
     parts = totals.split(sizes)
 
-    empty_out = {name: parts[3 * i] == 0 for i, name in enumerate(names)}
+    empty_out: dict[str, Tensor] = {}
+    own_empty_in: dict[str, Tensor] = {}
+    for i, name in enumerate(names):
+        rows_empty, columns_empty = parts[3 * i] == 0, parts[3 * i + 1] == 0
+        if name in transposed:  # stored [in, out]: the columns are the output channels
+            rows_empty, columns_empty = columns_empty, rows_empty
+        empty_out[name], own_empty_in[name] = rows_empty, columns_empty
     counts = []
     for i, name in enumerate(names):
-        empty_in = parts[3 * i + 1] == 0
+        empty_in = own_empty_in[name]
         link = links.get(name)
         if link is not None:
             empty_in = empty_in | empty_out[link.source].repeat_interleave(link.repeat)
@@ -319,13 +354,186 @@ def _sharded_stats(
 
     stats = {}
     for name, (n_empty_in, n_empty_out, n_active) in zip(names, values):
-        a, _, n_out, g = blocks[name]
+        a, _, n_rows, _ = blocks[name]
+        n_out, n_in = channels[name]
         stats[name] = LayerChannelStats(
-            empty_in=n_empty_in / (a.shape[1] * g),
+            empty_in=n_empty_in / n_in,
             empty_out=n_empty_out / n_out,
-            density=n_active / (n_out * math.prod(a.shape[1:])),
+            density=n_active / (n_rows * math.prod(a.shape[1:])),
         )
     return stats
+
+
+# ----------------------------------------------------------------------------- attention heads
+
+
+@dataclass(frozen=True)
+class AttentionHeads:
+    """Where the heads of one attention module lie along the output channels of its projection weight(s).
+
+    Attributes:
+        layers: names of the projection weight(s) whose output channels, concatenated in this order, are the
+            ``parts`` stacked projections (Q | K | V), each ``heads`` consecutive blocks of ``head_dim`` channels:
+            one packed weight (``nn.MultiheadAttention``'s ``in_proj_weight``, timm's ``qkv``, GPT-2's
+            ``c_attn``), or one per part (``q_proj_weight``, ``k_proj_weight``, ``v_proj_weight``).
+        heads: number of heads.
+        parts: number of stacked projections over all ``layers`` (3: Q, K and V).
+
+    Found in a model by :func:`lightning_sparse.layers.find_attention`.
+    """
+
+    layers: tuple[str, ...]
+    heads: int
+    parts: int = 3
+
+
+def empty_heads(mask: Tensor | Sequence[Tensor], heads: int, parts: int = 3, out_dim: int = 0) -> float:
+    """Fraction of the attention heads that have a part (Q, K or V projection) whose output channels are all
+    masked out: such a head's attention is constant (empty Q or K) or zero (empty V), it contributes nothing
+    learned.
+
+    Args:
+        mask: the mask (``torch.bool``, or a weight: non-zero is active) of the projection(s), its output channels
+            along ``out_dim`` being ``parts`` stacked projections, each ``heads`` consecutive blocks of
+            ``head_dim`` channels; or a sequence of such masks whose output channels are concatenated (separate
+            ``q_proj_weight``, ``k_proj_weight``, ``v_proj_weight``, which may differ in their input widths).
+        heads: number of heads.
+        parts: number of stacked projections in all (3: Q, K, V; 1 for a single projection).
+        out_dim: the dimension of the mask that indexes output channels: 0 for ``[out, in]`` weights
+            (``nn.Linear``, ``nn.MultiheadAttention``), 1 for ``[in, out]`` ones (``transformers``' ``Conv1D``,
+            GPT-2's ``c_attn``).
+
+    Example (``nn.MultiheadAttention(4, num_heads=2)``: ``in_proj_weight`` is ``[12, 4]``, rows Q | K | V of 4
+    rows each, a head is 2 rows of each):
+        >>> import torch
+        >>> mask = torch.ones(12, 4, dtype=torch.bool)
+        >>> mask[4:6] = False  # the K rows of head 0
+        >>> empty_heads(mask, heads=2)
+        0.5
+        >>> mask[6] = False  # one of the two K rows of head 1: it still has a key
+        >>> empty_heads(mask, heads=2)
+        0.5
+        >>> empty_heads(mask.t(), heads=2, out_dim=1)  # stored [in, out], as GPT-2's c_attn
+        0.5
+        >>> empty_heads([mask[:4], mask[4:8], mask[8:]], heads=2)  # separate Q, K, V projections
+        0.5
+    """
+    masks = [mask] if isinstance(mask, Tensor) else list(mask)
+    if not masks:
+        raise ValueError("`mask` must be a tensor or a non-empty sequence of tensors")
+    used = []
+    for m in masks:
+        if not isinstance(m, Tensor) or m.dim() < 2 or not -m.dim() <= out_dim < m.dim():
+            raise ValueError(
+                f"each mask must be a tensor of at least 2 dimensions with output channels along `out_dim`"
+                f" ({out_dim!r}), got {tuple(m.shape) if isinstance(m, Tensor) else type(m).__name__}"
+            )
+        active = m if m.dtype == torch.bool else m != 0
+        used.append(active.movedim(out_dim, 0).flatten(1).any(dim=1).to(masks[0].device))
+    return int(_empty_head_flags(torch.cat(used), heads, parts).sum()) / heads
+
+
+def _check_heads(what: str, channels: int, heads: object, parts: object) -> None:
+    if not isinstance(heads, int) or not isinstance(parts, int) or heads < 1 or parts < 1:
+        raise ValueError(f"{what}: `heads` and `parts` must be positive integers, got {heads!r} and {parts!r}")
+    if channels == 0 or channels % (heads * parts):
+        raise ValueError(f"{what}: {channels} output channels are not {parts} part(s) x {heads} heads x a head size")
+
+
+def _empty_head_flags(used: Tensor, heads: int, parts: int) -> Tensor:
+    """``[heads]`` bools from ``[parts * heads * head_dim]`` "output channel has an active weight" bools."""
+    _check_heads("empty_heads", used.numel(), heads, parts)
+    part_used = used.reshape(parts, heads, -1).any(dim=2)  # [parts, heads]
+    return ~part_used.all(dim=0)
+
+
+def attention_empty_heads(
+    attention: Mapping[str, AttentionHeads],
+    layers: Mapping[str, Tensor],
+    *,
+    transposed: Collection[str] = (),
+    row_offsets: Mapping[str, int] | None = None,
+    out_channels: Mapping[str, int] | None = None,
+    group: ProcessGroup | None = None,
+) -> dict[str, float]:
+    """:func:`empty_heads` of every attention module, from the masks of its projections, also sharded.
+
+    Args:
+        attention: attention module name → :class:`AttentionHeads`; every layer it names must be in ``layers``.
+        layers: layer name → mask (``torch.bool``, or a weight: non-zero is active), ``[out, in]``, or
+            ``[in, out]`` for the names in ``transposed``.
+        transposed, row_offsets, out_channels, group: as for :func:`channel_stats`: with ``group``, a layer
+            named in ``row_offsets``/``out_channels`` is this process's block of stored rows (output channels, or
+            input channels of a ``transposed`` layer), and a layer named in neither is held whole by every
+            process (counted from the group's first process only). The active weights of every output channel
+            are counted locally and summed with one ``all_reduce`` over ``group`` (no mask is gathered), so every
+            process gets the fractions of the full masks. Every process must pass the same modules and layer
+            names, in the same order; arguments are checked before the collective.
+
+    Returns:
+        module name → fraction of its heads that are empty, in the order of ``attention``; one host
+        synchronization.
+    """
+    attention = dict(attention)
+    row_offsets = dict(row_offsets or {})
+    out_channels = dict(out_channels or {})
+    if isinstance(transposed, str):
+        raise ValueError(f"`transposed` must be a collection of layer names, got the string {transposed!r}")
+    transposed = set(transposed)
+    if not attention:
+        return {}
+    sharded = group is not None and torch.distributed.get_world_size(group) > 1
+    first = not sharded or torch.distributed.get_rank(group) == 0
+    names: list[str] = []
+    for module, spec in attention.items():
+        if not isinstance(spec, AttentionHeads) or not spec.layers:
+            raise ValueError(f"attention[{module!r}] must be an AttentionHeads naming its layers, got {spec!r}")
+        missing = [n for n in spec.layers if n not in layers]
+        if missing:
+            raise ValueError(f"attention[{module!r}] names layers that are not in `layers`: {missing}")
+        names += [n for n in spec.layers if n not in names]
+    # Per layer: active weights of every output channel (full length), this process's contribution.
+    counts: dict[str, Tensor] = {}
+    device = layers[names[0]].device
+    for name in names:
+        mask = layers[name]
+        if mask.dim() < 2 or (name in transposed and mask.dim() != 2):
+            raise ValueError(f"mask {name!r} must be a 2-D (or [out, in, *kernel]) mask, got shape {tuple(mask.shape)}")
+        active = mask if mask.dtype == torch.bool else mask != 0
+        if name in out_channels or name in row_offsets:
+            if name not in out_channels or name not in row_offsets:
+                raise ValueError(f"`row_offsets` and `out_channels` must both name {name!r}, or neither")
+            n_rows, offset = out_channels[name], row_offsets[name]
+            if not sharded and (offset != 0 or n_rows != active.shape[0]):
+                raise ValueError(
+                    f"mask {name!r}: without a process group of several processes each mask is the full weight,"
+                    f" but `row_offsets` gives {offset!r} and `out_channels` {n_rows!r} for {active.shape[0]} rows"
+                )
+            if offset < 0 or offset + active.shape[0] > n_rows:
+                raise ValueError(f"mask {name!r}: rows [{offset}, {offset + active.shape[0]}) of a weight of {n_rows}")
+            held_whole = False
+        else:
+            n_rows, offset, held_whole = active.shape[0], 0, True
+        if name in transposed:  # [in, out] block of input rows: per-column counts, summed over the blocks
+            per_channel = active.sum(dim=0, dtype=torch.int64)
+        else:
+            per_channel = torch.zeros(n_rows, dtype=torch.int64, device=active.device)
+            per_channel[offset : offset + active.shape[0]] = active.flatten(1).sum(dim=1)
+        if held_whole and not first:
+            per_channel = torch.zeros_like(per_channel)
+        counts[name] = per_channel.to(device)
+    for module, spec in attention.items():
+        _check_heads(f"attention[{module!r}]", sum(counts[n].numel() for n in spec.layers), spec.heads, spec.parts)
+    sizes = [counts[n].numel() for n in names]
+    totals = torch.cat([counts[n] for n in names])
+    if sharded:
+        torch.distributed.all_reduce(totals, op=torch.distributed.ReduceOp.SUM, group=group)
+    used = dict(zip(names, (totals > 0).split(sizes)))
+    empty = torch.stack(
+        [_empty_head_flags(torch.cat([used[n] for n in spec.layers]), spec.heads, spec.parts).sum()
+         for spec in attention.values()]
+    ).tolist()  # fmt: skip  # the one host synchronization
+    return {module: n / spec.heads for (module, spec), n in zip(attention.items(), empty)}
 
 
 def speedup_dense_conv(
