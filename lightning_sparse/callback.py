@@ -39,7 +39,7 @@ from torch import Tensor
 from lightning_sparse import distributed, dst
 from lightning_sparse.algorithms import SparseAlgorithm
 from lightning_sparse.profiling import InputCapture
-from lightning_sparse.report import TIMINGS, SparsityReport, Stopwatch, TrainFlops
+from lightning_sparse.report import TIMINGS, SparsityReport, Stopwatch, TrainFlops, send_figure
 from lightning_sparse.scheduling import SparseOptions
 from lightning_sparse.sparsifier import Sparsifier, UpdateReport, _dst_modules, prepare_model, select_layers
 
@@ -320,11 +320,14 @@ class SparseTrainingCallback(Callback):
         rank_zero_info(self.summary(stats))
         if self.figure and trainer.is_global_zero and importlib.util.find_spec("matplotlib") is not None:
             path = os.path.join(self._log_dir, "sparsity.png" if self._prefix == "sparse" else f"sparsity_{self._index}.png")
-            fig = self._report.figure(path)
-            rank_zero_info(f"SparseTrainingCallback: figure written to {path}")
-            for logger in trainer.loggers:
-                if hasattr(getattr(logger, "experiment", None), "add_figure"):  # TensorBoard
-                    logger.experiment.add_figure(f"{self._prefix}/summary", fig, global_step=trainer.global_step)
+            density = self.options.density
+            target = density if isinstance(density, float) else None
+            title = (f"{self.algorithm_name}, density {density if density is not None else 'learned'},"
+                     f" {type(pl_module).__name__}, {len(sparsifier.names)} masked layers")  # fmt: skip
+            fig = self._report.figure(path, title=title, masked=sparsifier.names, target=target,
+                                      sizes=dict(zip(sparsifier.names, sparsifier.sizes)))  # fmt: skip
+            sent = send_figure(trainer.loggers, fig, path, trainer.global_step, f"{self._prefix}/summary")
+            rank_zero_info(f"SparseTrainingCallback: figure written to {path}" + (f", sent to {', '.join(sent)}" if sent else ""))
         if type(trainer.strategy.launcher).__name__ == "_MultiProcessingLauncher" and trainer.is_global_zero:
             self._handoff.write({**final, "state": self.state_dict()})
 
