@@ -58,7 +58,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_sparse import ALGORITHMS, LayerState, Masking, SparseTrainingCallback, UpdateContext, maskable_parameters
 from lightning_sparse.kernels import cpu_masked_zero
-from lightning_sparse.momentum import optimizer_momentum, reset_optimizer_state
+from lightning_sparse.momentum import optimizer_momentum
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
@@ -126,15 +126,11 @@ class SparseSetup:
         t0 = time.perf_counter()
         result = algorithm.update(self.layers(), self.masking.active, context)
         t1 = time.perf_counter()
+        before = list(self.masking.masks)
         self.masking.set_masks(result.masks, result.active)
         self.masking.apply_()
         t2 = time.perf_counter()
-        if algorithm.reset_grown:  # as SparseTrainingCallback._reset_grown
-            with torch.no_grad():
-                for weight, mask, pruned in zip(self.masking.weights, result.masks, result.pruned_masks):
-                    grown = mask & ~pruned
-                    weight.masked_fill_(grown, 0.0)
-                    reset_optimizer_state(self.optimizer, weight, grown)
+        algorithm.start_grown_(self.masking.weights, before, result, self.optimizer)  # as Sparsifier.update
         t3 = time.perf_counter()
         return {"update": t1 - t0, "install": t2 - t1, "reset": t3 - t2, "total": t3 - t0}
 

@@ -32,13 +32,14 @@ import torch
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from lightning_sparse.distributed import ShardSpec, common_group, reduce_layer_sums
+from lightning_sparse.distributed import ShardSpec, common_group, local, reduce_layer_sums
 from lightning_sparse.dst import DST
 from lightning_sparse.functional.init import INIT_METHODS
 from lightning_sparse.functional.prune_grow import add_highest, drop_lowest, random_growth, set_prune
 from lightning_sparse.functional.redistribute import (
     adapt_threshold,
     allocate_regrowth,
+    allocate_regrowth_equal,
     below_threshold_counts,
     floor_counts,
     magnitude_shares,
@@ -46,6 +47,7 @@ from lightning_sparse.functional.redistribute import (
     prune_counts,
 )
 from lightning_sparse.functional.schedules import PRUNE_RATE_SCHEDULES, gmp_sparsity
+from lightning_sparse.momentum import reset_optimizer_state
 
 
 class LayerState:
@@ -260,6 +262,7 @@ REDISTRIBUTION_RULES: dict[str, RedistributionRule | str] = {
 }
 COUNT_RULES: dict[str, CountRule] = {"ceil": ceil_count, "floor": floor_count, "gmp": gmp_count, "dsr": DSRThreshold()}
 STARTS = ("random", "dense", "snip")
+EXCESS_RULES = ("equal", "proportional")
 
 
 def _resolve(kind: str, value: Any, table: dict[str, Any]) -> Any:
@@ -295,6 +298,15 @@ class SparseAlgorithm:
             cubic schedule's density), ``"dsr"`` (below DSR's adaptive threshold) or a count rule.
         nearly_dense_edge_case: with ``count="ceil"`` and shares, a nearly dense layer (density > 0.8) whose
             share exceeds ``1/L`` prunes at most its sparsity (sparse momentum, section 3.2).
+        excess: with shares (any ``redistribute`` but ``"none"``), what happens to the regrowth a layer cannot
+            take. ``"equal"`` (default; sparse momentum's first edge case, section 3.2, as its reference code
+            ``calc_growth_redistribution`` does it): a layer takes at most 99 % of its free positions after
+            pruning, and the excess is handed out in equal parts to all the other layers, repeatedly, until
+            nothing is left (:func:`~lightning_sparse.functional.allocate_regrowth_equal`); no layer is made
+            dense by redistribution. ``"proportional"``: the excess goes to the other layers in proportion to
+            their shares, and a layer may fill up completely
+            (:func:`~lightning_sparse.functional.allocate_regrowth`; DSR's rule, whose reference hands what a
+            layer cannot take back out by the same shares). Either way the total is exact.
         prune_rate: default initial pruning rate / drop fraction.
         schedule: default pruning-rate schedule (``"cosine"``, ``"linear"``, ``"constant"``).
         init: default sparse initialization (``"uniform"``, ``"erk"``, ``"er"``).
@@ -303,7 +315,14 @@ class SparseAlgorithm:
             is measured over the window and the first update at or after its end is the last one.
         start: ``"random"`` (masks drawn with ``init``), ``"dense"`` (all weights active: GMP), or
             ``"snip"`` (one batch's ``|g·w|`` at the start of training).
-        reset_grown: zero the weights and optimizer state at grown positions (RigL).
+        reset_grown: zero the optimizer state (momentum, Adam's moments) at grown positions, so that a grown
+            weight does not inherit the momentum its position gathered while inactive (RigL, SET, DSR, whose
+            references keep no state for absent weights). ``False`` keeps it (sparse momentum, whose reference
+            grows where that momentum is largest and keeps it). Grown weights always start at zero.
+        reinit_when_same: whether a weight dropped and regrown in the same update counts as grown (zeroed, and
+            its state reset with ``reset_grown``). ``False`` (RigL's reference default and sparse momentum's):
+            it keeps its value and state, and only positions inactive before the update start afresh. ``True``
+            (SET, DSR: their references treat every regrown position as a new connection).
         dynamic: ``False`` for masks that never change after the start.
 
     Example (the paper's ablation "momentum redistribution, random growth"):
@@ -323,6 +342,8 @@ class SparseAlgorithm:
     stop_at: float = 1.0
     start: str = "random"
     reset_grown: bool = False
+    reinit_when_same: bool = False
+    excess: str = "equal"
     dynamic: bool = True
     _rules: tuple = field(init=False, repr=False, compare=False)
 
@@ -335,6 +356,8 @@ class SparseAlgorithm:
             raise ValueError(f"`start` can be {', '.join(STARTS)}, got {self.start!r}")
         if not 0.0 < self.stop_at <= 1.0:
             raise ValueError(f"`stop_at` must be in (0, 1], got {self.stop_at}")
+        if self.excess not in EXCESS_RULES:
+            raise ValueError(f"`excess` can be {', '.join(EXCESS_RULES)}, got {self.excess!r}")
         rules = (
             _resolve("count", self.count, COUNT_RULES),
             _resolve("prune", self.prune, PRUNE_RULES),
@@ -380,7 +403,8 @@ class SparseAlgorithm:
             grown = list(pruned)
         else:
             capacity = [size - a + p for size, a, p in zip(sizes, active, pruned)]
-            grown = allocate_regrowth(sum(pruned), shares, capacity)
+            allocate = allocate_regrowth_equal if self.excess == "equal" else allocate_regrowth
+            grown = allocate(sum(pruned), shares, capacity)
         new_masks = [
             grow_rule(layer, mask, n, context.generator) for layer, mask, n in zip(layers, pruned_masks, grown)
         ]
@@ -396,6 +420,36 @@ class SparseAlgorithm:
                     " add_highest or add_random, which select over the whole layer"
                 )
         return UpdateResult(new_masks, pruned_masks, new_active, pruned, grown)
+
+    def grown_positions(self, before: Sequence[Tensor], result: UpdateResult) -> list[Tensor]:
+        """Per layer, the positions that start afresh after ``result``: active now and inactive before the update
+        (``before``: the masks the update started from), plus, with ``reinit_when_same``, the ones dropped and
+        regrown in it (active now, not kept through pruning)."""
+        if self.reinit_when_same:
+            return [mask & ~pruned for mask, pruned in zip(result.masks, result.pruned_masks)]
+        return [mask & ~old for mask, old in zip(result.masks, before)]
+
+    @torch.no_grad()
+    def start_grown_(
+        self,
+        weights: Sequence[Tensor],
+        before: Sequence[Tensor],
+        result: UpdateResult,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> list[Tensor]:
+        """Set how the grown weights start, as the method's reference does: zero, and with ``reset_grown`` zero
+        optimizer state at their positions (:func:`~lightning_sparse.momentum.reset_optimizer_state`). Weights
+        dropped and regrown in the same update keep value and state unless ``reinit_when_same``.
+
+        ``weights`` are the parameters the optimizer updates (under FSDP2 the sharded ones: their local rows and
+        the local rows of their state are written); ``before`` and ``result`` hold masks shaped like the local
+        rows. Returns the positions (:meth:`grown_positions`)."""
+        grown = self.grown_positions(before, result)
+        for weight, positions in zip(weights, grown):
+            local(weight).masked_fill_(positions, 0.0)
+            if self.reset_grown and optimizer is not None:
+                reset_optimizer_state(optimizer, weight, positions)
+        return grown
 
 
 ALGORITHMS: dict[str, SparseAlgorithm | DST] = {
@@ -414,7 +468,15 @@ ALGORITHMS: dict[str, SparseAlgorithm | DST] = {
         reset_grown=True,
     ),
     "set": SparseAlgorithm(
-        prune="set", grow="random", redistribute="none", count="ceil", prune_rate=0.3, schedule="constant", init="er"
+        prune="set",
+        grow="random",
+        redistribute="none",
+        count="ceil",
+        prune_rate=0.3,
+        schedule="constant",
+        init="er",
+        reset_grown=True,
+        reinit_when_same=True,
     ),
     "dsr": SparseAlgorithm(
         prune="magnitude",
@@ -424,6 +486,9 @@ ALGORITHMS: dict[str, SparseAlgorithm | DST] = {
         prune_rate=0.1,
         schedule="constant",
         update_interval=200,
+        reset_grown=True,
+        reinit_when_same=True,
+        excess="proportional",
     ),
     "static": SparseAlgorithm(dynamic=False, redistribute="none"),
     "snip": SparseAlgorithm(dynamic=False, redistribute="none", start="snip"),

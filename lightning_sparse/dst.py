@@ -69,24 +69,50 @@ class ThresholdMask(nn.Module):
         return weight.detach().abs() > self._shaped_threshold(weight).detach()
 
 
+ALPHA_LENET = 5e-4
+"""The reference's α for LeNet-300-100 and LeNet-5-Caffe on MNIST (``mnist/train_argument.py`` default, README)."""
+ALPHA_LARGE = 1e-6
+"""The reference's default α for its CIFAR networks, VGG-16 and WideResNet-28-8 (``cifar/train_argument.py``;
+its README runs them with 5e-6)."""
+LENET_MAX_WEIGHTS = 1_000_000
+"""Networks with at most this many masked weights get :data:`ALPHA_LENET`, larger ones :data:`ALPHA_LARGE`. The
+paper's LeNets have 266,200 (LeNet-300-100) and 430,500 (LeNet-5-Caffe) masked weights; the reference code's
+CIFAR networks (``cifar/train.py``) have 14,977,728 (VGG-16) and about 23 million (WideResNet-28-8). One million
+lies more than 2x above both LeNets and 15x below the smaller CIFAR network."""
+
+
+def default_alpha(masked_weights: int) -> float:
+    """DST's α chosen for a network with ``masked_weights`` masked weights: :data:`ALPHA_LENET` (5e-4) up to
+    :data:`LENET_MAX_WEIGHTS` (LeNet size), :data:`ALPHA_LARGE` (1e-6) above."""
+    return ALPHA_LENET if masked_weights <= LENET_MAX_WEIGHTS else ALPHA_LARGE
+
+
 @dataclass(frozen=True)
 class DST:
     """Dynamic Sparse Training: learned per-neuron thresholds instead of a target density.
 
     Args:
-        alpha: weight of the sparse regularizer ``α · Σ_l Σ exp(−t_l)`` (the paper: 5e-4 for LeNet, about
-            1e-6 for CIFAR-size networks).
+        alpha: weight of the sparse regularizer ``α · Σ_l Σ exp(−t_l)``. ``None`` (default): chosen for the
+            network when the run starts (:func:`default_alpha`, logged): 5e-4, the reference's LeNet value, for
+            networks of at most one million masked weights (the paper's LeNet-300-100 has 266,200, LeNet-5-Caffe
+            430,500), 1e-6, the reference code's default for its CIFAR networks (VGG-16: 14,977,728;
+            WideResNet-28-8: about 23 million), above; the reference never uses the LeNet value on a CIFAR
+            network. Pass a number to choose it yourself.
         collapse_density: a layer keeping this fraction of its weights or fewer gets its thresholds reset.
     """
 
-    alpha: float = 5e-4
+    alpha: float | None = None
     collapse_density: float = 0.01
 
     def __post_init__(self) -> None:
-        if self.alpha < 0:
-            raise ValueError(f"`alpha` must be >= 0, got {self.alpha}")
+        if self.alpha is not None and not self.alpha >= 0:
+            raise ValueError(f"`alpha` must be >= 0 (or None: chosen for the network), got {self.alpha}")
         if not 0.0 <= self.collapse_density < 1.0:
             raise ValueError(f"`collapse_density` must be in [0, 1), got {self.collapse_density}")
+
+    def alpha_for(self, masked_weights: int) -> float:
+        """``alpha``, or when it is ``None`` the value :func:`default_alpha` gives for ``masked_weights``."""
+        return self.alpha if self.alpha is not None else default_alpha(masked_weights)
 
 
 def attach_thresholds(

@@ -40,9 +40,9 @@ from lightning_sparse import distributed, dst
 from lightning_sparse.algorithms import LayerState, SparseAlgorithm, UpdateContext, UpdateResult
 from lightning_sparse.functional.prune_grow import snip_masks
 from lightning_sparse.functional.init import layer_active_counts
-from lightning_sparse.layers import FoundLayers, find_layers
+from lightning_sparse.layers import FoundLayers, find_attention, find_layers, is_hf_conv1d
 from lightning_sparse.masking import Masking, check_found
-from lightning_sparse.momentum import check_momentum_optimizer, optimizer_momentum, reset_optimizer_state
+from lightning_sparse.momentum import check_momentum_optimizer, optimizer_momentum
 from lightning_sparse.scheduling import SparseOptions, check_total_steps
 
 log = logging.getLogger(__name__)
@@ -286,8 +286,12 @@ class Sparsifier:
 
     def report_layers(self, names: Iterable[str]) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """What :meth:`~lightning_sparse.report.SparsityReport.measure` takes: the (local) masks, plus the (local)
-        weights of the other layers in ``names``, and the shard layout. Under FSDP2 a layer that every process
-        holds whole is counted from the first process only."""
+        weights of the other layers in ``names``, and the layout: the shard layout (FSDP2), ``transposed`` (the
+        layers stored ``[in, out]``, ``transformers``' ``Conv1D``, whose columns are their output channels) and
+        ``attention`` (:func:`~lightning_sparse.layers.find_attention`'s modules whose projections are all among
+        the layers, for their empty heads). Under FSDP2 a layer that every process holds whole is counted from
+        the first process only; a ``Conv1D`` weight is sharded by its stored rows (input channels), which the
+        report's all-reduced counts handle (each process passes its row block as stored, not transposed)."""
         layers: dict[str, Tensor] = dict(self.masks)
         layout = self.shard_layout()
         params = dict(self.model.named_parameters())
@@ -302,7 +306,27 @@ class Sparsifier:
             if layout:
                 layout["row_offsets"][name] = spec.row_offset
                 layout["out_channels"][name] = spec.shape[0]
+        transposed = [name for name in layers if self._transposed(name)]
+        if transposed:
+            layout["transposed"] = transposed
+        if not hasattr(self, "_attention"):  # the model's modules do not change during a run
+            self._attention = find_attention(self.model)
+        attention = {m: a for m, a in self._attention.items() if all(n in layers for n in a.layers)}
+        if attention:
+            layout["attention"] = attention
         return layers, layout
+
+    def _transposed(self, name: str) -> bool:
+        """Whether the weight ``name`` is stored ``[in, out]`` (``transformers``' ``Conv1D``)."""
+        layer = self.layers.get(name)
+        if layer is not None:
+            return layer.transposed
+        module_name, _, attr = name.rpartition(".")
+        try:
+            module = self.model.get_submodule(module_name)
+        except AttributeError:
+            return False
+        return attr == "weight" and is_hf_conv1d(module)
 
     @property
     def learns_every_step(self) -> bool:
@@ -384,12 +408,13 @@ class Sparsifier:
                 result = _splice(part, chosen, base.masks, base.active, base)
         if result is None:
             result = _splice(None, [], masking.masks, masking.active)
+        before = list(masking.masks)  # what was active before: only positions new to a layer start afresh
         masking.set_masks(result.masks, result.active)
         if not self.sharded:
             distributed.ensure_masks_agree(masking.names, masking.masks)
         masking.apply_()
-        if algorithm.reset_grown:
-            self._reset_grown(result)
+        if algorithm.dynamic:  # grown weights start at zero, their optimizer state as the method's reference
+            algorithm.start_grown_(masking.weights, before, result, self.optimizer)
         self.current_prune_rate = rate
         self.last_update_step = step
         self.num_updates += 1
@@ -449,14 +474,6 @@ class Sparsifier:
     @staticmethod
     def _grad(weight: Tensor) -> Tensor | None:
         return None if weight.grad is None else distributed.local(weight.grad)
-
-    @torch.no_grad()
-    def _reset_grown(self, result: UpdateResult) -> None:
-        """Grown weights start at zero, and so does their optimizer state (RigL)."""
-        for weight, mask, pruned in zip(self.masking.weights, result.masks, result.pruned_masks):
-            grown = mask & ~pruned
-            distributed.local(weight).masked_fill_(grown, 0.0)
-            reset_optimizer_state(self.optimizer, weight, grown)
 
     # ------------------------------------------------------------------ SNIP
     @property
@@ -632,6 +649,16 @@ class DSTSparsifier(Sparsifier):
         self._modules = {name: self.model.get_submodule(self.layers[name].module) for name in self.thresholds}
         self._specs = [distributed.shard_spec(self._raw(n), n) for n in self._modules]
         self._group = distributed.common_group(self._specs)
+        self.alpha = algorithm.alpha_for(sum(self.sizes))  # DST.alpha, or the value chosen for the network
+        if algorithm.alpha is None and distributed.rank() == 0:
+            log.info(
+                "DST: alpha = %g chosen for %d masked weights (%s; pass DST(alpha=...) to set it)",
+                self.alpha,
+                sum(self.sizes),
+                f"LeNet size, <= {dst.LENET_MAX_WEIGHTS:,}"
+                if self.alpha == dst.ALPHA_LENET
+                else f"larger than a LeNet, > {dst.LENET_MAX_WEIGHTS:,}",
+            )
 
     def _raw(self, name: str) -> Tensor:
         return dst.raw_weight(self._modules[name], self.layers[name].attr)
@@ -706,11 +733,11 @@ class DSTSparsifier(Sparsifier):
     def before_optimizer_step(self) -> None:
         thresholds = [t.threshold for t in self.thresholds.values()]
         if self._fsdp:  # FSDP2 has reduce-scattered the gradients: add the regularizer's to the local rows
-            dst.add_regularizer_grad_([distributed.local(t) for t in thresholds], self.dst.alpha,
+            dst.add_regularizer_grad_([distributed.local(t) for t in thresholds], self.alpha,
                                       grads=[distributed.local(t.grad) if t.grad is not None else None
                                              for t in thresholds])  # fmt: skip
             return
-        dst.add_regularizer_grad_(thresholds, self.dst.alpha)
+        dst.add_regularizer_grad_(thresholds, self.alpha)
         if distributed.world_size() > 1:  # thresholds added after DDP wrapped the model are not reduced by it
             grads = [t.grad for t in thresholds]
             flat = torch.cat([g.reshape(-1) for g in grads])

@@ -74,9 +74,16 @@ def test_excess_regrowth_is_capped_by_layer_room():
     layers = [_layer("a", wa * ma, ma, mom_a), _layer("b", wb * mb, mb, mom_b)]
     result = ALGORITHMS["sparse_momentum"].update(layers, [10, 8], UpdateContext(0.5, generator=torch.Generator()))
     assert result.pruned == [5, 4]
-    assert result.grown == [3, 6]  # b wanted 8.1, got its 6 free; the 3 left went to a
-    assert result.active == [8, 10]
+    # b wanted 8.1 but takes at most 99 % of its 6 free positions (5, the reference's cap); the 3.1 left went
+    # to a (the excess is shared equally among the other layers: a is the only one)
+    assert result.grown == [4, 5]
+    assert result.active == [9, 9]
     assert sum(result.active) == 18
+    # excess="proportional": b fills its 6 free positions, the 3 left go to a by share
+    proportional = SparseAlgorithm(nearly_dense_edge_case=True, excess="proportional")
+    result = proportional.update(layers, [10, 8], UpdateContext(0.5, generator=torch.Generator()))
+    assert result.grown == [3, 6]
+    assert result.active == [8, 10]
 
 
 def test_dense_and_growing_layer_is_not_pruned():

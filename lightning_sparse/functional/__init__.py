@@ -11,6 +11,7 @@ from lightning_sparse.functional.prune_grow import (
 )
 from lightning_sparse.functional.redistribute import (
     allocate_regrowth,
+    allocate_regrowth_equal,
     magnitude_shares,
     momentum_shares,
     nonzero_shares,
@@ -23,6 +24,7 @@ __all__ = [
     "PRUNE_RATE_SCHEDULES",
     "add_highest",
     "allocate_regrowth",
+    "allocate_regrowth_equal",
     "constant",
     "cosine_decay",
     "drop_lowest",

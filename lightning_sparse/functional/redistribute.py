@@ -1,8 +1,9 @@
 """Redistribution: how the pruned weights are handed back to the layers.
 
 A redistribution rule turns per-layer statistics into shares (non-negative, summing to one) on the device.
-``prune_counts`` and ``allocate_regrowth`` then turn a pruning rate and the shares into exact integer
-counts on the host. Pure tensor math, no Lightning.
+``prune_counts`` and ``allocate_regrowth_equal`` (sparse momentum's reference rule) or ``allocate_regrowth`` (in
+proportion to the shares) then turn a pruning rate and the shares into exact integer counts on the host. Pure
+tensor math, no Lightning.
 """
 
 from __future__ import annotations
@@ -119,7 +120,8 @@ def adapt_threshold(threshold: float, pruned: int, target: float, tolerance: flo
 
 
 def allocate_regrowth(total: int, shares: Sequence[float], capacity: Sequence[int]) -> list[int]:
-    """Hand ``total`` regrown weights to the layers in proportion to ``shares``, exactly.
+    """Hand ``total`` regrown weights to the layers in proportion to ``shares``, exactly (the ``"proportional"``
+    excess rule; sparse momentum's reference rule is :func:`allocate_regrowth_equal`).
 
     No layer takes more than its ``capacity`` (free positions); what a full layer cannot take goes to the
     others in proportion to their shares (water filling), until all ``total`` are placed. If every layer
@@ -157,3 +159,69 @@ def allocate_regrowth(total: int, shares: Sequence[float], capacity: Sequence[in
     return largest_remainder(quotas, total, capacity)
 
 
+MAX_REGROWTH_FRACTION = 0.99
+"""Sparse momentum's reference caps a layer's regrowth at 99 % of its free positions after pruning
+(``sparselearning/core.py``, ``calc_growth_redistribution``: ``max_regrowth = num_zero + num_remove``, capped at
+``0.99*max_regrowth``), so no layer is ever made completely dense by redistribution."""
+
+
+def allocate_regrowth_equal(
+    total: int, shares: Sequence[float], capacity: Sequence[int], max_fraction: float = MAX_REGROWTH_FRACTION
+) -> list[int]:
+    """Sparse momentum's redistribution with its first edge case as in the paper (section 3.2) and the reference
+    code (``calc_growth_redistribution``), exactly.
+
+    Each layer is first given ``shares[l] * total``. A layer may take at most ``floor(max_fraction * capacity[l])``
+    (``capacity`` = its free positions after pruning; 0.99 in the reference); what a layer cannot take, the
+    excess, is handed out in *equal* parts to all the other layers, again capped, and what those cannot take is
+    handed out equally again, until nothing is left (the reference repeats the equal split until the residual is
+    zero; its limit is this equal water filling: every layer that is not capped receives the same increment).
+    Only if the capped layers cannot hold ``total`` at all does the rest fill layers beyond ``max_fraction``, up
+    to ``capacity`` (the reference gives up there with "Layers are too full!" and grows fewer weights).
+
+    The real-valued amounts are then rounded to integers summing to exactly ``total`` (largest remainder, ties
+    to the lower index); the reference rounds each layer's first amount up and its growth down and corrects the
+    total over later updates with a smoothed residual instead.
+
+    Example (layer 0 wants 180 but can take 99 of its 100 free positions; its excess 81 goes to the other two in
+    equal parts, 10 + 40.5 each, and the rounding tie goes to the first):
+        >>> allocate_regrowth_equal(200, [0.9, 0.05, 0.05], [100, 1000, 1000])
+        [99, 51, 50]
+    """
+    if total < 0:
+        raise ValueError(f"cannot regrow a negative number of weights: {total}")
+    if total > sum(capacity):
+        raise ValueError(f"cannot regrow {total} weights into {sum(capacity)} free positions")
+    n = len(shares)
+    if n == 0:
+        return []
+    share_sum = float(sum(shares))
+    quotas = [total * float(s) / share_sum for s in shares] if share_sum > 0 else [total / n] * n
+    caps = [min(c, math.floor(max_fraction * c + _EPS)) for c in capacity]
+    excess = 0.0
+    for i in range(n):
+        if quotas[i] > caps[i]:
+            excess += quotas[i] - caps[i]
+            quotas[i] = float(caps[i])
+    excess = _spread_equally(quotas, caps, excess)
+    if excess > 0:  # the capped layers cannot hold everything: fill beyond the cap, equally
+        _spread_equally(quotas, capacity, excess)
+    return largest_remainder(quotas, total, caps if sum(caps) >= total else capacity)
+
+
+def _spread_equally(quotas: list[float], caps: Sequence[int], excess: float) -> float:
+    """Add ``excess`` to ``quotas`` (in place) in equal parts over the entries below their cap, none beyond it
+    (water filling); returns what is left when every entry is at its cap."""
+    open_ = [i for i in range(len(quotas)) if quotas[i] < caps[i]]
+    while excess > 0 and open_:
+        part = excess / len(open_)
+        full = [i for i in open_ if caps[i] - quotas[i] <= part]
+        if not full:
+            for i in open_:
+                quotas[i] += part
+            return 0.0
+        for i in full:
+            excess -= caps[i] - quotas[i]
+            quotas[i] = float(caps[i])
+        open_ = [i for i in open_ if i not in full]
+    return max(excess, 0.0)
