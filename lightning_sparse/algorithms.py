@@ -241,7 +241,7 @@ class DSRThreshold:
     def __call__(self, layers: Sequence[LayerState], active: list[int], shares: list[float] | None, ctx: UpdateContext) -> list[int]:
         threshold = float(ctx.state.get("dsr_threshold", self.initial))
         counts = below_threshold_counts(
-            [l.weight for l in layers], [l.mask for l in layers], threshold, shard_reducer(layers)
+            [layer.weight for layer in layers], [layer.mask for layer in layers], threshold, shard_reducer(layers)
         )
         ctx.state["dsr_threshold"] = adapt_threshold(threshold, sum(counts), ctx.rate * sum(active), self.tolerance)
         return counts

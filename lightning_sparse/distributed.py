@@ -16,8 +16,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 import random
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 

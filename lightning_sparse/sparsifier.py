@@ -38,8 +38,8 @@ from torch.nn.utils import parametrize
 
 from lightning_sparse import distributed, dst
 from lightning_sparse.algorithms import LayerState, SparseAlgorithm, UpdateContext, UpdateResult
-from lightning_sparse.functional.prune_grow import snip_masks
 from lightning_sparse.functional.init import layer_active_counts
+from lightning_sparse.functional.prune_grow import snip_masks
 from lightning_sparse.layers import FoundLayers, find_attention, find_layers, is_hf_conv1d
 from lightning_sparse.masking import Masking, check_found
 from lightning_sparse.momentum import check_momentum_optimizer, optimizer_momentum

@@ -4,7 +4,6 @@ DST checkpoints. A 64-32-16-10 MLP on scikit-learn digits, 1–4 epochs."""
 
 from __future__ import annotations
 
-
 import lightning as L
 import pytest
 import torch

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_sparse import Sparsifier, SparseTrainingCallback
+from lightning_sparse import SparseTrainingCallback, Sparsifier
 from lightning_sparse.functional import layer_active_counts
 from lightning_sparse.layers import find_layers
 
