@@ -19,7 +19,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_sparse import SparseTrainingCallback  # noqa: E402
-from tests.helpers import DigitsMLP, resumable_digits_loader, trainer as quiet_trainer  # noqa: E402
+from tests.helpers import DigitsMLP, resumable_digits_loader  # noqa: E402
+from tests.helpers import trainer as quiet_trainer
 
 
 class Kill(L.Callback):

@@ -20,7 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_sparse import SparseTrainingCallback  # noqa: E402
-from tests.helpers import DigitsMLP, digits_loader, trainer as quiet_trainer  # noqa: E402
+from tests.helpers import DigitsMLP, digits_loader  # noqa: E402
+from tests.helpers import trainer as quiet_trainer
 
 STEP_ALGORITHMS = {"rigl": 2, "dsr": 2, "gmp": 2}  # update intervals short enough for a few updates
 

@@ -29,7 +29,8 @@ from torch.distributed.tensor import DTensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_sparse import DST, SparseTrainingCallback, attach_dst_thresholds  # noqa: E402
-from tests.helpers import digits_loader, trainer as quiet_trainer  # noqa: E402
+from tests.helpers import digits_loader  # noqa: E402
+from tests.helpers import trainer as quiet_trainer
 
 STEP_ALGORITHMS = {"rigl": 2, "dsr": 2, "gmp": 2}
 DENSITY = 0.2

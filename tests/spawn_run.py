@@ -15,7 +15,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_sparse import SparseTrainingCallback  # noqa: E402
-from tests.helpers import DigitsMLP, digits_loader, trainer as quiet_trainer  # noqa: E402
+from tests.helpers import DigitsMLP, digits_loader  # noqa: E402
+from tests.helpers import trainer as quiet_trainer
 
 
 def main() -> None:
