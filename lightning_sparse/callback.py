@@ -17,31 +17,26 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import math
 import os
 import time
 import types
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import (
     Callback,
-    GradientAccumulationScheduler,
-    StochasticWeightAveraging,
-    WeightAveraging,
 )
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lightning_sparse import distributed, dst
+from lightning_sparse import distributed, dst, trainer_support
 from lightning_sparse.algorithms import SparseAlgorithm
 from lightning_sparse.profiling import InputCapture
 from lightning_sparse.report import TIMINGS, SparsityReport, Stopwatch, TrainFlops, send_figure
 from lightning_sparse.scheduling import SparseOptions
-from lightning_sparse.sparsifier import Sparsifier, UpdateReport, _dst_modules, prepare_model, select_layers
+from lightning_sparse.sparsifier import Sparsifier, UpdateReport, prepare_model
 
 log = logging.getLogger(__name__)
 
@@ -242,11 +237,11 @@ class SparseTrainingCallback(Callback):
         # `on_fit_start`), and only once the length of training is known: every check that can fail runs before
         # a weight changes. The length is read here, not earlier: asking loads the train dataloader, and before
         # the loop state is restored Lightning then cannot resume a stateful dataloader mid-epoch.
-        _refuse_overlap(self, trainer, pl_module)
         siblings = [c for c in trainer.callbacks if isinstance(c, SparseTrainingCallback)]
+        trainer_support.refuse_overlap(self.options, [c.options for c in siblings if c is not self], pl_module)
         self._index = siblings.index(self)
         self._prefix = "sparse" if len(siblings) == 1 else f"sparse/{self._index}"
-        total = _total_steps(trainer)
+        total = trainer_support.total_steps(trainer)
         optimizer = trainer.optimizers[0]
         previous, state, self._pending_state = self.sparsifier, self._pending_state, None
         if previous is not None and previous.model is pl_module and state is None and not previous.learns_every_step:
@@ -260,8 +255,8 @@ class SparseTrainingCallback(Callback):
                 self._pending_epoch_end = state.get("pending_epoch_end")
         sparsifier = self.sparsifier
         if sparsifier.needs_snip:
-            _snip_on_first_batch(trainer, pl_module, sparsifier)
-        _mask_weight_averages(trainer, sparsifier)
+            trainer_support.snip_on_first_batch(trainer, pl_module, sparsifier)
+        trainer_support.mask_weight_averages(trainer, sparsifier)
         self._capture = InputCapture(pl_module, [sparsifier.layers[n].module for n in sparsifier.names])
         self._measure(trainer.global_step)  # the starting point of the figure
         self._train_start = time.perf_counter()
@@ -419,95 +414,3 @@ class SparseTrainingCallback(Callback):
         zero hands its final state back through a file (:class:`~lightning_sparse.distributed.SpawnHandoff`)."""
         self._handoff.prepare()
         return {**self.__dict__, "sparsifier": None}
-
-
-def _snip_on_first_batch(trainer: pl.Trainer, pl_module: pl.LightningModule, sparsifier: Sparsifier) -> None:
-    """SNIP's masks from the loss of the first training batch; the module's buffers (BatchNorm statistics) are
-    restored afterwards and its ``self.log`` calls dropped."""
-    batch = trainer.strategy.batch_to_device(next(iter(trainer.train_dataloader)))
-    buffers = {name: b.clone() for name, b in pl_module.named_buffers()}
-    with _logging_disabled(pl_module):
-        output = pl_module.training_step(batch, 0)
-    sparsifier.snip(output["loss"] if isinstance(output, Mapping) else output)
-    with torch.no_grad():
-        for name, b in pl_module.named_buffers():
-            b.copy_(buffers[name])
-
-
-@contextmanager
-def _logging_disabled(pl_module: pl.LightningModule) -> Iterator[None]:
-    """Run a ``training_step`` outside Lightning's loop: its ``self.log`` calls are dropped."""
-    pl_module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
-    pl_module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        del pl_module.log
-        del pl_module.log_dict
-
-
-def _total_steps(trainer: pl.Trainer) -> float:
-    """Optimizer steps of the whole run (``inf`` when unknown). With a ``GradientAccumulationScheduler``, the sum
-    over epochs of ``ceil(batches / accumulation)`` (Lightning's own estimate takes the first epoch's factor)."""
-    total = float(trainer.estimated_stepping_batches)
-    if not 0 < total < math.inf:
-        return math.inf
-    scheduler = next((c for c in trainer.callbacks if isinstance(c, GradientAccumulationScheduler)), None)
-    batches = trainer.num_training_batches
-    if scheduler is not None and trainer.max_epochs not in (None, -1) and 0 < batches < math.inf:
-        steps = sum(math.ceil(batches / scheduler.get_accumulate_grad_batches(e)) for e in range(trainer.max_epochs))
-        total = float(min(steps, trainer.max_steps) if trainer.max_steps > 0 else steps)
-    return total
-
-
-def _mask_weight_averages(trainer: pl.Trainer, sparsifier: Sparsifier) -> None:
-    """Keep the averaged models of Lightning's ``WeightAveraging`` (``EMAWeightAveraging``) and
-    ``StochasticWeightAveraging`` within the current masks: each averaging step is followed by masking the
-    average, whatever the order of the callbacks. (An average of weights whose masks changed is otherwise
-    non-zero wherever any of those masks was: validation, checkpoints and the final model would be denser
-    than asked.)"""
-    if sparsifier.learns_every_step:  # DST's parametrization masks the averaged raw weights itself
-        return
-
-    def mask(module: torch.nn.Module) -> None:
-        params = dict(module.named_parameters())
-        with torch.no_grad():
-            for name, m in sparsifier.masks.items():
-                for key in (name, f"module.{name}"):
-                    if key in params:
-                        params[key].mul_(m.to(params[key].device))
-
-    for callback in trainer.callbacks:
-        if isinstance(callback, WeightAveraging) and callback._average_model is not None:
-            _after(callback._average_model, lambda average, *args: mask(average.module))
-            mask(callback._average_model.module)
-        elif isinstance(callback, StochasticWeightAveraging):
-            _after(callback, lambda callback, average, *args: mask(average))
-
-
-def _after(owner: Any, then: Callable[..., None]) -> None:
-    """Make ``owner.update_parameters(*args)`` call ``then(owner, *args)`` after itself (once: a later call
-    replaces ``then``, e.g. when the callback is fitted again with another model)."""
-    original = vars(owner).get("_lightning_sparse_update", owner.update_parameters)
-
-    def update_parameters(*args: Any) -> None:
-        original(*args)
-        then(owner, *args)
-
-    vars(owner)["_lightning_sparse_update"] = original
-    vars(owner)["update_parameters"] = update_parameters
-
-
-def _refuse_overlap(callback: SparseTrainingCallback, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-    """Several sparse callbacks must mask disjoint sets of weights; checked before any of them binds."""
-    others = [c for c in trainer.callbacks if isinstance(c, SparseTrainingCallback) and c is not callback]
-    if not others:
-        return
-    mine = set(select_layers(pl_module, callback.options, _dst_modules(pl_module)).masked)
-    for other in others:
-        shared = mine & set(select_layers(pl_module, other.options, _dst_modules(pl_module)).masked)
-        if shared:
-            raise ValueError(
-                f"two SparseTrainingCallbacks mask the same weights {sorted(shared)}: give each callback its own"
-                " layers (`density` groups without a '*' entry, `dense_layers`)"
-            )

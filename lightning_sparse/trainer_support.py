@@ -1,0 +1,108 @@
+"""The Lightning side of :class:`~lightning_sparse.SparseTrainingCallback`: what it needs from the trainer and
+the other callbacks (the length of training, weight averaging, SNIP's first batch, several sparse callbacks).
+The method itself is in :mod:`lightning_sparse.sparsifier`, which has no Lightning import."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import GradientAccumulationScheduler, StochasticWeightAveraging, WeightAveraging
+
+from lightning_sparse.scheduling import SparseOptions
+from lightning_sparse.sparsifier import Sparsifier, _dst_modules, select_layers
+
+
+def snip_on_first_batch(trainer: pl.Trainer, pl_module: pl.LightningModule, sparsifier: Sparsifier) -> None:
+    """SNIP's masks from the loss of the first training batch; the module's buffers (BatchNorm statistics) are
+    restored afterwards and its ``self.log`` calls dropped."""
+    batch = trainer.strategy.batch_to_device(next(iter(trainer.train_dataloader)))
+    buffers = {name: b.clone() for name, b in pl_module.named_buffers()}
+    with logging_disabled(pl_module):
+        output = pl_module.training_step(batch, 0)
+    sparsifier.snip(output["loss"] if isinstance(output, Mapping) else output)
+    with torch.no_grad():
+        for name, b in pl_module.named_buffers():
+            b.copy_(buffers[name])
+
+
+@contextmanager
+def logging_disabled(pl_module: pl.LightningModule) -> Iterator[None]:
+    """Run a ``training_step`` outside Lightning's loop: its ``self.log`` calls are dropped."""
+    pl_module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    pl_module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del pl_module.log
+        del pl_module.log_dict
+
+
+def total_steps(trainer: pl.Trainer) -> float:
+    """Optimizer steps of the whole run (``inf`` when unknown). With a ``GradientAccumulationScheduler``, the sum
+    over epochs of ``ceil(batches / accumulation)`` (Lightning's own estimate takes the first epoch's factor)."""
+    total = float(trainer.estimated_stepping_batches)
+    if not 0 < total < math.inf:
+        return math.inf
+    scheduler = next((c for c in trainer.callbacks if isinstance(c, GradientAccumulationScheduler)), None)
+    batches = trainer.num_training_batches
+    if scheduler is not None and trainer.max_epochs not in (None, -1) and 0 < batches < math.inf:
+        steps = sum(math.ceil(batches / scheduler.get_accumulate_grad_batches(e)) for e in range(trainer.max_epochs))
+        total = float(min(steps, trainer.max_steps) if trainer.max_steps > 0 else steps)
+    return total
+
+
+def mask_weight_averages(trainer: pl.Trainer, sparsifier: Sparsifier) -> None:
+    """Keep the averaged models of Lightning's ``WeightAveraging`` (``EMAWeightAveraging``) and
+    ``StochasticWeightAveraging`` within the current masks: each averaging step is followed by masking the
+    average, whatever the order of the callbacks. (An average of weights whose masks changed is otherwise
+    non-zero wherever any of those masks was: validation, checkpoints and the final model would be denser
+    than asked.)"""
+    if sparsifier.learns_every_step:  # DST's parametrization masks the averaged raw weights itself
+        return
+
+    def mask(module: torch.nn.Module) -> None:
+        params = dict(module.named_parameters())
+        with torch.no_grad():
+            for name, m in sparsifier.masks.items():
+                for key in (name, f"module.{name}"):
+                    if key in params:
+                        params[key].mul_(m.to(params[key].device))
+
+    for callback in trainer.callbacks:
+        if isinstance(callback, WeightAveraging) and callback._average_model is not None:
+            after(callback._average_model, lambda average, *args: mask(average.module))
+            mask(callback._average_model.module)
+        elif isinstance(callback, StochasticWeightAveraging):
+            after(callback, lambda callback, average, *args: mask(average))
+
+
+def after(owner: Any, then: Callable[..., None]) -> None:
+    """Make ``owner.update_parameters(*args)`` call ``then(owner, *args)`` after itself (once: a later call
+    replaces ``then``, e.g. when the callback is fitted again with another model)."""
+    original = vars(owner).get("_lightning_sparse_update", owner.update_parameters)
+
+    def update_parameters(*args: Any) -> None:
+        original(*args)
+        then(owner, *args)
+
+    vars(owner)["_lightning_sparse_update"] = original
+    vars(owner)["update_parameters"] = update_parameters
+
+
+def refuse_overlap(options: SparseOptions, others: Sequence[SparseOptions], pl_module: pl.LightningModule) -> None:
+    """Several sparse callbacks must mask disjoint sets of weights; checked before any of them binds."""
+    if not others:
+        return
+    mine = set(select_layers(pl_module, options, _dst_modules(pl_module)).masked)
+    for other in others:
+        shared = mine & set(select_layers(pl_module, other, _dst_modules(pl_module)).masked)
+        if shared:
+            raise ValueError(
+                f"two SparseTrainingCallbacks mask the same weights {sorted(shared)}: give each callback its own"
+                " layers (`density` groups without a '*' entry, `dense_layers`)"
+            )
