@@ -35,6 +35,16 @@ from torch.distributed import ProcessGroup
 from lightning_sparse.distributed import ShardSpec, common_group, local, reduce_layer_sums
 from lightning_sparse.dst import DST
 from lightning_sparse.functional.init import INIT_METHODS
+from lightning_sparse.functional.patterns import (
+    Pattern,
+    fill_units,
+    parse_pattern,
+    round_half_up,
+    round_to_rows,
+    trim_units,
+    unit_counts,
+    unit_shape,
+)
 from lightning_sparse.functional.prune_grow import add_highest, drop_lowest, random_growth, set_prune
 from lightning_sparse.functional.redistribute import (
     adapt_threshold,
@@ -47,6 +57,7 @@ from lightning_sparse.functional.redistribute import (
     prune_counts,
 )
 from lightning_sparse.functional.schedules import PRUNE_RATE_SCHEDULES, gmp_sparsity
+from lightning_sparse.functional.selection import hash_scores
 from lightning_sparse.momentum import reset_optimizer_state
 
 
@@ -57,6 +68,11 @@ class LayerState:
     Under FSDP2, ``weight``, ``mask``, ``momentum`` and ``grad`` are this process's row block of the layer
     (``spec`` says which); counts given to and returned by rules are over the whole layer. Rules written with
     :meth:`drop_lowest` / :meth:`add_highest` / :meth:`add_random` work unchanged on shards.
+
+    ``transposed``: the weight is stored ``[in, out]`` (``transformers``' ``Conv1D``). Under a structured pattern
+    (:mod:`~lightning_sparse.functional.patterns`), a growth rule's :meth:`add_highest` / :meth:`add_random` fill
+    every unit of the pattern (N:M group, row) up to its target, by the given score, instead of choosing over the
+    whole layer; ``n`` is then the total they add, known from the counts.
     """
 
     def __init__(
@@ -67,6 +83,7 @@ class LayerState:
         momentum_fn: Callable[[], Tensor] | None = None,
         grad_fn: Callable[[], Tensor | None] | None = None,
         spec: ShardSpec | None = None,
+        transposed: bool = False,
     ) -> None:
         self.name = name
         self.weight = weight
@@ -74,6 +91,8 @@ class LayerState:
         self._momentum_fn = momentum_fn
         self._grad_fn = grad_fn
         self.spec = spec if spec is not None else ShardSpec(tuple(weight.shape), 0, weight.shape[0] if weight.dim() else 1)
+        self.transposed = transposed
+        self._units: tuple[Pattern, int] | None = None  # (pattern, target per unit) while a structured update grows
 
     @property
     def numel(self) -> int:
@@ -93,11 +112,21 @@ class LayerState:
         return drop_lowest(score, mask, n, offset=self.offset, group=self.group)
 
     def add_highest(self, score: Tensor, mask: Tensor, n: int) -> Tensor:
-        """``mask`` plus the ``n`` free positions of highest ``score`` over the whole layer."""
+        """``mask`` plus the ``n`` free positions of highest ``score`` over the whole layer (under a structured
+        pattern: every unit filled up to its target by its free positions of highest ``score``)."""
+        if self._units is not None:
+            pattern, target = self._units
+            return fill_units(score.detach(), mask, target, pattern, self.transposed)
         return add_highest(score, mask, n, offset=self.offset, group=self.group)
 
     def add_random(self, mask: Tensor, n: int, generator: torch.Generator) -> Tensor:
-        """``mask`` plus ``n`` free positions drawn at random (the same for any number of shards)."""
+        """``mask`` plus ``n`` free positions drawn at random (the same for any number of shards; under a
+        structured pattern, every unit filled up to its target at random)."""
+        if self._units is not None:
+            pattern, target = self._units
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator, dtype=torch.int64))
+            scores = hash_scores(seed, self.offset, mask.numel(), mask.device).view(mask.shape)
+            return fill_units(scores, mask, target, pattern, self.transposed)
         return random_growth(mask, n, generator, offset=self.offset, group=self.group)
 
     @cached_property
@@ -126,6 +155,8 @@ class UpdateContext:
         density: the target density of the run.
         generator: the seeded CPU generator for random choices.
         state: the algorithm's persistent state (checkpointed with the callback), e.g. DSR's threshold.
+        pattern: ``"unstructured"``, ``"N:M"`` or ``"fan_in"`` (:mod:`~lightning_sparse.functional.patterns`): the
+            units every update keeps whole (see :meth:`SparseAlgorithm.update`).
     """
 
     rate: float
@@ -133,6 +164,7 @@ class UpdateContext:
     density: float = 1.0
     generator: torch.Generator = field(default_factory=torch.Generator)
     state: dict[str, Any] = field(default_factory=dict)
+    pattern: str | Pattern = "unstructured"
 
 
 PruneRule = Callable[[LayerState, int], Tensor]
@@ -379,6 +411,8 @@ class SparseAlgorithm:
         synchronization). Unless the growth rule is ``"none"``, the total number of active weights is
         preserved exactly; with redistribution ``"none"`` each layer's own count is. Reading the shares is
         the only host synchronization of the built-in rules (DSR's and SET's counting add one each).
+
+        Under a structured ``context.pattern`` see :meth:`update_structured`.
         """
         count_rule, prune_rule, redistribute_rule, grow_rule = self._rules
         masks = [layer.mask for layer in layers]
@@ -386,6 +420,8 @@ class SparseAlgorithm:
         if not self.dynamic:
             zeros = [0] * len(layers)
             return UpdateResult(list(masks), list(masks), active, zeros, list(zeros))
+        if parse_pattern(context.pattern).structured:
+            return self.update_structured(layers, active, context)
         sizes = [layer.numel for layer in layers]
         shares = None
         if redistribute_rule is not NONZERO:
@@ -420,6 +456,115 @@ class SparseAlgorithm:
                     " add_highest or add_random, which select over the whole layer"
                 )
         return UpdateResult(new_masks, pruned_masks, new_active, pruned, grown)
+
+    def update_structured(
+        self, layers: Sequence[LayerState], active: Sequence[int], context: UpdateContext
+    ) -> UpdateResult:
+        """One update that keeps ``context.pattern`` (``"N:M"`` or ``"fan_in"``, see
+        :mod:`~lightning_sparse.functional.patterns`): every unit of a layer (N:M group, row) ends with the same
+        number of active weights, its target.
+
+        * The count and prune rules run as in :meth:`update`, over the whole layer.
+        * Targets: ``N`` per group under ``"N:M"`` (no redistribution: every layer stays at N/M). Under
+          ``"fan_in"`` each row keeps ``active_l / rows_l``, unless the method redistributes (sparse momentum,
+          DSR): the counts it hands each layer are then rounded to whole rows by
+          :func:`~lightning_sparse.functional.patterns.round_to_rows`, which keeps the total exact (when no
+          rounding reaches it, every layer keeps its count at that update).
+        * Units above their target (a fan-in layer that redistribution shrinks) drop their active weights of
+          lowest ``|W|``; units below it grow by the growth rule, whose ``LayerState.add_highest`` /
+          ``add_random`` fill each unit: what a unit lost comes back in that unit, at its free positions of
+          highest growth score (momentum, gradient, random hash).
+        * GMP (``count="gmp"``): every unit is pruned by ``|W|`` to ``round((1 - s_t) * unit size)``, ``s_t`` the
+          cubic schedule to ``1 - density``: ``N_t`` of every ``M`` (reaching ``N`` at the end of the window), or
+          ``k_t`` inputs per row.
+
+        The new masks are checked (one host read): a unit off its target, e.g. from a growth rule that sets
+        masks without ``add_highest`` / ``add_random``, raises ``RuntimeError`` naming the layers. Under FSDP2 every
+        unit lies within a row, so all of this is local to the shards.
+        """
+        pattern = parse_pattern(context.pattern)
+        count_rule, prune_rule, redistribute_rule, grow_rule = self._rules
+        active = list(active)
+        shapes = [unit_shape(layer.spec.shape, pattern, layer.transposed) for layer in layers]
+        units = [u for u, _ in shapes]
+        current = [a // u if u else 0 for a, u in zip(active, units)]
+        reducer = shard_reducer(layers)
+        if count_rule is gmp_count:
+            sparsity = gmp_sparsity(context.progress, final=1.0 - context.density)
+            targets = [min(round_half_up((1.0 - sparsity) * size), c) for (_, size), c in zip(shapes, current)]
+            masks = [
+                trim_units(layer.weight.detach().abs(), layer.mask, t, pattern, layer.transposed)
+                for layer, t in zip(layers, targets)
+            ]
+            new_active = [u * t for u, t in zip(units, targets)]
+            pruned = [a - n for a, n in zip(active, new_active)]
+            result = UpdateResult(masks, list(masks), new_active, pruned, [0] * len(layers))
+            self._check_units(layers, result.masks, targets, pattern, reducer)
+            return result
+        moves = pattern.kind == "fan_in" and redistribute_rule is not _no_redistribution
+        shares = None
+        if moves and redistribute_rule is not NONZERO:
+            shares_tensor = redistribute_rule(layers)
+            shares = None if shares_tensor is None else [float(s) for s in shares_tensor.tolist()]
+        pruned = count_rule(layers, active, shares if self.nearly_dense_edge_case else None, context)
+        pruned = [min(max(p, 0), a) for p, a in zip(pruned, active)]
+        pruned_masks = [prune_rule(layer, n) for layer, n in zip(layers, pruned)]
+        targets = list(current)
+        if moves and redistribute_rule is NONZERO:
+            survivors = [a - p for a, p in zip(active, pruned)]
+            shares = [s / sum(survivors) for s in survivors] if sum(survivors) else [1.0 / len(layers)] * len(layers)
+        if moves and shares is not None:
+            capacity = [layer.numel - a + p for layer, a, p in zip(layers, active, pruned)]
+            allocate = allocate_regrowth_equal if self.excess == "equal" else allocate_regrowth
+            allocated = allocate(sum(pruned), shares, capacity)
+            wanted = [float(a - p + g) for a, p, g in zip(active, pruned, allocated)]
+            targets = round_to_rows(wanted, units, [s for _, s in shapes], sum(active), current)
+        if any(t < c for t, c in zip(targets, current)):  # rows of a shrinking layer drop their smallest |W|
+            pruned_masks = [
+                trim_units(layer.weight.detach().abs(), mask, t, pattern, layer.transposed) if t < c else mask
+                for layer, mask, t, c in zip(layers, pruned_masks, targets, current)
+            ]
+            counts = torch.stack([m.sum() for m in pruned_masks]).to(torch.int64)
+            survivors = [int(c) for c in (reducer(counts) if reducer is not None else counts).tolist()]
+        else:
+            survivors = [a - p for a, p in zip(active, pruned)]
+        new_active = [u * t for u, t in zip(units, targets)]
+        pruned = [a - s for a, s in zip(active, survivors)]
+        grown = [n - s for n, s in zip(new_active, survivors)]
+        new_masks = []
+        for layer, mask, t, g in zip(layers, pruned_masks, targets, grown):
+            layer._units = (pattern, t)
+            try:
+                new_masks.append(grow_rule(layer, mask, g, context.generator))
+            finally:
+                layer._units = None
+        result = UpdateResult(new_masks, pruned_masks, new_active, pruned, grown)
+        self._check_units(layers, result.masks, targets, pattern, reducer)
+        return result
+
+    @staticmethod
+    def _check_units(
+        layers: Sequence[LayerState],
+        masks: Sequence[Tensor],
+        targets: Sequence[int],
+        pattern: Pattern,
+        reducer: Callable[[Tensor], Tensor] | None,
+    ) -> None:
+        """``RuntimeError`` naming the layers with a unit whose active count is not its target (one host read)."""
+        if not layers:
+            return
+        off = torch.stack(
+            [(unit_counts(m, pattern, layer.transposed) != t).sum() for layer, m, t in zip(layers, masks, targets)]
+        ).to(torch.int64)
+        if reducer is not None:
+            off = reducer(off)
+        wrong = [f"{layer.name}: {n} units" for layer, n in zip(layers, off.tolist()) if n]
+        if wrong:
+            raise RuntimeError(
+                f"pattern={str(pattern)!r}: the update left units off their target ({'; '.join(wrong)}); under a"
+                " structured pattern, growth rules must grow with LayerState.add_highest or add_random, which fill"
+                " every unit of the pattern"
+            )
 
     def grown_positions(self, before: Sequence[Tensor], result: UpdateResult) -> list[Tensor]:
         """Per layer, the positions that start afresh after ``result``: active now and inactive before the update

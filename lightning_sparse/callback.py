@@ -80,6 +80,12 @@ class SparseTrainingCallback(Callback):
             recognized (:mod:`lightning_sparse.layers`).
         include: parameter-name globs of further weights to mask (any parameter of 2 or more dimensions).
         mask_embeddings: mask embedding tables (and the output layers tied to them) too.
+        pattern: ``"unstructured"`` (default), ``"N:M"`` (``"2:4"``, ``"1:4"``, ``"4:8"``; ``1 <= N < M``: every
+            group of ``M`` consecutive weights along a layer's input dimension has exactly ``N`` active, so every
+            layer is at ``N/M`` and ``density`` must be ``N/M`` or unset; layers whose input dimension is not a
+            multiple of ``M`` are refused by name unless kept dense) or ``"fan_in"`` (every output neuron has the
+            same number of active inputs, ``round(density_l * fan_in)`` per layer). Every method but DST keeps
+            the pattern at every update (README, "Structured patterns").
 
     Works with one device, DDP (``"ddp"``, ``"ddp_spawn"``), and FSDP2 (``ModelParallelStrategy``, masks sharded
     like their weights). Logged at every mask update and epoch end: ``sparse/density``,
@@ -112,10 +118,11 @@ class SparseTrainingCallback(Callback):
         layer_types: Sequence[type | str] | None = None,
         include: Sequence[str] = (),
         mask_embeddings: bool = False,
+        pattern: str = "unstructured",
     ) -> None:
         self.options = SparseOptions.resolve(
             density, algorithm, prune_rate, prune_rate_schedule, init, dense_layers, update_interval, stop_at, seed,
-            mask_kernel, mask_frozen, layer_types, include, mask_embeddings,
+            mask_kernel, mask_frozen, layer_types, include, mask_embeddings, pattern=pattern,
         )  # fmt: skip
         if not isinstance(speedup_timing, str) or speedup_timing not in TIMINGS:
             raise ValueError(f"`speedup_timing` can be {', '.join(TIMINGS)}, got {speedup_timing!r}")
@@ -151,6 +158,7 @@ class SparseTrainingCallback(Callback):
     seed = property(lambda self: self.options.seed)
     mask_kernel = property(lambda self: self.options.mask_kernel)
     mask_frozen = property(lambda self: self.options.mask_frozen)
+    pattern = property(lambda self: self.options.pattern)
 
     @property
     def masks(self) -> Mapping[str, Tensor]:

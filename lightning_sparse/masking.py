@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from lightning_sparse import distributed
 from lightning_sparse.distributed import ShardSpec
 from lightning_sparse.functional.init import layer_active_counts
+from lightning_sparse.functional.patterns import parse_pattern, pattern_counts, select_per_unit, unit_shape
 from lightning_sparse.functional.selection import hash_scores, select_highest
 from lightning_sparse.kernels import check_mask_kernel, cpu_masked_zero
 from lightning_sparse.layers import DEFAULT_LAYER_TYPES, FoundLayers, find_layers
@@ -118,6 +119,9 @@ class Masking:
         init: str = "uniform",
         generator: torch.Generator | None = None,
         kernel: str = "auto",
+        *,
+        pattern: str = "unstructured",
+        transposed: Sequence[bool] | None = None,
     ) -> Masking:
         """Random masks with the per-layer counts of ``init`` (``"uniform"``, ``"erk"``, ``"er"``) at ``density``,
         or with the given per-layer counts (a sequence of ints, one per weight).
@@ -125,14 +129,34 @@ class Masking:
         The positions are the ``n`` highest of a counter-based hash of (a seed drawn from ``generator``, the
         flat index), so the same generator state gives the same masks on any device and with any number of
         FSDP2 shards; each process computes only its own rows.
+
+        ``pattern`` (``"N:M"``, ``"fan_in"``; see :mod:`~lightning_sparse.functional.patterns`): the positions are
+        the highest hashes of every unit (group of ``M``, row; ``transposed`` flags the weights stored
+        ``[in, out]``), the same number in every unit of a layer. Given counts must then be a multiple of the
+        layer's number of units; counts from ``density`` are rounded as
+        :func:`~lightning_sparse.functional.patterns.pattern_counts` says.
         """
         specs = [distributed.shard_spec(p, n) for n, p in params.items()]
+        parsed = parse_pattern(pattern)
+        transposed = list(transposed) if transposed is not None else [False] * len(specs)
         if isinstance(density, Sequence):
             counts = [int(n) for n in density]
             if len(counts) != len(specs):
                 raise ValueError(f"got {len(counts)} counts for {len(specs)} weights")
         else:
             counts = layer_active_counts([s.shape for s in specs], density, init)
+            if parsed.structured:
+                counts = pattern_counts([s.shape for s in specs], counts, parsed, transposed)
+        per_unit: list[int | None] = [None] * len(specs)
+        if parsed.structured:
+            for i, (name, spec, n, t) in enumerate(zip(params, specs, counts, transposed)):
+                units = unit_shape(spec.shape, parsed, t)[0]
+                if (units and n % units) or (not units and n):
+                    raise ValueError(
+                        f"pattern={str(parsed)!r}: {n} active weights cannot be spread evenly over the {units} units"
+                        f" of {name!r}"
+                    )
+                per_unit[i] = n // units if units else 0
         empty = [name for name, n in zip(params, counts) if n == 0]
         if empty:
             what = f"density {density}" if not isinstance(density, Sequence) else "the `density` groups"
@@ -144,11 +168,14 @@ class Masking:
                 stacklevel=2,
             )
         local_masks = []
-        for weight, spec, n in zip(params.values(), specs, counts):
+        for weight, spec, n, k, t in zip(params.values(), specs, counts, per_unit, transposed):
             seed = draw_seed(generator)
             shape = distributed.local(weight).shape
             scores = hash_scores(seed, spec.offset, math.prod(shape), weight.device).view(shape)
             everywhere = torch.ones(shape, dtype=torch.bool, device=weight.device)
+            if k is not None:  # the highest hashes of every unit: local to each row shard
+                local_masks.append(select_per_unit(scores, everywhere, k, parsed, t))
+                continue
             local_masks.append(select_highest(scores, everywhere, n, offset=spec.offset, group=spec.group))
         return cls(params, kernel=kernel, local_masks=local_masks, active=counts)
 

@@ -19,6 +19,7 @@ import torch
 from lightning_sparse.algorithms import SparseAlgorithm, get_algorithm, window_progress
 from lightning_sparse.dst import DST
 from lightning_sparse.functional.init import INIT_METHODS
+from lightning_sparse.functional.patterns import Pattern, parse_pattern
 from lightning_sparse.functional.schedules import PRUNE_RATE_SCHEDULES
 from lightning_sparse.kernels import check_mask_kernel
 
@@ -155,10 +156,16 @@ class SparseOptions:
     layer_types: tuple[type | str, ...] | None = None
     include: tuple[str, ...] = ()
     mask_embeddings: bool = False
+    pattern: str = "unstructured"
 
     @property
     def is_dst(self) -> bool:
         return isinstance(self.algorithm, DST)
+
+    @property
+    def parsed_pattern(self) -> Pattern:
+        """:attr:`pattern` as a :class:`~lightning_sparse.functional.patterns.Pattern`."""
+        return parse_pattern(self.pattern)
 
     @property
     def groups(self) -> list[tuple[str, float]]:
@@ -187,10 +194,14 @@ class SparseOptions:
         layer_types: Sequence[type | str] | None = None,
         include: Sequence[str] | str = (),
         mask_embeddings: bool = False,
+        pattern: str = "unstructured",
     ) -> SparseOptions:
         """Check every argument (the error names the allowed values) and fill in the algorithm's defaults."""
         resolved = get_algorithm(algorithm)
         is_dst = isinstance(resolved, DST)
+        parsed = parse_pattern(pattern)
+        if parsed.structured:
+            density = _pattern_density(parsed, density, resolved, algorithm)
         if is_dst:
             given = {"density": density, "prune_rate": prune_rate, "prune_rate_schedule": prune_rate_schedule,
                      "update_interval": update_interval, "stop_at": stop_at, "init": init}  # fmt: skip
@@ -272,6 +283,7 @@ class SparseOptions:
                 f" got {dense_layers!r} ({type(dense_layers).__name__})"
             )
         return cls(
+            pattern=str(parsed),
             density=density,
             algorithm=resolved,
             algorithm_name=algorithm if isinstance(algorithm, str) else type(algorithm).__name__,
@@ -291,6 +303,39 @@ class SparseOptions:
             include=include,
             mask_embeddings=mask_embeddings,
         )
+
+
+def _pattern_density(pattern: Pattern, density: Any, resolved: SparseAlgorithm | DST, algorithm: Any) -> Any:
+    """Check that ``pattern`` fits the method and the density; returns the density to use (``N/M`` for an N:M
+    pattern when ``density`` is unset, or its groups with ``N/M`` exactly)."""
+    if isinstance(resolved, DST):
+        raise ValueError(
+            f"algorithm {algorithm!r} learns per-neuron thresholds, so its masks cannot keep a pattern: `pattern`"
+            f" must be 'unstructured' for DST, got {str(pattern)!r}"
+        )
+    if resolved.dynamic and resolved.grow == "none" and resolved.count != "gmp":
+        raise ValueError(
+            f"pattern={str(pattern)!r} needs a method that regrows what it prunes (or GMP's count='gmp'): the"
+            " growth rule refills every unit of the pattern; this algorithm has grow='none'"
+        )
+    if pattern.kind != "nm":
+        return density
+    nm = pattern.n / pattern.m
+    fits = f"pattern={str(pattern)!r} fixes every masked layer's density at {pattern.n}/{pattern.m} = {nm:g}"
+    if density is None:
+        return nm
+    if isinstance(density, Mapping):
+        groups = _density_groups(density)
+        wrong = {g: d for g, d in groups.items() if d < 1.0 and not math.isclose(d, nm, rel_tol=1e-6)}
+        if wrong:
+            raise ValueError(
+                f"{fits}: every `density` group must be {nm:g} (or 1.0 to keep it dense), got {wrong}"
+            )
+        return {g: (d if d >= 1.0 else nm) for g, d in groups.items()}
+    value = as_real(density)
+    if value is None or not math.isclose(value, nm, rel_tol=1e-6):
+        raise ValueError(f"{fits}: give density={nm:g} or leave `density` unset, got {density!r}")
+    return nm
 
 
 def _density_groups(density: Mapping[Any, Any]) -> dict[str, float]:

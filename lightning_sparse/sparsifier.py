@@ -39,6 +39,13 @@ from torch.nn.utils import parametrize
 from lightning_sparse import distributed, dst
 from lightning_sparse.algorithms import LayerState, SparseAlgorithm, UpdateContext, UpdateResult
 from lightning_sparse.functional.init import layer_active_counts
+from lightning_sparse.functional.patterns import (
+    input_size,
+    pattern_counts,
+    select_per_unit,
+    unit_counts,
+    unit_shape,
+)
 from lightning_sparse.functional.prune_grow import snip_masks
 from lightning_sparse.layers import FoundLayers, find_attention, find_layers, is_hf_conv1d
 from lightning_sparse.masking import Masking, check_found
@@ -80,7 +87,7 @@ class Sparsifier:
         optimizer: the one optimizer that updates the masked weights (sparse momentum reads its momentum; RigL
             resets its state at grown positions; DST adds its thresholds to it when they are not in it yet).
         density, algorithm, prune_rate, prune_rate_schedule, init, dense_layers, update_interval, stop_at, seed,
-        mask_kernel: as for :class:`~lightning_sparse.SparseTrainingCallback`.
+        mask_kernel, pattern: as for :class:`~lightning_sparse.SparseTrainingCallback`.
         total_steps: number of optimizer steps of the whole run (for the schedules); ``None`` if unknown, which
             only the ``"constant"`` schedule and methods without a schedule accept. Can be set later with
             :attr:`total_steps`.
@@ -120,19 +127,21 @@ class Sparsifier:
         layer_types: Sequence[type | str] | None = None,
         include: Sequence[str] = (),
         mask_embeddings: bool = False,
+        pattern: str = "unstructured",
         options: SparseOptions | None = None,
         state: Mapping[str, Any] | None = None,
     ) -> None:
         if options is None:
             options = SparseOptions.resolve(
                 density, algorithm, prune_rate, prune_rate_schedule, init, dense_layers, update_interval, stop_at,
-                seed, mask_kernel, mask_frozen, layer_types, include, mask_embeddings,
+                seed, mask_kernel, mask_frozen, layer_types, include, mask_embeddings, pattern=pattern,
             )  # fmt: skip
         if not isinstance(model, nn.Module):
             raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
         if not hasattr(optimizer, "param_groups"):
             raise ValueError(f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.options = options
+        self.pattern = options.parsed_pattern
         self.model = model
         self.optimizer = optimizer
         self.schedule = options.schedule
@@ -164,6 +173,7 @@ class Sparsifier:
         self.layers, self.left_dense, params = found.masked, found.dense, found.params
         self.layer_groups = [found.groups[name] for name in params]
         self.group_density = dict(self.options.groups)
+        self._check_pattern_layers(params)
         self._check_optimizer(params, algorithm.needs_momentum)
         if state is not None:  # resuming: the checkpoint's masks, nothing drawn (`load_state_dict` applies them)
             if "masks" not in state:
@@ -172,20 +182,57 @@ class Sparsifier:
             return
         if algorithm.start == "random":
             shapes = [distributed.shard_spec(p, n).shape for n, p in params.items()]
-            counts = [0] * len(shapes)
-            for pattern, indices in self._group_indices().items():
-                group_counts = layer_active_counts([shapes[i] for i in indices], self.group_density[pattern],
-                                                   self.options.init)  # fmt: skip
-                for i, n in zip(indices, group_counts):
-                    counts[i] = n
-            by = self.group_density["*"] if list(self.group_density) == ["*"] else counts
-            self.masking = Masking.random(params, by, self.options.init, self.generator, self.options.mask_kernel)
+            counts = self._init_counts(shapes)
+            if self.pattern.structured:
+                transposed = [self.layers[n].transposed for n in params]
+                self.masking = Masking.random(params, pattern_counts(shapes, counts, self.pattern, transposed),
+                                              self.options.init, self.generator, self.options.mask_kernel,
+                                              pattern=self.pattern, transposed=transposed)  # fmt: skip
+            else:
+                by = self.group_density["*"] if list(self.group_density) == ["*"] else counts
+                self.masking = Masking.random(params, by, self.options.init, self.generator, self.options.mask_kernel)
         else:  # dense until GMP prunes or SNIP picks its masks (contiguous, whatever the weight's memory format)
             local = [distributed.local(p) for p in params.values()]
             masks = [torch.ones(w.shape, dtype=torch.bool, device=w.device) for w in local]
             self.masking = Masking(params, kernel=self.options.mask_kernel, local_masks=masks)
         self._needs_snip = algorithm.start == "snip"
         self.masking.apply_(kernel="torch")
+
+    def _init_counts(self, shapes: Sequence[Sequence[int]]) -> list[int]:
+        """Active weights per layer of the initialization (``init`` within each density group)."""
+        counts = [0] * len(shapes)
+        for pattern, indices in self._group_indices().items():
+            group_counts = layer_active_counts([shapes[i] for i in indices], self.group_density[pattern],
+                                               self.options.init)  # fmt: skip
+            for i, n in zip(indices, group_counts):
+                counts[i] = n
+        return counts
+
+    def _check_pattern_layers(self, params: Mapping[str, Tensor]) -> None:
+        """Refuse, before anything is touched, layers a structured pattern cannot hold: N:M on an input dimension
+        that is not a multiple of M, and transposed weights sharded by FSDP2 (their rows are input channels, so
+        their units would span processes)."""
+        pattern = self.pattern
+        if not pattern.structured:
+            return
+        specs = {name: distributed.shard_spec(p, name) for name, p in params.items()}
+        sharded = [n for n in params if self.layers[n].transposed and specs[n].sharded]
+        if sharded:
+            raise ValueError(
+                f"pattern={str(pattern)!r} under FSDP2: the transposed weight(s) {sharded} (transformers' Conv1D,"
+                " stored [in, out]) are sharded by their input channels, so the pattern's units would span processes."
+                f" Keep them dense with `dense_layers={sharded}`, or use pattern='unstructured'"
+            )
+        if pattern.kind == "nm":
+            bad = {n: input_size(specs[n].shape, self.layers[n].transposed) for n in params}
+            bad = {n: size for n, size in bad.items() if size % pattern.m}
+            if bad:
+                listed = ", ".join(f"{n} (input dimension {size})" for n, size in bad.items())
+                raise ValueError(
+                    f"pattern={str(pattern)!r} groups every {pattern.m} consecutive weights along a layer's input"
+                    " dimension (in-channels x kernel for convolutions), which must be a multiple of"
+                    f" {pattern.m}; not for {listed}. Keep those layers dense with `dense_layers={list(bad)}`"
+                )
 
     def _group_indices(self) -> dict[str, list[int]]:
         """Layer indices (in mask order) by density group."""
@@ -335,7 +382,8 @@ class Sparsifier:
 
     def describe(self) -> str:
         """One line on the current masks, for tables and logs."""
-        return f"{sum(self.masking.active)} of {sum(self.masking.sizes)} masked weights active"
+        line = f"{sum(self.masking.active)} of {sum(self.masking.sizes)} masked weights active"
+        return line + (f", pattern {self.pattern}" if self.pattern.structured else "")
 
     # ------------------------------------------------------------------ the loop
     def before_optimizer_step(self) -> None:
@@ -386,6 +434,7 @@ class Sparsifier:
                 partial(self._momentum, weight),
                 partial(self._grad, weight),
                 spec,
+                transposed=self.layers[name].transposed,
             )
             for name, weight, mask, spec in zip(masking.names, masking.weights, masking.masks, masking.specs)
         ]
@@ -399,7 +448,7 @@ class Sparsifier:
             if not chosen:
                 continue
             state = self.algorithm_state if len(groups) == 1 else self.algorithm_state.setdefault(f"group {pattern}", {})
-            context = UpdateContext(rate, progress, self.group_density[pattern], self.generator, state)
+            context = UpdateContext(rate, progress, self.group_density[pattern], self.generator, state, self.pattern)
             if len(chosen) == len(layers):
                 result = algorithm.update(layers, masking.active, context)
             else:
@@ -513,6 +562,16 @@ class Sparsifier:
         scores = [(torch.zeros_like(w) if g is None else g * w).abs() for w, g in zip(weights, grads)]
         self._check_snip_scores(loss, scores)
         masks = list(masking.masks)
+        if self.pattern.structured:  # the top scores of every unit: top N of each group of M, top k of each row
+            transposed = [self.layers[n].transposed for n in masking.names]
+            shapes = [spec.shape for spec in masking.specs]
+            counts = pattern_counts(shapes, self._init_counts(shapes), self.pattern, transposed)
+            for i, (score, shape, t, n) in enumerate(zip(scores, shapes, transposed, counts)):
+                units = unit_shape(shape, self.pattern, t)[0]
+                everywhere = torch.ones(score.shape, dtype=torch.bool, device=score.device)
+                masks[i] = select_per_unit(score, everywhere, n // units if units else 0, self.pattern, t)
+            self._set_snip_masks(masks)
+            return
         for pattern, indices in self._group_indices().items():  # the top scores of each density group
             count = int(round(self.group_density[pattern] * sum(masking.sizes[i] for i in indices)))
             chosen = snip_masks(
@@ -524,6 +583,10 @@ class Sparsifier:
             )
             for i, mask in zip(indices, chosen):
                 masks[i] = mask
+        self._set_snip_masks(masks)
+
+    def _set_snip_masks(self, masks: list[Tensor]) -> None:
+        masking = self.masking
         masking.set_masks(masks, [])
         masking.active = masking.count_active()
         if not self.sharded:
@@ -569,6 +632,7 @@ class Sparsifier:
             "snip_pending": self._needs_snip,
             "density": self.options.density,
             "algorithm": self.options.algorithm_name,
+            "pattern": self.options.pattern,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -591,7 +655,14 @@ class Sparsifier:
             self.generator.set_state(state["generator_state"])
 
     def _check_same_run(self, state: Mapping[str, Any]) -> None:
-        """Refuse a checkpoint trained with another algorithm or density (states without them load as they are)."""
+        """Refuse a checkpoint trained with another algorithm, density or pattern (states without algorithm or
+        density load as they are; a state without a pattern was trained unstructured)."""
+        saved = str(state.get("pattern", "unstructured"))
+        if saved != self.options.pattern:
+            raise ValueError(
+                f"the checkpoint was trained with pattern={saved!r}, this run asks for pattern={self.options.pattern!r}:"
+                " resume with the checkpoint's pattern, or start a new run"
+            )
         saved = state.get("algorithm")
         if saved is not None and str(saved).lower() != self.options.algorithm_name.lower():
             raise ValueError(
@@ -612,8 +683,34 @@ class Sparsifier:
         if "masks" not in state:
             raise ValueError("the checkpoint's sparse training state holds no masks")
         self.masking.load_masks(state["masks"])
+        self._check_loaded_pattern(on_the_way=self._to_target or bool(state.get("snip_pending", False)))
         self.masking.apply_(kernel="torch")
         self._needs_snip = bool(state.get("snip_pending", False))
+
+    def _check_loaded_pattern(self, on_the_way: bool) -> None:
+        """Under a structured pattern, refuse loaded masks whose units do not all hold the same count, or, for
+        N:M, not ``N`` (unless ``on_the_way``: GMP before the end of its window, SNIP not yet run). One host read;
+        all-reduced under FSDP2."""
+        if not self.pattern.structured:
+            return
+        masking = self.masking
+        expected = [  # every unit of a layer holds the layer's active count / its number of units
+            self.pattern.n
+            if self.pattern.kind == "nm" and not on_the_way
+            else a // unit_shape(spec.shape, self.pattern, self.layers[n].transposed)[0]
+            for n, a, spec in zip(masking.names, masking.active, masking.specs)
+        ]
+        off = [
+            (unit_counts(m, self.pattern, self.layers[n].transposed) != e).sum()
+            for (n, m), e in zip(masking.items(), expected)
+        ]
+        bad = distributed.reduce_layer_sums(torch.stack(off).to(torch.int64), masking.specs, masking.group).tolist()
+        wrong = [n for n, b in zip(masking.names, bad) if b]
+        if wrong:
+            raise ValueError(
+                f"the checkpoint's masks of {wrong} do not hold pattern={self.options.pattern!r}: they were not"
+                " trained with it"
+            )
 
 
 class DSTSparsifier(Sparsifier):

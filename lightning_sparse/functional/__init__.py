@@ -1,7 +1,16 @@
 """Tensor math of sparse training, free of Lightning: initialization, pruning, growth, redistribution,
-schedules. Every function works on plain tensors and can be tested on small hand-made examples."""
+schedules, structured patterns. Every function works on plain tensors and can be tested on small hand-made examples."""
 
 from lightning_sparse.functional.init import INIT_METHODS, largest_remainder, layer_active_counts, random_mask
+from lightning_sparse.functional.patterns import (
+    Pattern,
+    check_pattern,
+    nm_groups_view,
+    parse_pattern,
+    rows_view,
+    topk_per_unit,
+    unit_counts,
+)
 from lightning_sparse.functional.prune_grow import (
     add_highest,
     drop_lowest,
@@ -22,6 +31,13 @@ from lightning_sparse.functional.schedules import PRUNE_RATE_SCHEDULES, constant
 __all__ = [
     "INIT_METHODS",
     "PRUNE_RATE_SCHEDULES",
+    "Pattern",
+    "check_pattern",
+    "nm_groups_view",
+    "parse_pattern",
+    "rows_view",
+    "topk_per_unit",
+    "unit_counts",
     "add_highest",
     "allocate_regrowth",
     "allocate_regrowth_equal",

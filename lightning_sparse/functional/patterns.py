@@ -1,0 +1,427 @@
+"""Structured sparsity patterns: the units a mask is counted in, and exact selection within units. Pure tensor
+math, no Lightning.
+
+A pattern splits every masked weight into *units* of equal size, and a mask holds the pattern when every unit of
+a layer has the same number of active entries:
+
+* ``"N:M"`` (``"2:4"``, ``"1:4"``, ``"4:8"``): units are groups of ``M`` consecutive weights along the layer's input
+  dimension, each with exactly ``N`` active. For a weight ``[out, in, kh, kw]`` the groups run along its rows
+  flattened as ``[out, in*kh*kw]`` (in-channels x kernel, as the GEMM sees them); for a *transposed* weight
+  (``transformers``' ``Conv1D``, stored ``[in, out]``) along dim 0, for each column.
+* ``"fan_in"``: units are the output neurons (rows; columns of a transposed weight), each with the same number of
+  active inputs ``k``.
+* ``"unstructured"``: one unit, the whole layer (no constraint).
+
+Selections within units are exact and deterministic like :mod:`~lightning_sparse.functional.selection`: values
+are compared through their sortable keys and ties go to the lowest flat index. A unit never spans two rows of a
+(non-transposed) weight, so on FSDP2 row shards everything here is local to a shard.
+
+>>> mask = torch.tensor([[1, 1, 0, 0, 0, 1, 0, 1]], dtype=torch.bool)
+>>> check_pattern(mask, "2:4"), check_pattern(mask, "1:4"), check_pattern(mask, "fan_in")
+(True, False, True)
+>>> unit_counts(mask, "2:4").tolist()
+[2, 2]
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lightning_sparse.functional.selection import _keys
+
+__all__ = [
+    "PATTERNS",
+    "Pattern",
+    "check_pattern",
+    "fill_units",
+    "from_unit_view",
+    "input_size",
+    "nm_groups_view",
+    "parse_pattern",
+    "pattern_counts",
+    "round_half_up",
+    "round_to_rows",
+    "rows_view",
+    "select_per_unit",
+    "topk_per_unit",
+    "trim_units",
+    "unit_counts",
+    "unit_shape",
+    "unit_view",
+]
+
+PATTERNS = ("unstructured", "N:M", "fan_in")
+"""The pattern forms ``pattern=`` accepts (``N:M`` with integers ``1 <= N < M``)."""
+
+_NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A parsed pattern: ``kind`` is ``"unstructured"``, ``"nm"`` or ``"fan_in"``; ``n``, ``m`` for ``"nm"``.
+    ``str(pattern)`` gives the canonical spelling (``"2:4"``, ``"fan_in"``, ``"unstructured"``).
+
+    >>> parse_pattern("2:4"), str(parse_pattern(" 4 : 8 ")), parse_pattern("2:4").density
+    (Pattern(kind='nm', n=2, m=4), '4:8', 0.5)
+    """
+
+    kind: str = "unstructured"
+    n: int = 0
+    m: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.kind == "nm" else self.kind
+
+    @property
+    def structured(self) -> bool:
+        return self.kind != "unstructured"
+
+    @property
+    def density(self) -> float | None:
+        """``N/M`` for an N:M pattern (every layer's density), else ``None``."""
+        return self.n / self.m if self.kind == "nm" else None
+
+
+def parse_pattern(value: str | Pattern) -> Pattern:
+    """The :class:`Pattern` of ``"unstructured"``, ``"N:M"`` (integers ``1 <= N < M``) or ``"fan_in"``; anything
+    else raises ``ValueError`` naming the allowed values.
+
+    >>> parse_pattern("fan_in")
+    Pattern(kind='fan_in', n=0, m=0)
+    >>> parse_pattern("4:4")
+    Traceback (most recent call last):
+    ...
+    ValueError: `pattern` can be 'unstructured', 'N:M' with integers 1 <= N < M (e.g. '2:4', '1:4', '4:8') or 'fan_in', got '4:4'
+    """
+    if isinstance(value, Pattern):
+        return value
+    if isinstance(value, str):
+        if value in ("unstructured", "fan_in"):
+            return Pattern(value)
+        match = _NM.match(value)
+        if match:
+            n, m = int(match.group(1)), int(match.group(2))
+            if 1 <= n < m:
+                return Pattern("nm", n, m)
+    raise ValueError(
+        "`pattern` can be 'unstructured', 'N:M' with integers 1 <= N < M (e.g. '2:4', '1:4', '4:8') or 'fan_in',"
+        f" got {value!r}"
+    )
+
+
+# ----------------------------------------------------------------------------- units
+
+
+def input_size(shape: Sequence[int], transposed: bool = False) -> int:
+    """A layer's input dimension (its fan-in): ``in*kh*kw`` of a weight ``[out, in, kh, kw]``, dim 0 of a
+    transposed ``[in, out]`` weight.
+
+    >>> input_size((16, 8, 3, 3)), input_size((768, 2304), transposed=True)
+    (72, 768)
+    """
+    if transposed:
+        return int(shape[0])
+    return math.prod(shape[1:]) if len(shape) > 1 else 1
+
+
+def unit_shape(shape: Sequence[int], pattern: str | Pattern, transposed: bool = False) -> tuple[int, int]:
+    """``(number of units, entries per unit)`` of a weight of ``shape`` under ``pattern``.
+
+    >>> unit_shape((16, 8, 3, 3), "2:4"), unit_shape((16, 8, 3, 3), "fan_in"), unit_shape((6, 4), "fan_in", True)
+    ((288, 4), (16, 72), (4, 6))
+    """
+    pattern = parse_pattern(pattern)
+    numel = math.prod(shape)
+    if pattern.kind == "nm":
+        if input_size(shape, transposed) % pattern.m:
+            raise ValueError(
+                f"a weight of shape {tuple(shape)} has input dimension {input_size(shape, transposed)}, not a"
+                f" multiple of {pattern.m}"
+            )
+        return numel // pattern.m, pattern.m
+    if pattern.kind == "fan_in":
+        size = input_size(shape, transposed)
+        return (numel // size if size else 0), size
+    return 1, numel
+
+
+def _outputs_first(t: Tensor, transposed: bool) -> Tensor:
+    """``t`` as ``[out, fan_in]`` (a copy for transposed or non-contiguous tensors)."""
+    if transposed:
+        if t.dim() != 2:
+            raise ValueError(f"a transposed weight must have 2 dimensions, got shape {tuple(t.shape)}")
+        return t.t().reshape(t.shape[1], t.shape[0])
+    return t.reshape(t.shape[0] if t.dim() else 1, input_size(t.shape))
+
+
+def rows_view(t: Tensor, transposed: bool = False) -> Tensor:
+    """``t`` as ``[output neurons, fan_in]``: its rows flattened (``[out, in*kh*kw]``), or the columns of a
+    transposed ``[in, out]`` weight. A view where ``t`` is contiguous and not transposed.
+
+    >>> rows_view(torch.arange(6).view(2, 3), transposed=True).tolist()
+    [[0, 3], [1, 4], [2, 5]]
+    """
+    return _outputs_first(t, transposed)
+
+
+def nm_groups_view(t: Tensor, m: int, transposed: bool = False) -> Tensor:
+    """``t`` as ``[groups, m]``: every ``m`` consecutive entries along the input dimension of each output neuron
+    (the rows flattened as ``[out, in*kh*kw]``; dim 0 of a transposed weight, for each column).
+
+    >>> nm_groups_view(torch.arange(8).view(1, 8), 4).tolist()
+    [[0, 1, 2, 3], [4, 5, 6, 7]]
+    >>> nm_groups_view(torch.arange(8).view(4, 2), 2, transposed=True).tolist()
+    [[0, 2], [4, 6], [1, 3], [5, 7]]
+    """
+    rows = _outputs_first(t, transposed)
+    if rows.shape[1] % m:
+        raise ValueError(f"the input dimension {rows.shape[1]} is not a multiple of {m}")
+    return rows.reshape(-1, m)
+
+
+def unit_view(t: Tensor, pattern: str | Pattern, transposed: bool = False) -> Tensor:
+    """``t`` as ``[units, entries per unit]`` under ``pattern`` (see :func:`unit_shape`); entries of a unit are in
+    increasing flat index order of ``t``."""
+    pattern = parse_pattern(pattern)
+    if pattern.kind == "nm":
+        return nm_groups_view(t, pattern.m, transposed)
+    if pattern.kind == "fan_in":
+        return rows_view(t, transposed)
+    return t.reshape(1, -1)
+
+
+def from_unit_view(units: Tensor, shape: Sequence[int], pattern: str | Pattern, transposed: bool = False) -> Tensor:
+    """The inverse of :func:`unit_view`: a contiguous tensor of ``shape``.
+
+    >>> w = torch.arange(8).view(4, 2)
+    >>> torch.equal(from_unit_view(unit_view(w, "2:4", True), w.shape, "2:4", True), w)
+    True
+    """
+    shape = tuple(shape)
+    if parse_pattern(pattern).structured and transposed:
+        return units.reshape(shape[1], shape[0]).t().contiguous()
+    return units.reshape(shape).contiguous()
+
+
+def unit_counts(mask: Tensor, pattern: str | Pattern, transposed: bool = False) -> Tensor:
+    """Active entries of every unit of ``mask`` (``torch.int64``, one per unit)."""
+    return unit_view(mask, pattern, transposed).sum(1)
+
+
+def check_pattern(mask: Tensor, pattern: str | Pattern, transposed: bool = False) -> bool:
+    """Whether ``mask`` holds ``pattern``: every group of ``M`` exactly ``N`` active (``"N:M"``), every output neuron
+    the same number of active inputs (``"fan_in"``); always for ``"unstructured"``. One host read.
+
+    >>> check_pattern(torch.tensor([[True, False], [False, True]]), "fan_in")
+    True
+    >>> check_pattern(torch.tensor([[True, True], [False, True]]), "fan_in")
+    False
+    """
+    pattern = parse_pattern(pattern)
+    if not pattern.structured or mask.numel() == 0:
+        return True
+    if pattern.kind == "nm" and input_size(mask.shape, transposed) % pattern.m:
+        return False
+    counts = unit_counts(mask, pattern, transposed)
+    if pattern.kind == "nm":
+        return bool((counts == pattern.n).all())
+    return bool((counts == counts[0]).all())
+
+
+# ----------------------------------------------------------------------------- selection within units
+
+
+def topk_per_unit(values: Tensor, candidates: Tensor, k: int | Tensor, *, largest: bool = True) -> Tensor:
+    """In every row (unit) of the 2-D ``values``, the ``k`` candidates with the highest (``largest``) or lowest
+    values, ties to the lowest index; a new ``torch.bool`` mask of the shape of ``values``.
+
+    ``k`` is one int for every unit or one per unit (a 1-D integer tensor). Values compare as in
+    :func:`~lightning_sparse.functional.selection.sortable_key` (floats as float32, NaN largest; integers exactly).
+    A unit with fewer than ``k`` candidates raises ``ValueError`` on the CPU; elsewhere (no host synchronization)
+    it takes all of them. Two stable sorts per call, O(numel log unit size).
+
+    >>> v = torch.tensor([[0.5, -2.0, 1.0, 1.0], [3.0, 0.0, 0.0, 1.0]])
+    >>> topk_per_unit(v.abs(), torch.ones(2, 4, dtype=torch.bool), 2).int().tolist()
+    [[0, 1, 1, 0], [1, 0, 0, 1]]
+    >>> topk_per_unit(v, v != 3.0, torch.tensor([1, 2]), largest=False).int().tolist()
+    [[0, 1, 0, 0], [0, 1, 1, 0]]
+    """
+    if values.dim() != 2 or candidates.shape != values.shape or candidates.dtype != torch.bool:
+        raise ValueError(
+            f"values must be 2-D and candidates torch.bool of the same shape, got {tuple(values.shape)} and"
+            f" {tuple(candidates.shape)} ({candidates.dtype})"
+        )
+    units, size = values.shape
+    k = torch.as_tensor(k, dtype=torch.int64, device=values.device)
+    k = k.expand(units) if k.dim() == 0 else k
+    if values.device.type == "cpu" and units and bool((k > candidates.sum(1)).any()):
+        raise ValueError("a unit has fewer candidates than the entries to select in it")
+    if units == 0 or size == 0:
+        return torch.zeros_like(candidates)
+    keys, bits = _keys(values.detach().reshape(-1))
+    keys = keys.view(units, size)
+    if largest:
+        keys = ((1 << bits) - 1) - keys
+    order = torch.sort(keys, dim=1, stable=True).indices  # ties keep index order: the lowest index first
+    candidate_first = torch.sort((~candidates.gather(1, order)).to(torch.int8), dim=1, stable=True).indices
+    order = order.gather(1, candidate_first)
+    rank_ok = torch.arange(size, device=values.device).unsqueeze(0) < k.unsqueeze(1)
+    chosen_sorted = rank_ok & candidates.gather(1, order)
+    return torch.zeros_like(candidates).scatter_(1, order, chosen_sorted)
+
+
+def select_per_unit(
+    values: Tensor,
+    candidates: Tensor,
+    k: int | Tensor,
+    pattern: str | Pattern,
+    transposed: bool = False,
+    *,
+    largest: bool = True,
+) -> Tensor:
+    """:func:`topk_per_unit` on a weight-shaped ``values`` and ``candidates``: ``k`` per unit of ``pattern``;
+    returns a mask of the weight's shape."""
+    chosen = topk_per_unit(
+        unit_view(values, pattern, transposed), unit_view(candidates, pattern, transposed), k, largest=largest
+    )
+    return from_unit_view(chosen, candidates.shape, pattern, transposed)
+
+
+def fill_units(score: Tensor, mask: Tensor, target: int, pattern: str | Pattern, transposed: bool = False) -> Tensor:
+    """``mask`` with every unit of ``pattern`` filled up to ``target`` active entries by its inactive positions of
+    highest ``score`` (units already at or above ``target`` are unchanged); a new mask.
+
+    >>> mask = torch.tensor([[True, False, False, False, True, True, False, False]])
+    >>> fill_units(torch.arange(8.0).view(1, 8), mask, 2, "2:4").int().tolist()
+    [[1, 0, 0, 1, 1, 1, 0, 0]]
+    """
+    units = unit_view(mask, pattern, transposed)
+    need = (target - units.sum(1)).clamp(min=0)
+    chosen = topk_per_unit(unit_view(score, pattern, transposed), ~units, need)
+    return mask | from_unit_view(chosen, mask.shape, pattern, transposed)
+
+
+def trim_units(score: Tensor, mask: Tensor, target: int, pattern: str | Pattern, transposed: bool = False) -> Tensor:
+    """``mask`` with every unit of ``pattern`` holding more than ``target`` active entries cut down to ``target``,
+    dropping its active positions of lowest ``score`` (ties: the lowest index first); a new mask.
+
+    >>> mask = torch.ones(2, 4, dtype=torch.bool)
+    >>> trim_units(torch.tensor([[4.0, 3, 2, 1], [1, 1, 1, 1]]), mask, 3, "fan_in").int().tolist()
+    [[1, 1, 1, 0], [0, 1, 1, 1]]
+    """
+    units = unit_view(mask, pattern, transposed)
+    extra = (units.sum(1) - target).clamp(min=0)
+    dropped = topk_per_unit(unit_view(score, pattern, transposed), units, extra, largest=False)
+    return mask & ~from_unit_view(dropped, mask.shape, pattern, transposed)
+
+
+# ----------------------------------------------------------------------------- counts
+
+
+def round_half_up(x: float) -> int:
+    """``x`` rounded to the nearest integer, halves up (``round`` rounds halves to even).
+
+    >>> round_half_up(2.5), round_half_up(3.5), round_half_up(0.49999)
+    (3, 4, 0)
+    """
+    return int(math.floor(x + 0.5 + 1e-9))
+
+
+def pattern_counts(
+    shapes: Sequence[Sequence[int]],
+    counts: Sequence[int],
+    pattern: str | Pattern,
+    transposed: Sequence[bool] | None = None,
+) -> list[int]:
+    """Per-layer active counts that ``pattern`` allows, from the counts of an initialization (``counts``, e.g.
+    :func:`~lightning_sparse.functional.init.layer_active_counts`): ``N/M`` of every layer for ``"N:M"``; for
+    ``"fan_in"``, ``rows x k`` with ``k = round(count / rows)`` (the layer's density times its fan-in, halves up):
+    every row keeps the same number, so the total may differ from ``sum(counts)`` by up to half a row per layer.
+
+    >>> pattern_counts([(10, 7), (4, 8)], [21, 9], "fan_in"), pattern_counts([(10, 8), (4, 8)], [21, 9], "1:4")
+    ([20, 8], [20, 8])
+    """
+    pattern = parse_pattern(pattern)
+    transposed = transposed or [False] * len(shapes)
+    if pattern.kind == "nm":
+        return [math.prod(s) * pattern.n // pattern.m for s in shapes]
+    if pattern.kind == "fan_in":
+        result = []
+        for shape, count, t in zip(shapes, counts, transposed):
+            rows, size = unit_shape(shape, pattern, t)
+            result.append(rows * min(round_half_up(count / rows), size) if rows else 0)
+        return result
+    return [int(c) for c in counts]
+
+
+def round_to_rows(
+    wanted: Sequence[float],
+    rows: Sequence[int],
+    fan_in: Sequence[int],
+    total: int,
+    current: Sequence[int],
+    *,
+    reach: int = 2,
+) -> list[int]:
+    """Per-layer active inputs per row ``k_l`` (``0 <= k_l <= fan_in_l``) for a redistribution under ``"fan_in"``:
+    layer ``l`` wants ``wanted[l]`` active weights, which must become a whole number of rows ``rows[l] x k_l``,
+    and the total ``sum(rows[l] x k_l)`` must stay exactly ``total``.
+
+    Each ``k_l`` is the nearest integer to ``wanted[l] / rows[l]`` moved by at most ``reach`` (whole rows), chosen
+    by dynamic programming over the running total (kept within ``|total deviation| + reach x max(rows)`` of the
+    nearest rounding's) so that the total is exact and the weights moved off what each layer wanted,
+    ``sum |rows[l] x k_l - wanted[l]|``, are fewest; ties go to the smaller moves, then to the earlier layers. If no
+    such choice reaches the total exactly (e.g. every layer has the same number of rows and the deviation is not a
+    multiple of it), ``current`` is returned: every layer keeps its count and weights move only within layers at
+    this update. Host-side, O(layers x span) time and bytes.
+
+    >>> round_to_rows([150.0, 50.0], [10, 10], [20, 20], 200, [10, 10])
+    [15, 5]
+    >>> round_to_rows([104.0, 96.0], [10, 3], [20, 40], 200, [17, 10])  # nearest [10, 32] is 196: 4 short
+    [11, 30]
+    """
+    n_layers = len(wanted)
+    if n_layers == 0:
+        return []
+    base = [min(max(round_half_up(w / r) if r else 0, 0), f) for w, r, f in zip(wanted, rows, fan_in)]
+    need = total - sum(r * b for r, b in zip(rows, base))
+    if abs(need) > reach * sum(rows):
+        return list(current)
+    span = min(reach * sum(rows), abs(need) + reach * max(rows))  # partial sums kept within +-span: O(L x span)
+    size = 2 * span + 1
+    inf = float("inf")
+    costs = torch.full((size,), inf, dtype=torch.float64)
+    costs[span] = 0.0
+    moves = [0] + [d for step in range(1, reach + 1) for d in (step, -step)]
+    choices = []
+    for w, r, f, b in zip(wanted, rows, fan_in, base):
+        best = torch.full((size,), inf, dtype=torch.float64)
+        choice = torch.zeros(size, dtype=torch.int8)
+        for i, d in enumerate(moves):
+            shift = r * d
+            if not 0 <= b + d <= f or (d and r == 0) or abs(shift) >= size:
+                continue
+            # partial sum s after this layer comes from s - shift before it
+            target = best[shift:] if shift >= 0 else best[:shift]
+            source = costs[: size - shift] if shift >= 0 else costs[-shift:]
+            candidate = source + abs(r * (b + d) - w)
+            better = candidate < target
+            target.copy_(torch.where(better, candidate, target))
+            (choice[shift:] if shift >= 0 else choice[:shift]).masked_fill_(better, i)
+        costs = best
+        choices.append(choice)
+    at = span + need
+    if not math.isfinite(float(costs[at])):
+        return list(current)
+    result = [0] * n_layers
+    for layer in range(n_layers - 1, -1, -1):
+        d = moves[int(choices[layer][at])]
+        result[layer] = base[layer] + d
+        at -= rows[layer] * d
+    return result
