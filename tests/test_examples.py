@@ -53,3 +53,33 @@ def test_imagenet_fake_data_runs_under_ddp_and_resumes(tmp_path):
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Restored all states from the checkpoint" in resumed.stderr + resumed.stdout
+
+
+VIT = Path(__file__).resolve().parents[1] / "examples" / "vit_fashion_mnist.py"
+
+
+def test_vit_fashion_mnist_density_groups_run(tmp_path):
+    import re
+    import subprocess
+
+    args = ["--epochs", "1", "--limit-train-batches", "3", "--limit-val-batches", "1",
+            "--limit-test-batches", "1", "--threads", "1", "--out", str(tmp_path)]  # fmt: skip
+    done = subprocess.run([sys.executable, str(VIT), *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    for method in ("dense", "rigl", "sparse_momentum"):
+        assert re.search(rf"^{method}: test error \d+\.\d\d% \(1000 test images\)$", out, re.M), out
+        assert re.search(rf"^{method}: run time \d+\.\d s \(fit \d+\.\d s, median training epoch", out, re.M), out
+        assert (tmp_path / method / "version_0" / "metrics.csv").exists()
+    assert re.search(r"^dense: empty attention heads n/a$", out, re.M), out  # no callback, no metric
+    # 4 blocks x (qkv 64x192 + proj 64x64) = 65536 attention weights, as many in the MLPs
+    assert re.search(r"^dense: density '\*\.attn\.\*' 1\.0000 \(65536/65536\), '\*' 1\.0000 \(65536/65536\)", out, re.M)
+    for method in ("rigl", "sparse_momentum"):
+        # the callback's sparse/empty_heads/net.blocks.N.attn, N = 0..3
+        heads = rf"^{method}: empty attention heads \d\.\d{{3}} \(mean over 4 attention modules: "
+        assert re.search(heads, out, re.M), out
+        line = re.search(rf"^{method}: density '\*\.attn\.\*' 0\.1\d+ \((\d+)/65536\), '\*' 0\.0\d+ \((\d+)/65536\),"
+                         r" overall 0\.\d+ \(\d+/131072\)$", out, re.M)  # fmt: skip
+        assert line, out
+        attention, mlp = int(line[1]), int(line[2])
+        assert abs(attention - 0.15 * 65536) <= 4 and abs(mlp - 0.05 * 65536) <= 4  # rounding, at most 0.5 per layer
