@@ -1,30 +1,46 @@
-"""LeNet-300-100 and LeNet-5 on Fashion-MNIST, dense or sparse from scratch (sparse momentum by default).
+"""LeNet-300-100 and LeNet-5 on Fashion-MNIST, dense or sparse from scratch, on LightningCLI.
 
-The paper's MNIST setup (Dettmers & Zettlemoyer 2019, section 3.3): SGD with Nesterov momentum 0.9,
-learning rate 0.1 decayed by 10x every 25000 mini-batches, weight decay 5e-4, batch size 100, 10% of the
-training set held out for validation; test error of the last epoch.
+The paper's MNIST setup (Dettmers & Zettlemoyer 2019, section 3.3) is the default: SGD with Nesterov momentum 0.9,
+learning rate 0.1 decayed by 10x every 25000 mini-batches, weight decay 5e-4, batch size 100, 10% of the training
+set held out for validation; test error of the last epoch. Every option of the Trainer (``--trainer.*``, the
+logger included), the model (``--model.*``), the data (``--data.*``) and the callbacks comes from the command
+line or a YAML file (``--config``). Without a callback the network trains dense; the sparse method is
+``lightning_sparse.SparseTrainingCallback``, added as any Lightning callback. ``fit`` is followed by ``test``,
+and the script prints the test error and the final density. Metrics go to TensorBoard (CSV files when
+tensorboard is not installed), each run in its own directory, ``runs/fashion_mnist/<net>_<method>/version_N``
+(``--trainer.logger`` replaces it; ``--trainer.default_root_dir`` moves it).
 
 The data are read offline from Debian's ``dataset-fashion-mnist`` package (idx files under
 /usr/share/datasets/fashion-mnist/); nothing is downloaded.
 
-    python examples/fashion_mnist.py --model lenet300 --density 0.05 --epochs 10
-    python examples/fashion_mnist.py --model lenet5 --dense --epochs 10
+    # LeNet-300-100 at 5 % weights (sparse momentum), 10 epochs
+    python examples/fashion_mnist.py --trainer.callbacks+=lightning_sparse.SparseTrainingCallback \\
+        --trainer.callbacks.density 0.05 --trainer.max_epochs 10
+    # LeNet-5, dense (no sparse callback)
+    python examples/fashion_mnist.py --model.net lenet5 --trainer.max_epochs 10
+    # the paper-parity benchmark's run (20 epochs, lr /10 at 1/2 and 3/4), with RigL instead of sparse momentum
+    python examples/fashion_mnist.py --config examples/configs/fashion_mnist_lenet300.yaml \\
+        --trainer.callbacks.algorithm rigl
+    python examples/fashion_mnist.py --help                  # every option; --print_config shows a full YAML
 """
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import os
 import sys
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
 import torch
 import torchmetrics
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.loggers.tensorboard import _TENSORBOARD_AVAILABLE
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset, random_split
 
@@ -94,12 +110,39 @@ MODELS = {"lenet300": LeNet300100, "lenet5": LeNet5}
 
 
 class Classifier(L.LightningModule):
-    """Cross-entropy classifier with the paper's optimizer and torchmetrics accuracy."""
+    """Cross-entropy classifier with the paper's optimizer and torchmetrics accuracy.
 
-    def __init__(self, model: str = "lenet300", lr: float = 0.1, weight_decay: float = 5e-4, lr_step: int = 25000):
+    Args:
+        net: ``"lenet300"`` (LeNet-300-100) or ``"lenet5"`` (LeNet-5, Caffe variant).
+        lr: SGD's learning rate.
+        momentum: SGD's momentum.
+        nesterov: Nesterov momentum.
+        weight_decay: SGD's weight decay.
+        lr_step: multiply the learning rate by ``lr_gamma`` every that many optimizer steps (the paper: 25000);
+            ``None``: constant. Ignored when ``lr_milestones`` is given.
+        lr_milestones: multiply the learning rate by ``lr_gamma`` at each of these fractions of training (of
+            ``trainer.estimated_stepping_batches``), e.g. ``[0.5, 0.75]``.
+        lr_gamma: the decay factor.
+    """
+
+    def __init__(
+        self,
+        net: Literal["lenet300", "lenet5"] = "lenet300",
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        nesterov: bool = True,
+        weight_decay: float = 5e-4,
+        lr_step: int | None = 25000,
+        lr_milestones: list[float] | None = None,
+        lr_gamma: float = 0.1,
+    ) -> None:
         super().__init__()
+        if net not in MODELS:
+            raise ValueError(f"`net` can be {', '.join(sorted(MODELS))}, got {net!r}")
+        if lr_milestones is not None and not all(0.0 < f <= 1.0 for f in lr_milestones):
+            raise ValueError(f"`lr_milestones` are fractions of training in (0, 1], got {lr_milestones}")
         self.save_hyperparameters()
-        self.net = MODELS[model]()
+        self.net = MODELS[net]()
         self.val_acc = torchmetrics.Accuracy(task="multiclass", num_classes=10)
         self.test_acc = torchmetrics.Accuracy(task="multiclass", num_classes=10)
 
@@ -125,9 +168,16 @@ class Classifier(L.LightningModule):
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         optimizer = torch.optim.SGD(
-            self.parameters(), lr=hp.lr, momentum=0.9, nesterov=True, weight_decay=hp.weight_decay
+            self.parameters(), lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov, weight_decay=hp.weight_decay
         )
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=hp.lr_step, gamma=0.1)
+        if hp.lr_milestones is not None:
+            total = self.trainer.estimated_stepping_batches
+            milestones = sorted(int(f * total) for f in hp.lr_milestones)
+            scheduler: Any = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=hp.lr_gamma)
+        elif hp.lr_step:
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=hp.lr_step, gamma=hp.lr_gamma)
+        else:
+            return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
@@ -180,6 +230,51 @@ class EpochTimer(L.Callback):
         self.times.append(time.perf_counter() - self._start - self._val_time)
 
 
+def sparse_callbacks(callbacks: Iterable[Any]) -> list[SparseTrainingCallback]:
+    return [c for c in callbacks if isinstance(c, SparseTrainingCallback)]
+
+
+def method_name(callbacks: Iterable[Any]) -> str:
+    """``"dense"`` without a sparse callback, else ``"<algorithm>_<density>"`` (``"dst_learned"``; density groups:
+    ``"<algorithm>_groups"``; ``"_partially_dense"`` appended with ``dense_layers``), several joined by ``+``."""
+    names = []
+    for cb in sparse_callbacks(callbacks):
+        density = cb.density
+        if density is None:
+            label = "learned"
+        elif isinstance(density, (int, float)):
+            label = f"{density:g}"
+        else:
+            label = "groups"
+        names.append(f"{cb.algorithm_name}_{label}" + ("_partially_dense" if cb.dense_layers else ""))
+    return "+".join(names) or "dense"
+
+
+def default_logger(save_dir: str | Path, name: str, version: str | int | None = None) -> Logger:
+    """TensorBoard's logger when tensorboard is installed, else CSV files; ``<save_dir>/<name>/<version>``
+    (``version_N``, the next free one, when ``version`` is ``None``)."""
+    if _TENSORBOARD_AVAILABLE:
+        return TensorBoardLogger(save_dir, name=name, version=version)
+    return CSVLogger(save_dir, name=name, version=version)
+
+
+def final_density(module: nn.Module, callbacks: Sequence[Any]) -> float:
+    """Nonzero fraction of the weights the forward pass uses: the sparse callbacks' masked weights (DST's are the
+    thresholded ones), or every Linear/Conv2d weight without a sparse callback."""
+    sparse = sparse_callbacks(callbacks)
+    if sparse:
+        weights = []
+        for cb in sparse:
+            for name in cb.masks:
+                owner, _, attribute = name.rpartition(".")
+                weights.append(getattr(module.get_submodule(owner), attribute))
+    else:
+        weights = [m.weight for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    with torch.no_grad():
+        nonzero = sum(int(torch.count_nonzero(w)) for w in weights)
+    return nonzero / sum(w.numel() for w in weights)
+
+
 def run(
     model: str = "lenet300",
     density: float | None = 0.05,
@@ -193,7 +288,8 @@ def run(
     progress_bar: bool = False,
     **trainer_kwargs: Any,
 ) -> dict[str, Any]:
-    """Train and test one model; ``algorithm=None`` trains dense (no callback). Returns the figures.
+    """Train and test one model from Python (the benchmarks' entry point; no logger unless ``logger=`` is given);
+    ``algorithm=None`` trains dense (no callback). Returns the figures.
 
     ``density`` is ignored by ``algorithm="dst"``, which learns its density.
     """
@@ -201,7 +297,6 @@ def run(
     module = Classifier(model, lr=lr)
     timer = EpochTimer()
     callbacks: list[L.Callback] = [timer]
-    sparse = None
     if algorithm is not None:
         sparse = SparseTrainingCallback(density=None if algorithm == "dst" else density, algorithm=algorithm, seed=seed)
         callbacks.insert(0, sparse)
@@ -220,56 +315,76 @@ def run(
     data = FashionMNIST(batch_size=batch_size, data_dir=data_dir)
     trainer.fit(module, data)
     test = trainer.test(module, data, verbose=False)[0]
-    if sparse is not None:  # the weights the forward pass uses (DST's are the thresholded ones)
-        weights = [module.get_submodule(name.removesuffix(".weight")).weight for name in sparse.masks]
-    else:
-        weights = [m.weight for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    with torch.no_grad():
-        nonzero = sum(int(torch.count_nonzero(w)) for w in weights)
-    total = sum(w.numel() for w in weights)
     return {
         "model": model,
         "algorithm": algorithm or "dense",
         "density": density,
         "seed": seed,
         "test_error": 100.0 * (1.0 - test["test/acc"]),
-        "final_density": nonzero / total,
+        "final_density": final_density(module, callbacks),
         "epoch_times": timer.times,
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=sorted(MODELS), default="lenet300")
-    parser.add_argument("--density", type=float, default=0.05, help="fraction of weights kept (default 0.05)")
-    parser.add_argument("--dense", action="store_true", help="train dense, without the callback")
-    parser.add_argument("--algorithm", default="sparse_momentum", help="any name of lightning_sparse.ALGORITHMS")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--limit-train-batches", type=float, default=1.0, help="fraction (<=1) or number of batches")
-    parser.add_argument("--data-dir", type=Path, default=DATA_DIR)
-    args = parser.parse_args()
-    limit = int(args.limit_train_batches) if args.limit_train_batches > 1 else args.limit_train_batches
-    result = run(
-        model=args.model,
-        density=args.density,
-        algorithm=None if args.dense else args.algorithm,
-        epochs=args.epochs,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        limit_train_batches=limit,
-        data_dir=args.data_dir,
-        progress_bar=sys.stdout.isatty(),
+class FashionMNISTCLI(LightningCLI):
+    """LightningCLI whose default logger (``--trainer.logger`` unset) writes each run to
+    ``<default_root_dir>/<net>_<method>/version_N``."""
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        config = self.config_init["trainer"]
+        if config.get("logger") in (None, True):
+            name = f"{self.model.hparams.net}_{method_name(config.get('callbacks') or [])}"
+            kwargs["logger"] = default_logger(config.get("default_root_dir") or ".", name)
+        return super().instantiate_trainer(**kwargs)
+
+
+def main(args: list[str] | None = None) -> dict[str, Any]:
+    """Parse ``args`` (default: the command line), fit, test, print the test error and the final density, and
+    return the figures."""
+    timer = EpochTimer()
+    cli = FashionMNISTCLI(
+        Classifier,
+        FashionMNIST,
+        run=False,
+        args=args,
+        seed_everything_default=0,
+        trainer_defaults={
+            "max_epochs": 10,
+            "deterministic": True,
+            "enable_checkpointing": False,
+            "enable_model_summary": False,
+            "enable_progress_bar": sys.stdout.isatty(),
+            "default_root_dir": "runs/fashion_mnist",
+            "callbacks": [timer],  # always there, not configurable
+        },
+        parser_kwargs={"description": "LeNet-300-100 / LeNet-5 on Fashion-MNIST, dense or sparse from scratch."},
     )
-    kind = "dense" if args.dense else f"{args.algorithm} at density {args.density}"
+    trainer, module = cli.trainer, cli.model
+    trainer.fit(module, cli.datamodule)
+    test = trainer.test(module, cli.datamodule, verbose=False)[0]
+    sparse = sparse_callbacks(trainer.callbacks)
+    result = {
+        "model": module.hparams.net,
+        "method": method_name(sparse),
+        "seed": cli.config["seed_everything"],
+        "test_error": 100.0 * (1.0 - test["test/acc"]),
+        "final_density": final_density(module, sparse),
+        "epoch_times": timer.times,
+        "log_dir": trainer.log_dir,
+    }
+    kind = ", ".join(
+        f"{c.algorithm_name} at density {c.density}"
+        if c.density is not None
+        else f"{c.algorithm_name} (learned density)"
+        for c in sparse
+    )
+    epochs = f"{len(timer.times)} epoch" + "s" * (len(timer.times) != 1)
     print(
-        f"{args.model} on Fashion-MNIST, {kind}, {args.epochs} epochs, seed {args.seed}:"
+        f"{result['model']} on Fashion-MNIST, {kind or 'dense'}, {epochs}, seed {result['seed']}:"
         f" test error {result['test_error']:.2f}%, final density {result['final_density']:.4f},"
-        f" {np.median(result['epoch_times']):.2f} s per epoch (median)"
+        f" {np.median(timer.times):.2f} s per epoch (median); logs in {result['log_dir']}"
     )
+    return result
 
 
 if __name__ == "__main__":
