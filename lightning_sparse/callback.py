@@ -102,7 +102,7 @@ class SparseTrainingCallback(Callback):
 
     def __init__(
         self,
-        density: float | None = None,
+        density: float | Mapping[str, float] | None = None,
         algorithm: str | SparseAlgorithm | dst.DST = "sparse_momentum",
         prune_rate: float | None = None,
         prune_rate_schedule: str | Callable[[float], float] | None = None,

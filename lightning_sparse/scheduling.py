@@ -180,7 +180,7 @@ class SparseOptions:
     @classmethod
     def resolve(
         cls,
-        density: float | None = None,
+        density: float | Mapping[str, float] | None = None,
         algorithm: str | SparseAlgorithm | DST = "sparse_momentum",
         prune_rate: float | None = None,
         prune_rate_schedule: str | Callable[[float], float] | None = None,

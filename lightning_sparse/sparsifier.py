@@ -112,7 +112,7 @@ class Sparsifier:
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         *,
-        density: float | None = None,
+        density: float | Mapping[str, float] | None = None,
         algorithm: str | SparseAlgorithm | dst.DST = "sparse_momentum",
         total_steps: int | float | None = None,
         prune_rate: float | None = None,
