@@ -7,13 +7,18 @@
   function as the masked model (checked on the example input and a random one).
 * :func:`to_sparse` returns a copy whose sparse ``nn.Linear`` layers hold their weight in CSR
   (:class:`SparseLinear`), for inference.
+* :func:`to_condensed` returns a copy for CPU inference whose constant-fan-in ``nn.Linear`` (and 1x1
+  ``nn.Conv2d``) layers, as trained with ``pattern="fan_in"``, hold only their ``k`` weights per output row
+  (:class:`CondensedLinear`, :class:`CondensedConv2d`), multiplied by a C++ kernel.
+* :func:`to_semi_structured` returns a copy for CUDA inference whose 2:4 ``nn.Linear`` weights
+  (``pattern="2:4"``) are ``torch.sparse`` semi-structured tensors (sparse tensor cores, fp16/bf16).
 
 The weights are the truth: sparse training zeroes the masked-out weights in place, so a zero weight is a
 pruned one (pass ``masks=`` to :func:`compact` to zero them first).
 
 >>> import torch
 >>> from torch import nn
->>> from lightning_sparse.export import compact, compaction_report, to_sparse
+>>> from lightning_sparse.export import compact, compaction_report, to_condensed, to_sparse
 >>> model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2))
 >>> with torch.no_grad():
 ...     model[2].weight[:, :2] = 0  # nothing reads hidden units 0 and 1 any more
@@ -23,6 +28,11 @@ pruned one (pass ``masks=`` to :func:`compact` to zero them first).
 >>> fast = to_sparse(small, min_sparsity=0.0)  # every Linear weight in CSR
 >>> type(fast[0]).__name__, fast[0].weight.layout
 ('SparseLinear', torch.sparse_csr)
+>>> layer = nn.Linear(8, 4)
+>>> with torch.no_grad():
+...     layer.weight[:, 3:] = 0  # every output row reads inputs 0, 1 and 2 only: a constant fan-in of 3
+>>> to_condensed(layer)
+CondensedLinear(in_features=8, out_features=4, k=3, bias=True, indices=int32)
 """
 
 from __future__ import annotations
@@ -38,6 +48,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from lightning_sparse import kernels
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +74,17 @@ def _torch_pruning() -> Any:
 
 ExampleInput = Tensor | tuple[Tensor, ...] | list[Tensor]
 
-__all__ = ["SparseLinear", "compact", "compaction_report", "to_sparse"]
+__all__ = [
+    "CondensedConv2d",
+    "CondensedLinear",
+    "SparseLinear",
+    "compact",
+    "compaction_report",
+    "semi_structured_layers",
+    "to_condensed",
+    "to_semi_structured",
+    "to_sparse",
+]
 
 _CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -211,20 +233,26 @@ def _prepared_copy(model: nn.Module, masks: Mapping[str, Tensor] | None) -> nn.M
     if not isinstance(model, nn.Module):
         raise ValueError(f"`model` must be an nn.Module, got {type(model).__name__}")
     net = copy.deepcopy(model).eval()
+    params = _apply_masks(net, masks)
+    for p in params.values():
+        p.requires_grad_(True)  # the dependency graph is traced through autograd
+    return net
+
+
+def _apply_masks(net: nn.Module, masks: Mapping[str, Tensor] | None) -> dict[str, nn.Parameter]:
+    """Zero ``net``'s weights outside ``masks`` (``torch.bool`` by parameter name), in place; its parameters."""
     params = dict(net.named_parameters())
     for name, mask in (masks or {}).items():
         if name not in params:
             raise ValueError(f"mask {name!r} names no parameter of the model; its parameters are: {', '.join(params)}")
-        if mask.dtype != torch.bool or mask.shape != params[name].shape:
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != params[name].shape:
             raise ValueError(
                 f"mask {name!r} must be torch.bool of shape {tuple(params[name].shape)},"
-                f" got {mask.dtype} of shape {tuple(mask.shape)}"
+                f" got {getattr(mask, 'dtype', type(mask).__name__)} of shape {tuple(getattr(mask, 'shape', ()))}"
             )
         with torch.no_grad():
             params[name].mul_(mask.to(params[name].device))
-    for p in params.values():
-        p.requires_grad_(True)  # the dependency graph is traced through autograd
-    return net
+    return params
 
 
 def _trace(net: nn.Module, inputs: tuple[Tensor, ...]) -> tuple[tp.DependencyGraph, set[Any], Counter]:
@@ -562,3 +590,552 @@ def to_sparse(model: nn.Module, min_sparsity: float = 0.5) -> nn.Module:
 
 def _sparsity(weight: Tensor) -> float:
     return 1.0 - int(torch.count_nonzero(weight)) / max(weight.numel(), 1)
+
+
+# ------------------------------------------------------------------------------------------- to_condensed
+class CondensedLinear(nn.Module):
+    """An inference-only ``nn.Linear`` whose output rows all read the same number ``k`` of inputs.
+
+    Holds ``values [out, k]`` (the non-zero weights of each row), ``indices [out, k]`` (their input positions,
+    ``int32`` or ``int64``, increasing along each row) and ``bias [out]`` (or ``None``), all buffers, and
+    computes ``y[..., o] = sum_j values[o, j] * x[..., indices[o, j]] + bias[o]`` for inputs of any leading
+    shape: the function of the dense layer, with ``k / in_features`` of its multiply-adds and bytes.
+
+    float32 on the CPU runs the C++ kernel of ``csrc/condensed_linear.cpp`` (a gather-dot per output row below
+    6 samples, an axpy over the batch above; rows split over ``torch.get_num_threads()`` threads). Other dtypes
+    (float64, ...) and devices, and ``kernel="torch"``, use torch's ``embedding_bag`` with per-sample weights
+    (the same sum, as ``[out, batch]``). ``kernel`` is ``"auto"`` (C++ if it builds, else a warning and torch),
+    ``"cpp"`` (raise if it cannot be built) or ``"torch"``.
+
+    **No autograd**: the buffers are not parameters, and an input that requires grad while grad mode is on
+    raises ``RuntimeError`` (instead of silently cutting the graph); run it under ``torch.no_grad()`` or
+    ``torch.inference_mode()``. :func:`to_condensed` returns models whose parameters need no grad, so plain
+    calls work there.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        values: Tensor,
+        indices: Tensor,
+        bias: Tensor | None = None,
+        *,
+        kernel: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.kernel = kernels.check_condensed_kernel(kernel)
+        self.in_features = int(in_features)
+        _check_condensed(self.in_features, values, indices, bias, type(self).__name__)
+        self.out_features, self.k = values.shape
+        self.register_buffer("values", values.detach().contiguous())
+        self.register_buffer("indices", indices.detach().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().contiguous())
+        self.register_load_state_dict_post_hook(_check_loaded_condensed)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        mask: Tensor | None = None,
+        *,
+        index_dtype: torch.dtype = torch.int32,
+        kernel: str = "auto",
+    ) -> CondensedLinear:
+        """The condensed counterpart of ``linear``: each row's non-zero weights (or, with ``mask``, the weights
+        where the mask is True, zero or not). Raises ``ValueError`` if the rows differ in count."""
+        values, indices = _condense(linear.weight.detach(), mask, index_dtype)
+        return cls(linear.in_features, values, indices, linear.bias, kernel=kernel)
+
+    def dense_weight(self) -> Tensor:
+        """The equivalent dense weight ``[out_features, in_features]`` (zeros where no index points)."""
+        weight = torch.zeros(self.out_features, self.in_features, dtype=self.values.dtype, device=self.values.device)
+        return weight.scatter_(1, self.indices.long(), self.values)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x, x.shape[-1] if x.dim() else None)
+        if x.dim() == 2:
+            return self._rows(x)
+        return self._rows(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
+
+    # the two layouts of the product, both [.., in] -> [.., out] or [n, in, L] -> [n, out, L]
+    def _rows(self, x: Tensor) -> Tensor:
+        """``x [batch, in]`` -> ``[batch, out]``."""
+        cpp = self._cpp(x)
+        if cpp is not None:
+            op, values, indices = cpp
+            return op(x.contiguous(), values, indices, self.bias, self.out_features, False)
+        with torch.no_grad():
+            if self.k == 0:
+                y = x.new_zeros(x.shape[0], self.out_features)
+            else:
+                columns = x.t().contiguous()  # [in, batch]: output row o sums k of its rows, weighted
+                y = nn.functional.embedding_bag(self.indices, columns, per_sample_weights=self.values, mode="sum").t()
+            return y if self.bias is None else y + self.bias
+
+    def _columns(self, x: Tensor) -> Tensor:
+        """``x [n, in, L]`` -> ``[n, out, L]`` (an NCHW activation with ``L = H*W``)."""
+        cpp = self._cpp(x)
+        if cpp is not None:
+            op, values, indices = cpp
+            return op(x.contiguous(), values, indices, self.bias, self.out_features, True)
+        n, _, length = x.shape
+        columns = x.transpose(0, 1).reshape(self.in_features, n * length)  # [in, n*L]
+        with torch.no_grad():
+            if self.k == 0:
+                y = x.new_zeros(self.out_features, n * length)
+            else:
+                y = nn.functional.embedding_bag(self.indices, columns, per_sample_weights=self.values, mode="sum")
+            y = y.view(self.out_features, n, length).transpose(0, 1)
+            return y if self.bias is None else y + self.bias[:, None]
+
+    def _cpp(self, x: Tensor) -> tuple[Any, Tensor, Tensor] | None:
+        """``(C++ op, packed values, packed indices)`` when the kernel applies to ``x`` (float32, CPU, kernel
+        "auto"/"cpp" and built), else None."""
+        if x.dtype != torch.float32 or x.device.type != "cpu" or self.values.device.type != "cpu":
+            return None
+        op = kernels.cpu_condensed_linear(self.kernel)
+        return None if op is None else (op, *self._packed())
+
+    def _packed(self) -> tuple[Tensor, Tensor]:
+        """``values`` and ``indices`` in the kernel's layout, ``[ceil(out / 16), k, 16]``: entry ``(o, j)`` at
+        ``[o // 16, j, o % 16]`` (the last block padded with zero values at index 0). Built on first use and
+        again whenever the buffers change (replaced, moved or modified in place)."""
+        values, indices = self.values, self.indices
+        key = (values.data_ptr(), values.shape, _version(values), indices.data_ptr(), indices.shape, _version(indices))
+        if self.__dict__.get("_packed_key") != key:
+            self._packed_cache = (_pack_blocks(values), _pack_blocks(indices))
+            self._packed_key = key
+        return self._packed_cache
+
+    def _check_input(self, x: Tensor, features: int | None) -> None:
+        name = type(self).__name__
+        if x.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(
+                f"{name} is for inference only (no autograd), but its input requires grad: run the model under"
+                " torch.no_grad() or torch.inference_mode(), or detach the input"
+            )
+        if features != self.in_features:
+            raise ValueError(f"{name} expects {self.in_features} input features, got input of shape {tuple(x.shape)}")
+        if x.dtype != self.values.dtype:
+            raise RuntimeError(f"{name}: input dtype {x.dtype} differs from the layer's {self.values.dtype}")
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, k={self.k},"
+            f" bias={self.bias is not None}, indices={str(self.indices.dtype).removeprefix('torch.')}"
+        )
+
+
+class CondensedConv2d(CondensedLinear):
+    """A 1x1 ``nn.Conv2d`` (``groups=1``, no padding, any stride) as a :class:`CondensedLinear` over the
+    channel dimension: ``y[n, o, h, w] = sum_j values[o, j] * x[n, indices[o, j], h*s, w*s] + bias[o]``.
+
+    NCHW inputs are multiplied in place as ``[n, C, H*W]`` columns (the kernel's axpy order, no transposition);
+    channels_last inputs as ``[n*H*W, C]`` rows, returning a channels_last output, as the convolution does.
+    Unbatched ``[C, H, W]`` inputs work too. Inference only, like :class:`CondensedLinear`.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        values: Tensor,
+        indices: Tensor,
+        bias: Tensor | None = None,
+        *,
+        stride: int | tuple[int, int] = 1,
+        kernel: str = "auto",
+    ) -> None:
+        super().__init__(in_channels, values, indices, bias, kernel=kernel)
+        self.stride = (stride, stride) if isinstance(stride, int) else tuple(int(s) for s in stride)
+
+    @property
+    def in_channels(self) -> int:
+        return self.in_features
+
+    @property
+    def out_channels(self) -> int:
+        return self.out_features
+
+    @classmethod
+    def from_conv(
+        cls,
+        conv: nn.Conv2d,
+        mask: Tensor | None = None,
+        *,
+        index_dtype: torch.dtype = torch.int32,
+        kernel: str = "auto",
+    ) -> CondensedConv2d:
+        """The condensed counterpart of a 1x1 ``conv`` (see :func:`to_condensed` for which convolutions)."""
+        reason = _pointwise_conv_problem(conv)
+        if reason is not None:
+            raise ValueError(f"CondensedConv2d needs a 1x1 Conv2d with groups=1 and no padding: {reason}")
+        weight = conv.weight.detach().flatten(1)
+        values, indices = _condense(weight, None if mask is None else mask.flatten(1), index_dtype)
+        return cls(conv.in_channels, values, indices, conv.bias, stride=conv.stride, kernel=kernel)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 3:  # unbatched [C, H, W]
+            return self.forward(x.unsqueeze(0)).squeeze(0)
+        if x.dim() != 4:
+            raise ValueError(f"CondensedConv2d expects a [N, C, H, W] or [C, H, W] input, got shape {tuple(x.shape)}")
+        self._check_input(x, x.shape[1])
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        if self.stride != (1, 1):
+            x = x[:, :, :: self.stride[0], :: self.stride[1]]
+        n, _, h, w = x.shape
+        if channels_last or h * w < 16:  # rows: [n*H*W, C] (too few columns per sample for the axpy order)
+            rows = self._rows(x.permute(0, 2, 3, 1).reshape(-1, self.in_features))
+            y = rows.view(n, h, w, self.out_features).permute(0, 3, 1, 2)
+            return y if channels_last else y.contiguous()
+        return self._columns(x.reshape(n, self.in_features, h * w)).view(n, self.out_features, h, w)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", stride={self.stride}"
+
+
+def _version(t: Tensor) -> int:
+    """``t``'s in-place modification counter (-1 for an inference tensor, which has none)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
+
+def _pack_blocks(t: Tensor, block: int = 16) -> Tensor:
+    """``[out, k]`` -> ``[ceil(out / block), k, block]``, rows padded with zeros (see ``CondensedLinear._packed``)."""
+    out, k = t.shape
+    blocks = -(-out // block)
+    padded = torch.cat([t, t.new_zeros(blocks * block - out, k)]) if blocks * block != out else t
+    return padded.reshape(blocks, block, k).transpose(1, 2).contiguous()
+
+
+def _check_condensed(in_features: int, values: Tensor, indices: Tensor, bias: Tensor | None, name: str) -> None:
+    """Raise ``ValueError`` unless the parts form a valid condensed layer (indices increasing, in range)."""
+    if values.dim() != 2 or not values.is_floating_point():
+        raise ValueError(
+            f"{name}: values must be a 2-D floating-point tensor [out, k], got {tuple(values.shape)} {values.dtype}"
+        )
+    if indices.shape != values.shape or indices.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"{name}: indices must be int32 or int64 of the shape of values {tuple(values.shape)}, got"
+            f" {indices.dtype} of shape {tuple(indices.shape)}"
+        )
+    if indices.dtype == torch.int32 and in_features > torch.iinfo(torch.int32).max:
+        raise ValueError(f"{name}: {in_features} input features need int64 indices")
+    if values.shape[1] > in_features:
+        raise ValueError(f"{name}: k = {values.shape[1]} entries per row, more than the {in_features} inputs")
+    if indices.numel():
+        if int(indices.min()) < 0 or int(indices.max()) >= in_features:
+            raise ValueError(
+                f"{name}: indices must lie in [0, {in_features}), got [{int(indices.min())}, {int(indices.max())}]"
+            )
+        if values.shape[1] > 1 and not bool((indices[:, 1:] > indices[:, :-1]).all()):
+            raise ValueError(f"{name}: indices must increase strictly along each row (sorted, no repeats)")
+    if bias is not None and (bias.shape != (values.shape[0],) or bias.dtype != values.dtype):
+        raise ValueError(
+            f"{name}: bias must be {values.dtype} of shape ({values.shape[0]},), got {bias.dtype} {tuple(bias.shape)}"
+        )
+
+
+def _check_loaded_condensed(module: nn.Module, incompatible_keys: Any) -> None:
+    """After ``load_state_dict``: the loaded indices are read by the kernel unchecked, so check them here."""
+    module.out_features, module.k = module.values.shape
+    _check_condensed(module.in_features, module.values, module.indices, module.bias, type(module).__name__)
+
+
+def _condense(weight: Tensor, mask: Tensor | None, index_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(values, indices)`` of a 2-D weight whose rows all hold the same number of non-zeros (or mask entries)."""
+    if index_dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"`index_dtype` must be torch.int32 or torch.int64, got {index_dtype}")
+    kept = weight != 0 if mask is None else mask.to(weight.device, torch.bool)
+    counts = kept.sum(1)
+    low, high = (int(counts.min()), int(counts.max())) if counts.numel() else (0, 0)
+    if low != high:
+        what = "non-zero weights" if mask is None else "mask entries"
+        raise ValueError(f"the rows hold {low} to {high} {what}: not a constant fan-in")
+    indices = kept.nonzero()[:, 1].view(weight.shape[0], low)  # row-major: increasing along each row
+    return weight.gather(1, indices).contiguous(), indices.to(index_dtype).contiguous()
+
+
+def _pointwise_conv_problem(conv: nn.Module) -> str | None:
+    """Why a Conv2d is not a channel-wise Linear (1x1, groups 1, no padding), or None."""
+    if tuple(conv.kernel_size) != (1, 1):
+        return f"kernel {tuple(conv.kernel_size)}"
+    if conv.groups != 1:
+        return f"groups={conv.groups}"
+    padding = conv.padding
+    if not (padding in ("valid", "same") or tuple(padding) == (0, 0)):
+        return f"padding={padding}"
+    return None
+
+
+def _condensable(module: nn.Module) -> bool:
+    return type(module) is nn.Linear or (type(module) is nn.Conv2d and _pointwise_conv_problem(module) is None)
+
+
+def _replace(net: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(net.get_submodule(parent), attr, new)
+
+
+def _freeze(net: nn.Module) -> nn.Module:
+    """``net`` in eval mode with every parameter ``requires_grad=False`` (an inference copy)."""
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net.eval()
+
+
+def to_condensed(
+    model: nn.Module,
+    masks: Mapping[str, Tensor] | None = None,
+    *,
+    skip_unstructured: bool = False,
+    index_dtype: torch.dtype = torch.int32,
+    kernel: str = "auto",
+) -> nn.Module:
+    """A copy of ``model`` for CPU inference in which every constant-fan-in ``nn.Linear`` is a
+    :class:`CondensedLinear`, and every constant-fan-in 1x1 ``nn.Conv2d`` (``groups=1``, no padding, any
+    stride) a :class:`CondensedConv2d`.
+
+    A layer has a constant fan-in when every output row holds the same number ``k`` of non-zero weights, as
+    after training with ``pattern="fan_in"``. The rows are read from the weights, or from ``masks``
+    (``torch.bool`` by parameter name, as in ``named_parameters()``; the copy's weights are zeroed outside
+    them first). Pass the masks for a model just after a mask update: RigL, SET and sparse momentum grow their
+    new weights at zero, so its weights alone show fewer non-zeros in the rows that just grew (a kept weight
+    that is zero is stored as a zero value; the result is the same function). Only plain ``nn.Linear`` and
+    ``nn.Conv2d`` modules are looked at (as in :func:`to_sparse`); layers without any zero weight (or with an
+    all-True mask: ``dense_layers``) are left as they are, since there is nothing to condense, and so is every
+    other module. A module shared under several names is converted once.
+
+    Args:
+        model: the trained sparse model; not modified.
+        masks: optional masks by parameter name.
+        skip_unstructured: leave sparse layers whose fan-in is not constant as they are (a ``UserWarning``
+            names them) instead of raising.
+        index_dtype: ``torch.int32`` (default: half the index bytes of int64, faster at batch 1) or
+            ``torch.int64``.
+        kernel: ``"auto"``, ``"cpp"`` or ``"torch"``, see :class:`CondensedLinear`.
+
+    Returns:
+        The copy, in eval mode, every parameter ``requires_grad=False`` (it is for inference; see
+        :class:`CondensedLinear` on autograd).
+
+    Raises:
+        ValueError: a sparse layer's rows hold different numbers of non-zero weights (or mask entries), naming
+            the layers, unless ``skip_unstructured``; bad ``masks``, ``index_dtype`` or ``kernel``.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"`model` must be an nn.Module, got {type(model).__name__}")
+    kernels.check_condensed_kernel(kernel)
+    if index_dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"`index_dtype` must be torch.int32 or torch.int64, got {index_dtype}")
+    net = copy.deepcopy(model)
+    _apply_masks(net, masks)
+    masks = masks or {}
+    plans: dict[int, tuple[nn.Module, Tensor | None]] = {}
+    names: dict[int, list[str]] = {}  # every name of each module (a shared module is looked at once)
+    unstructured: dict[str, str] = {}
+    for name, module in net.named_modules(remove_duplicate=False):
+        if not _condensable(module):
+            continue
+        first = id(module) not in names
+        names.setdefault(id(module), []).append(name)
+        if not first:
+            continue
+        mask = masks.get(f"{name}.weight" if name else "weight")
+        kept = (module.weight.detach() != 0 if mask is None else mask.to(torch.bool)).flatten(1)
+        counts = kept.sum(1)
+        if counts.numel() == 0 or bool((counts == kept.shape[1]).all()):
+            log.debug("to_condensed: %s is dense, left as it is", name or type(module).__name__)
+            continue
+        low, high = int(counts.min()), int(counts.max())
+        if low != high:
+            what = "non-zero weights" if mask is None else "mask entries"
+            unstructured[name or type(module).__name__] = f"rows with {low} to {high} {what}"
+            continue
+        plans[id(module)] = (module, mask)
+    if unstructured and not skip_unstructured:
+        listed = "; ".join(f"{n!r} ({why})" for n, why in unstructured.items())
+        raise ValueError(
+            f"to_condensed: these layers do not have a constant fan-in (the same number of non-zero weights in"
+            f" every output row): {listed}. Train them with pattern='fan_in' (a mask update grows weights at zero:"
+            " pass masks=sparsifier.masks or callback.masks to count the masks' entries instead), or pass"
+            " skip_unstructured=True to leave them as they are"
+        )
+    if unstructured:
+        warnings.warn(
+            f"to_condensed: left {len(unstructured)} layer(s) without a constant fan-in as they are: "
+            + "; ".join(f"{n!r} ({why})" for n, why in unstructured.items()),
+            UserWarning,
+            stacklevel=2,
+        )
+    for key, (module, mask) in plans.items():
+        if isinstance(module, nn.Linear):
+            new: nn.Module = CondensedLinear.from_linear(module, mask, index_dtype=index_dtype, kernel=kernel)
+        else:
+            new = CondensedConv2d.from_conv(module, mask, index_dtype=index_dtype, kernel=kernel)
+        for name in names[key]:
+            if not name:
+                return _freeze(new)
+            _replace(net, name, new)
+    log.info("to_condensed: %d layers condensed, %d left unstructured", len(plans), len(unstructured))
+    return _freeze(net)
+
+
+# ------------------------------------------------------------------------------------- to_semi_structured
+_SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _semi_structured_backend() -> type:
+    """The ``SparseSemiStructuredTensor`` subclass ``to_sparse_semi_structured`` would use, with CUTLASS
+    instead of cuSPARSELt when this torch has no cuSPARSELt."""
+    from torch.sparse import SparseSemiStructuredTensor
+
+    if SparseSemiStructuredTensor._FORCE_CUTLASS or not torch.backends.cusparselt.is_available():
+        return torch.sparse.SparseSemiStructuredTensorCUTLASS
+    return torch.sparse.SparseSemiStructuredTensorCUSPARSELT
+
+
+def semi_structured_layers(
+    model: nn.Module,
+    masks: Mapping[str, Tensor] | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    skip_unsupported: bool = False,
+) -> list[str]:
+    """The names of the ``nn.Linear`` layers :func:`to_semi_structured` converts: those whose weight is 2:4
+    (at most 2 non-zero weights in every group of 4 consecutive inputs; with a mask, exactly 2 of every 4 mask
+    entries, :func:`~lightning_sparse.functional.patterns.check_pattern`) and whose shape the semi-structured
+    backend takes for ``dtype`` (default: the weight's). Runs on any device (nothing is converted).
+
+    Layers without any zero weight (or with an all-True mask) are dense on purpose and not listed. Other
+    sparse layers raise ``ValueError`` naming them and why (not 2:4, shape, dtype), unless
+    ``skip_unsupported``: then they are left out with a ``UserWarning`` naming them.
+    """
+    from lightning_sparse.functional.patterns import check_pattern, nm_groups_view
+
+    masks = masks or {}
+    backend = _semi_structured_backend()
+    chosen: list[str] = []
+    refused: dict[str, str] = {}
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        if type(module) is not nn.Linear or id(module) in seen:
+            continue
+        seen.add(id(module))
+        weight = module.weight.detach()
+        mask = masks.get(f"{name}.weight" if name else "weight")
+        kept = weight != 0 if mask is None else mask.to(weight.device, torch.bool)
+        if bool(kept.all()):
+            continue
+        label = name or "Linear"
+        if module.in_features % 4:
+            refused[label] = f"not 2:4: {module.in_features} inputs, not a multiple of 4"
+            continue
+        if mask is not None:
+            is_24 = check_pattern(kept, "2:4")
+        else:
+            is_24 = bool((nm_groups_view(kept, 4).sum(1) <= 2).all())
+        if not is_24:
+            what = "non-zero weights" if mask is None else "mask entries (or fewer)"
+            refused[label] = f"not 2:4: a group of 4 inputs holds more than 2 {what}"
+            continue
+        target = dtype or weight.dtype
+        if target not in _SEMI_STRUCTURED_DTYPES:
+            refused[label] = f"{target} weights: semi-structured inference here takes float16 or bfloat16 (pass dtype=)"
+            continue
+        config = backend._DTYPE_SHAPE_CONSTRAINTS[target]
+        rows, cols = weight.shape
+        if rows % config.sparse_min_rows or cols % config.sparse_min_cols:
+            refused[label] = (
+                f"shape {tuple(weight.shape)}: {backend.__name__} needs the rows a multiple of {config.sparse_min_rows}"
+                f" and the inputs a multiple of {config.sparse_min_cols} for {target}"
+            )
+            continue
+        chosen.append(name)
+    if refused and not skip_unsupported:
+        raise ValueError(
+            "to_semi_structured: these sparse Linear layers cannot be made 2:4 semi-structured: "
+            + "; ".join(f"{n!r} ({why})" for n, why in refused.items())
+            + ". Train them with pattern='2:4', keep them dense, or pass skip_unsupported=True to leave them as they are"
+        )
+    if refused:
+        warnings.warn(
+            f"to_semi_structured: left {len(refused)} sparse Linear layer(s) dense: "
+            + "; ".join(f"{n!r} ({why})" for n, why in refused.items()),
+            UserWarning,
+            stacklevel=2,
+        )
+    return chosen
+
+
+def to_semi_structured(
+    model: nn.Module,
+    masks: Mapping[str, Tensor] | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    skip_unsupported: bool = False,
+) -> nn.Module:
+    """A copy of ``model`` for CUDA inference in which every 2:4 ``nn.Linear`` weight is a
+    ``torch.sparse`` semi-structured tensor (sparse tensor cores: Ampere, compute capability 8.0, or newer).
+
+    Follows torch's documented usage: ``linear.weight = nn.Parameter(to_sparse_semi_structured(linear.weight))``
+    on a CUDA fp16/bf16 model; ``F.linear`` then runs the 2:4 kernel (cuSPARSELt, or CUTLASS where torch has no
+    cuSPARSELt or ``SparseSemiStructuredTensor._FORCE_CUTLASS`` is set). Which layers: see
+    :func:`semi_structured_layers` (the same ``masks``, ``dtype`` and ``skip_unsupported``). Inputs must have the
+    model's dtype.
+
+    Args:
+        model: the trained 2:4 model, on a CUDA device; not modified.
+        masks: optional ``torch.bool`` masks by parameter name, applied to the copy first.
+        dtype: ``torch.float16`` or ``torch.bfloat16`` to cast the copy to; default: keep the model's dtype,
+            which must then be one of them for the converted layers.
+        skip_unsupported: leave sparse layers that are not 2:4 (or whose shape or dtype the backend does not
+            take) dense, with a warning, instead of raising.
+
+    Returns:
+        The copy, in eval mode, every parameter ``requires_grad=False``.
+
+    Raises:
+        RuntimeError: the model's Linear weights are not on a CUDA device (e.g. on the CPU: use
+            :func:`to_condensed` there), or the GPU is older than compute capability 8.0.
+        ValueError: sparse layers that are not 2:4 (named), unless ``skip_unsupported``; a bad ``dtype``.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"`model` must be an nn.Module, got {type(model).__name__}")
+    if dtype is not None and dtype not in _SEMI_STRUCTURED_DTYPES:
+        raise ValueError(f"`dtype` must be torch.float16 or torch.bfloat16, got {dtype}")
+    linears = {name: m for name, m in model.named_modules() if type(m) is nn.Linear}
+    off_gpu = {name or "Linear": m.weight.device for name, m in linears.items() if m.weight.device.type != "cuda"}
+    if off_gpu:
+        listed = ", ".join(map(repr, list(off_gpu)[:5])) + (" ..." if len(off_gpu) > 5 else "")
+        where = ", ".join(sorted({str(d) for d in off_gpu.values()}))
+        raise RuntimeError(
+            "to_semi_structured: 2:4 semi-structured weights run on CUDA GPUs only (sparse tensor cores), but"
+            f" Linear layer(s) {listed} are on {where}. Move the model first (model.cuda().half()); on the CPU"
+            " use to_condensed() for fan_in models, or to_sparse()"
+        )
+    devices = {m.weight.device for m in linears.values()}
+    for device in devices:
+        if torch.cuda.get_device_capability(device) < (8, 0):
+            major, minor = torch.cuda.get_device_capability(device)
+            raise RuntimeError(
+                f"to_semi_structured: {device} has compute capability {major}.{minor}; 2:4 semi-structured"
+                " sparsity needs 8.0 or newer (Ampere)"
+            )
+    net = copy.deepcopy(model)
+    _apply_masks(net, masks)
+    if dtype is not None:
+        net = net.to(dtype)
+    names = semi_structured_layers(net, masks, dtype=dtype, skip_unsupported=skip_unsupported)
+    backend = _semi_structured_backend()
+    for name in names:
+        module = net.get_submodule(name)
+        weight = module.weight.detach().contiguous()
+        if backend is torch.sparse.SparseSemiStructuredTensorCUSPARSELT:
+            sparse = torch.sparse.to_sparse_semi_structured(weight)
+        else:
+            sparse = backend.from_dense(weight)
+        module.weight = nn.Parameter(sparse, requires_grad=False)
+    log.info("to_semi_structured: %d Linear layers 2:4 semi-structured", len(names))
+    return _freeze(net)

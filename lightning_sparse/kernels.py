@@ -1,4 +1,5 @@
-"""The fused CPU kernel behind :meth:`~lightning_sparse.masking.Masking.apply_`.
+"""The C++ CPU kernels: the fused mask kernel behind :meth:`~lightning_sparse.masking.Masking.apply_`, and the
+condensed (constant fan-in) product behind :class:`~lightning_sparse.export.CondensedLinear`.
 
 On the CPU, ``torch._foreach_mul_(weights, bool_masks)`` converts each mask to a float32 temporary before it
 multiplies (torch's CPU kernels do not cast their inputs on the fly), so applying 1-byte masks moves about
@@ -14,6 +15,12 @@ and ``ninja``; about 5 s once, then cached under ``TORCH_EXTENSIONS_DIR``, by de
   and torch's ``_foreach_mul_`` is used instead;
 * ``"cpp"``: the C++ kernel for CPU weights, and an error if it cannot be built;
 * ``"torch"``: torch's ``_foreach_mul_`` only; nothing is compiled.
+
+``csrc/condensed_linear.cpp`` computes ``y[b, o] = sum_j values[o, j] * x[b, indices[o, j]] + bias[o]`` for a
+layer whose output rows all read the same number ``k`` of inputs (see the file for the loop orders). It is a
+separate extension, built the same way on first use by :func:`cpu_condensed_linear` and chosen by the same
+names (``"auto"`` falls back to torch's ``embedding_bag`` with a warning, ``"cpp"`` raises, ``"torch"`` builds
+nothing).
 """
 
 from __future__ import annotations
@@ -32,7 +39,12 @@ MASK_KERNELS = ("auto", "cpp", "torch")
 SOURCE = Path(__file__).with_name("csrc") / "masked_zero.cpp"
 EXTENSION_NAME = "lightning_sparse_masked_zero"
 
+CONDENSED_SOURCE = Path(__file__).with_name("csrc") / "condensed_linear.cpp"
+CONDENSED_EXTENSION_NAME = "lightning_sparse_condensed_linear"
+
 MaskedZero = Callable[[Sequence[Tensor], Sequence[Tensor]], None]
+# condensed_linear(x, values, indices, bias, columns) -> y: see csrc/condensed_linear.cpp
+CondensedOp = Callable[[Tensor, Tensor, Tensor, Tensor | None, bool], Tensor]
 
 
 def check_mask_kernel(kernel: str) -> str:
@@ -54,22 +66,37 @@ def _quiet(logger_name: str) -> Iterator[None]:
         logger.setLevel(level)
 
 
+def _load(name: str, source: Path) -> None:
+    """Compile (or take from the cache) and load one extension; it registers its ops under ``torch.ops``."""
+    with _quiet("torch.utils.cpp_extension"):
+        from torch.utils import cpp_extension
+
+        cpp_extension.load(
+            name=name,
+            sources=[str(source)],
+            extra_cflags=["-O3", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
+
+
 @functools.cache
 def _build() -> tuple[MaskedZero | None, str]:
     """Compile and load the kernel once per process: ``(op, "")``, or ``(None, why it failed)``."""
     try:
-        with _quiet("torch.utils.cpp_extension"):
-            from torch.utils import cpp_extension
-
-            cpp_extension.load(
-                name=EXTENSION_NAME,
-                sources=[str(SOURCE)],
-                extra_cflags=["-O3", "-fopenmp"],
-                extra_ldflags=["-fopenmp"],
-                is_python_module=False,
-                verbose=False,
-            )
+        _load(EXTENSION_NAME, SOURCE)
         return torch.ops.lightning_sparse.masked_zero_, ""
+    except Exception as error:  # any failure to build or load falls back to torch's ops (or raises for "cpp")
+        return None, f"{type(error).__name__}: {error}".strip()
+
+
+@functools.cache
+def _build_condensed() -> tuple[CondensedOp | None, str]:
+    """Compile and load the condensed kernel once per process: ``(op, "")``, or ``(None, why it failed)``."""
+    try:
+        _load(CONDENSED_EXTENSION_NAME, CONDENSED_SOURCE)
+        return torch.ops.lightning_sparse.condensed_linear, ""
     except Exception as error:  # any failure to build or load falls back to torch's ops (or raises for "cpp")
         return None, f"{type(error).__name__}: {error}".strip()
 
@@ -102,4 +129,43 @@ def _warn_fallback(reason: str) -> None:
         f" _foreach_mul_, about 1.4-1.8x slower on the CPU (pass mask_kernel='torch' to skip the build). {first_lines}",
         RuntimeWarning,
         stacklevel=3,
+    )
+
+
+def check_condensed_kernel(kernel: str) -> str:
+    """Return ``kernel`` if it names a condensed kernel (the names of :data:`MASK_KERNELS`), else raise
+    ``ValueError`` listing the names."""
+    if kernel not in MASK_KERNELS:
+        raise ValueError(f"`kernel` can be {', '.join(map(repr, MASK_KERNELS))}, got {kernel!r}")
+    return kernel
+
+
+def cpu_condensed_linear(kernel: str) -> CondensedOp | None:
+    """The C++ ``condensed_linear`` op for ``kernel`` ``"auto"`` or ``"cpp"``; ``None`` for ``"torch"``, or for
+    ``"auto"`` when the kernel cannot be built (with a warning, once per process).
+
+    Raises:
+        RuntimeError: ``kernel="cpp"`` and the kernel cannot be built; the message holds the build error.
+    """
+    if check_condensed_kernel(kernel) == "torch":
+        return None
+    op, reason = _build_condensed()
+    if op is None:
+        if kernel == "cpp":
+            raise RuntimeError(
+                f"kernel='cpp': the C++ condensed kernel could not be built ({reason}). It needs a C++ compiler"
+                " with OpenMP and ninja; use kernel='auto' or 'torch' to compute with torch's embedding_bag"
+            )
+        _warn_condensed_fallback(reason)
+    return op
+
+
+@functools.cache
+def _warn_condensed_fallback(reason: str) -> None:
+    first_lines = "\n".join(reason.splitlines()[:3])
+    warnings.warn(
+        "lightning-sparse: the C++ condensed kernel could not be built, so CondensedLinear computes with torch's"
+        f" embedding_bag, several times slower at small batches (pass kernel='torch' to skip the build). {first_lines}",
+        RuntimeWarning,
+        stacklevel=4,
     )

@@ -1,5 +1,7 @@
 """lightning_sparse.export: ``compact`` removes exactly the channels that do not change the output; ``to_sparse``
-stores sparse Linear weights in CSR. LeNet-5, a small VGG with BatchNorm, and torchvision's ResNet-50."""
+stores sparse Linear weights in CSR; ``to_condensed`` condenses constant-fan-in layers for the CPU;
+``to_semi_structured`` makes 2:4 Linear weights semi-structured for CUDA. LeNet-5, a small VGG with BatchNorm,
+torchvision's ResNet-50, small MLPs and 1x1 convolutions."""
 
 import copy
 
@@ -8,7 +10,17 @@ import torch
 import torchvision
 from torch import nn
 
-from lightning_sparse.export import SparseLinear, compact, compaction_report, to_sparse
+from lightning_sparse.export import (
+    CondensedConv2d,
+    CondensedLinear,
+    SparseLinear,
+    compact,
+    compaction_report,
+    semi_structured_layers,
+    to_condensed,
+    to_semi_structured,
+    to_sparse,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -390,3 +402,317 @@ def test_to_sparse_threshold_and_validation():
     assert sum(isinstance(m, SparseLinear) for m in to_sparse(model, min_sparsity=0.0).modules()) == 2
     with pytest.raises(ValueError, match="min_sparsity"):
         to_sparse(model, min_sparsity=1.5)
+
+
+# ------------------------------------------------------------------------------------------- to_condensed
+
+
+@torch.no_grad()
+def _fan_in_(layer: nn.Module, k: int, seed: int = 0) -> torch.Tensor:
+    """Keep ``k`` random weights in every output row of a Linear/Conv (the rest zeroed); the mask."""
+    g = torch.Generator().manual_seed(seed)
+    rows = layer.weight.view(layer.weight.shape[0], -1)
+    keep = torch.rand(rows.shape, generator=g).argsort(1)[:, :k]
+    mask = torch.zeros(rows.shape, dtype=torch.bool).scatter_(1, keep, True)
+    rows.mul_(mask)
+    return mask.view_as(layer.weight)
+
+
+def _fan_in_mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(48, 64), nn.ReLU(), nn.Linear(64, 40, bias=False), nn.ReLU(), nn.Linear(40, 10))
+    _fan_in_(model[0], 5)
+    _fan_in_(model[2], 13, seed=1)
+    _fan_in_(model[4], 40 // 2, seed=2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kernel", ["cpp", "torch"])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("batch", [1, 2, 7, 256])
+def test_to_condensed_computes_the_same_function(batch, index_dtype, kernel):
+    model = _fan_in_mlp()
+    before = _snapshot(model)
+    fast = to_condensed(model, index_dtype=index_dtype, kernel=kernel)
+    assert [type(m) for m in fast] == [CondensedLinear, nn.ReLU, CondensedLinear, nn.ReLU, CondensedLinear]
+    assert [fast[i].k for i in (0, 2, 4)] == [5, 13, 20]
+    assert fast[0].values.shape == fast[0].indices.shape == (64, 5) and fast[0].indices.dtype == index_dtype
+    assert bool((fast[2].indices[:, 1:] > fast[2].indices[:, :-1]).all())  # sorted along each row
+    assert fast[2].bias is None and not any(p.requires_grad for p in fast.parameters())
+    g = torch.Generator().manual_seed(batch)
+    x = torch.randn(batch, 48, generator=g)
+    with torch.no_grad():
+        expected = model(x)
+    torch.testing.assert_close(fast(x), expected)  # a frozen copy: no torch.no_grad() needed
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), expected)
+    x3 = torch.randn(3, batch, 48, generator=g)  # any leading shape
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x3), model(x3))
+        torch.testing.assert_close(fast(x3[0, 0]), model(x3[0, 0]))  # 1-D input
+        torch.testing.assert_close(fast(x.t().contiguous().t()), expected)  # a non-contiguous input
+    _assert_unchanged(model, before)
+
+
+def test_condensed_float64_and_thread_count_independence():
+    model = _fan_in_mlp()
+    fast = to_condensed(model)
+    x = torch.randn(256, 48)
+    with torch.no_grad():
+        double = copy.deepcopy(model).double()
+        torch.testing.assert_close(to_condensed(double)(x.double()), double(x.double()))  # torch's path
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append([fast(x[:b]) for b in (1, 7, 256)])
+        torch.set_num_threads(1)
+    assert all(torch.equal(a, b) for a, b in zip(*results))  # every output summed by one thread, in one order
+
+
+def _train_fan_in(algorithm: str, steps: int = 6) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """An MLP trained a few steps on random data with ``pattern="fan_in"``; its masks."""
+    from lightning_sparse import Sparsifier
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 96), nn.ReLU(), nn.Linear(96, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sparsifier = Sparsifier(model, optimizer, density=0.1, algorithm=algorithm, pattern="fan_in", seed=0,
+                            update_interval=2, total_steps=8)  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        x, y = torch.randn(32, 64, generator=g), torch.randint(0, 10, (32,), generator=g)
+        nn.functional.cross_entropy(model(x), y).backward()
+        sparsifier.before_optimizer_step()
+        optimizer.step()
+        sparsifier.step()
+        optimizer.zero_grad()
+    return model.eval(), {k: v.clone() for k, v in sparsifier.masks.items()}
+
+
+def _check_trained(model: nn.Module, fast: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    ks = {name: int(mask.sum(1)[0]) for name, mask in masks.items()}
+    assert all(bool((mask.sum(1) == ks[name]).all()) for name, mask in masks.items())  # the pattern held
+    assert {f"{i}.weight": fast[i].k for i in (0, 2, 4)} == ks
+    g = torch.Generator().manual_seed(1)
+    for batch in (1, 2, 7, 256):
+        x = torch.randn(batch, 64, generator=g)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), model(x))
+
+
+def test_to_condensed_model_trained_with_fan_in_pattern():
+    model, masks = _train_fan_in("rigl")  # a mask update at step 6: RigL's regrown weights start at zero
+    with pytest.raises(ValueError, match=r"to_condensed: .*'0' \(rows with \d+ to \d+ non-zero weights\).*masks="):
+        to_condensed(model)  # ... so the weights alone do not show the constant fan-in: the masks do
+    _check_trained(model, to_condensed(model, masks=masks), masks)
+    model, masks = _train_fan_in("static")  # no growth: every kept weight is non-zero
+    _check_trained(model, to_condensed(model), masks)
+
+
+def test_to_condensed_refuses_or_skips_layers_without_constant_fan_in():
+    model = _fan_in_mlp()
+    with torch.no_grad():
+        model[2].weight[0, :] = 0.5  # row 0 now holds 64 non-zero weights, the others 13
+    with pytest.raises(ValueError, match=r"'2' \(rows with 13 to 64 non-zero weights\)"):
+        to_condensed(model)
+    with pytest.warns(UserWarning, match=r"left 1 layer\(s\) without a constant fan-in as they are: '2'"):
+        fast = to_condensed(model, skip_unstructured=True)
+    assert [type(m) for m in fast] == [CondensedLinear, nn.ReLU, nn.Linear, nn.ReLU, CondensedLinear]
+    x = torch.randn(5, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x))
+    # masks decide instead of the weights: a kept weight that is exactly zero counts
+    model = _fan_in_mlp()
+    masks = {"0.weight": model[0].weight != 0}
+    with torch.no_grad():
+        model[0].weight[3, model[0].weight[3].nonzero()[0]] = 0.0
+    with pytest.raises(ValueError, match=r"'0' \(rows with 4 to 5 non-zero weights\)"):
+        to_condensed(model)
+    fast = to_condensed(model, masks=masks)
+    assert fast[0].k == 5
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x))
+    bad_mask = masks["0.weight"].clone()
+    bad_mask[0, :] = True
+    with pytest.raises(ValueError, match=r"'0' \(rows with 5 to 48 mask entries\)"):
+        to_condensed(model, masks={"0.weight": bad_mask})
+    with pytest.raises(ValueError, match=r"mask 'nope.weight' names no parameter"):
+        to_condensed(model, masks={"nope.weight": bad_mask})
+
+
+def test_to_condensed_leaves_dense_and_other_layers_and_shares_modules():
+    torch.manual_seed(0)
+    shared = nn.Linear(16, 16)
+    _fan_in_(shared, 3)
+    model = nn.Sequential(nn.Linear(8, 16), shared, nn.ReLU(), shared, nn.LayerNorm(16))  # [0] is dense
+    fast = to_condensed(model)
+    assert type(fast[0]) is nn.Linear and type(fast[4]) is nn.LayerNorm
+    assert isinstance(fast[1], CondensedLinear) and fast[1] is fast[3]
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x))
+    bare = to_condensed(shared)  # a bare Linear is replaced itself
+    assert isinstance(bare, CondensedLinear) and bare.k == 3
+    with pytest.raises(ValueError, match=r"`kernel` can be 'auto', 'cpp', 'torch', got 'gpu'"):
+        to_condensed(model, kernel="gpu")
+    with pytest.raises(ValueError, match="index_dtype"):
+        to_condensed(model, index_dtype=torch.int16)
+
+
+def test_condensed_conv1x1():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(16, 32, 1), nn.ReLU(), nn.Conv2d(32, 24, 1, stride=2, bias=False), nn.ReLU(),
+        nn.Conv2d(24, 8, 3, padding=1), nn.Conv2d(8, 8, 1, padding=1),
+    ).eval()  # fmt: skip
+    _fan_in_(model[0], 3)
+    _fan_in_(model[2], 7)
+    _random_zeros(model[4], 0.5)  # a 3x3 and a padded 1x1 convolution are not channel-wise Linears: left as they are
+    _random_zeros(model[5], 0.5)
+    fast = to_condensed(model)
+    assert [type(m) for m in fast] == [CondensedConv2d, nn.ReLU, CondensedConv2d, nn.ReLU, nn.Conv2d, nn.Conv2d]
+    assert fast[2].stride == (2, 2) and (fast[2].in_channels, fast[2].out_channels, fast[2].k) == (32, 24, 7)
+    g = torch.Generator().manual_seed(0)
+    for shape in [(2, 16, 9, 9), (1, 16, 2, 3), (16, 5, 5), (3, 16, 24, 24)]:
+        x = torch.randn(shape, generator=g)
+        with torch.no_grad():
+            expected = model(x)
+            torch.testing.assert_close(fast(x), expected)
+            torch.testing.assert_close(to_condensed(model, kernel="torch")(x), expected)
+            if x.dim() == 4:
+                x_cl = x.contiguous(memory_format=torch.channels_last)
+                y = fast[:4](x_cl)
+                assert y.is_contiguous(memory_format=torch.channels_last)  # as the convolution returns it
+                torch.testing.assert_close(y, model[:4](x_cl))
+    with pytest.raises(ValueError, match=r"1x1 Conv2d with groups=1 and no padding: kernel \(3, 3\)"):
+        CondensedConv2d.from_conv(model[4])
+
+
+def test_condensed_linear_is_inference_only_and_checks_its_parts():
+    layer = nn.Linear(12, 6)
+    _fan_in_(layer, 4)
+    condensed = CondensedLinear.from_linear(layer)
+    x = torch.randn(3, 12, requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"CondensedLinear is for inference only \(no autograd\).*torch.no_grad"):
+        condensed(x)
+    with torch.no_grad():
+        torch.testing.assert_close(condensed(x), layer(x))
+    torch.testing.assert_close(condensed(x.detach()), layer(x).detach())
+    torch.testing.assert_close(condensed.dense_weight(), layer.weight.detach())
+    with pytest.raises(ValueError, match=r"expects 12 input features, got input of shape \(3, 11\)"):
+        condensed(torch.randn(3, 11))
+    with pytest.raises(RuntimeError, match=r"input dtype torch.float64 differs from the layer's torch.float32"):
+        condensed(torch.randn(3, 12, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"the rows hold 4 to 12 non-zero weights"):
+        CondensedLinear.from_linear(_with_dense_row(layer))
+    values, indices = condensed.values, condensed.indices
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 12\), got \[0, 12\]"):
+        CondensedLinear(12, values, torch.where(indices == indices.max(), 12, indices))
+    with pytest.raises(ValueError, match="indices must increase strictly along each row"):
+        CondensedLinear(12, values, indices.flip(1))
+    with pytest.raises(ValueError, match="indices must be int32 or int64"):
+        CondensedLinear(12, values, indices.to(torch.int16))
+    # state_dict round trip; loaded indices are checked (the kernel reads them unchecked)
+    state = condensed.state_dict()
+    assert set(state) == {"values", "indices", "bias"}
+    reloaded = CondensedLinear(12, torch.zeros(6, 4), torch.arange(4, dtype=torch.int32).repeat(6, 1), torch.zeros(6))
+    reloaded.load_state_dict(state)
+    torch.testing.assert_close(reloaded(x.detach()), layer(x).detach())
+    with pytest.raises(ValueError, match="indices must lie in"):
+        reloaded.load_state_dict({**state, "indices": state["indices"] + 100})
+    torch.testing.assert_close(copy.deepcopy(condensed)(x.detach()), layer(x).detach())
+
+
+def _with_dense_row(layer: nn.Linear) -> nn.Linear:
+    dense_row = copy.deepcopy(layer)
+    with torch.no_grad():
+        dense_row.weight[0] = 1.0
+    return dense_row
+
+
+def test_condensed_layer_with_no_kept_weight_returns_the_bias():
+    values, indices = torch.zeros(5, 0), torch.zeros(5, 0, dtype=torch.int32)
+    for kernel in ("cpp", "torch"):
+        layer = CondensedLinear(7, values, indices, torch.arange(5.0), kernel=kernel)
+        torch.testing.assert_close(layer(torch.randn(2, 7)), torch.arange(5.0).expand(2, 5))
+        torch.testing.assert_close(layer(torch.randn(300, 7)), torch.arange(5.0).expand(300, 5))
+
+
+# ------------------------------------------------------------------------------------- to_semi_structured
+
+
+@torch.no_grad()
+def _two_four_(layer: nn.Linear, seed: int = 0) -> torch.Tensor:
+    """Keep 2 random weights in every group of 4 consecutive inputs; the mask."""
+    g = torch.Generator().manual_seed(seed)
+    groups = layer.weight.view(-1, 4)
+    keep = torch.rand(groups.shape, generator=g).argsort(1)[:, :2]
+    mask = torch.zeros(groups.shape, dtype=torch.bool, device=groups.device).scatter_(1, keep.to(groups.device), True)
+    groups.mul_(mask)
+    return mask.view_as(layer.weight)
+
+
+def _two_four_mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10))
+    _two_four_(model[0])
+    _two_four_(model[2], seed=1)  # [4] stays dense
+    return model.eval()
+
+
+def test_to_semi_structured_refuses_the_cpu():
+    model = _two_four_mlp()
+    with pytest.raises(RuntimeError, match=r"CUDA GPUs only.*'0', '2', '4' are on cpu.*to_condensed"):
+        to_semi_structured(model)
+
+
+def test_semi_structured_layer_selection():
+    model = _two_four_mlp()
+    half = copy.deepcopy(model).half()
+    assert semi_structured_layers(half) == ["0", "2"]  # [4] is dense: left as it is
+    assert semi_structured_layers(model, dtype=torch.bfloat16) == ["0", "2"]
+    with pytest.raises(ValueError, match=r"'0' \(torch.float32 weights: .*float16 or bfloat16"):
+        semi_structured_layers(model)
+    with torch.no_grad():
+        half[2].weight[5, :4] = 1.0  # one group of 4 with 4 non-zero weights
+    with pytest.raises(ValueError, match=r"cannot be made 2:4 semi-structured: '2' \(not 2:4: a group of 4 inputs"):
+        semi_structured_layers(half)
+    with pytest.warns(UserWarning, match=r"left 1 sparse Linear layer\(s\) dense: '2'"):
+        assert semi_structured_layers(half, skip_unsupported=True) == ["0"]
+    # fewer than 2 non-zero weights in a group is 2:4 from the weights, not from a mask
+    sparse_group = _two_four_mlp().half()
+    with torch.no_grad():
+        sparse_group[0].weight[0, :4] = 0.0
+    assert semi_structured_layers(sparse_group) == ["0", "2"]
+    masks = {"0.weight": sparse_group[0].weight != 0}
+    with pytest.raises(ValueError, match=r"'0' \(not 2:4: a group of 4 inputs holds more than 2 mask entries"):
+        semi_structured_layers(sparse_group, masks)
+    # shapes the backend does not take, and inputs not a multiple of 4
+    odd = nn.Sequential(nn.Linear(64, 8), nn.Linear(30, 16)).half()
+    _two_four_(odd[0])
+    with torch.no_grad():
+        odd[1].weight[:, ::2] = 0
+    with pytest.raises(ValueError, match=r"'0' \(shape \(8, 64\): .* multiple of 16 .*'1' \(not 2:4: 30 inputs"):
+        semi_structured_layers(odd)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="2:4 semi-structured sparsity needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_to_semi_structured_on_cuda_matches_the_dense_model(dtype):
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("2:4 semi-structured sparsity needs compute capability 8.0+")
+    from torch.sparse import SparseSemiStructuredTensor
+
+    model = _two_four_mlp().cuda().to(dtype)
+    fast = to_semi_structured(model)
+    assert isinstance(fast[0].weight, SparseSemiStructuredTensor)
+    assert isinstance(fast[2].weight, SparseSemiStructuredTensor)
+    assert not isinstance(fast[4].weight, SparseSemiStructuredTensor)  # dense
+    assert not isinstance(model[0].weight, SparseSemiStructuredTensor)  # the model is not modified
+    for batch in (1, 7, 64):
+        x = torch.randn(batch, 128, device="cuda", dtype=dtype)
+        with torch.inference_mode():
+            torch.testing.assert_close(fast(x), model(x), atol=2e-2, rtol=2e-2)
+    also = to_semi_structured(_two_four_mlp().cuda(), dtype=dtype)  # cast by to_semi_structured
+    with torch.inference_mode():
+        torch.testing.assert_close(also(x), model(x), atol=2e-2, rtol=2e-2)

@@ -134,3 +134,92 @@ def test_callback_with_cpp_kernel_that_cannot_build_fails_at_fit_start(monkeypat
         trainer(max_epochs=1, callbacks=[cb, rec]).fit(DigitsCNN(), digits_loader(image=True))
     assert rec.steps_checked == 0
 
+
+# ------------------------------------------------------------------------------------- the condensed kernel
+
+
+def _condensed_case(inputs: int, outputs: int, k: int, seed: int = 0):
+    """A constant-fan-in weight, its values and int32 indices packed for the kernel, and a bias."""
+    from lightning_sparse.export import _pack_blocks
+
+    g = torch.Generator().manual_seed(seed)
+    indices = torch.rand(outputs, inputs, generator=g).argsort(1)[:, :k].sort(1).values
+    values = torch.randn(outputs, k, generator=g)
+    weight = torch.zeros(outputs, inputs).scatter_(1, indices, values)
+    return weight, _pack_blocks(values), _pack_blocks(indices.to(torch.int32)), torch.randn(outputs, generator=g)
+
+
+def test_condensed_kernel_equals_the_dense_product():
+    op = kernels.cpu_condensed_linear("cpp")
+    # k odd and even; rows not a multiple of the 16-row blocks; batches of both loop orders and ragged chunk ends
+    for inputs, outputs, k in [(5, 7, 2), (300, 33, 17), (3072, 40, 307), (768, 70, 76), (9, 16, 0)]:
+        weight, values, indices, bias = _condensed_case(inputs, outputs, k)
+        for batch in (1, 5, 6, 31, 100, 300):
+            x = torch.randn(batch, inputs)
+            for idx in (indices, indices.long()):  # sums of up to 307 terms in another order: 1e-4
+                expected = nn.functional.linear(x, weight, bias)
+                torch.testing.assert_close(op(x, values, idx, bias, outputs, False), expected, atol=1e-4, rtol=1e-4)
+                expected = x @ weight.t()
+                torch.testing.assert_close(op(x, values, idx, None, outputs, False), expected, atol=1e-4, rtol=1e-4)
+            columns = torch.randn(2, inputs, batch)  # [n, in, L] -> [n, out, L]
+            expected = torch.einsum("oi,nil->nol", weight, columns) + bias[:, None]
+            result = op(columns, values, indices.long(), bias, outputs, True)
+            torch.testing.assert_close(result, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "portable"])
+def test_condensed_kernel_other_instruction_sets(isa):
+    # this machine may run AVX-512: cap the variant in a fresh process (it is chosen when the library loads).
+    # The condensed extension loads first there, then the mask kernel's: both register ops under
+    # torch.ops.lightning_sparse (a TORCH_LIBRARY_FRAGMENT and the TORCH_LIBRARY), in either order.
+    code = (
+        "import torch, tests.test_kernels as t; from lightning_sparse import kernels\n"
+        "op = kernels.cpu_condensed_linear('cpp'); print(torch.ops.lightning_sparse.condensed_isa())\n"
+        "t.test_condensed_kernel_equals_the_dense_product()\n"
+        "assert kernels.cpu_masked_zero('cpp') is not None\n"
+    )
+    env = {**os.environ, "LIGHTNING_SPARSE_ISA": isa}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # imports this checkout's package and tests
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[0] in (isa, "portable")  # "portable" on a CPU without AVX2
+
+
+def test_condensed_kernel_checks_its_inputs():
+    op = kernels.cpu_condensed_linear("cpp")
+    _, values, indices, bias = _condensed_case(10, 4, 3)
+    x = torch.randn(2, 10)
+    with pytest.raises(RuntimeError, match=r"condensed_linear: x and values must be float32, got Double and Float"):
+        op(x.double(), values, indices, bias, 4, False)
+    with pytest.raises(RuntimeError, match=r"condensed_linear: indices must be int32 or int64, got Short"):
+        op(x, values, indices.short(), bias, 4, False)
+    with pytest.raises(RuntimeError, match=r"values and indices must be packed as \[1, k, 16\] for 4 rows"):
+        op(x, values, indices[:, :2].contiguous(), bias, 4, False)
+    with pytest.raises(RuntimeError, match=r"values and indices must be packed as \[2, k, 16\] for 20 rows"):
+        op(x, values, indices, None, 20, False)
+    with pytest.raises(RuntimeError, match=r"x, values and indices must be contiguous"):
+        op(torch.randn(10, 2).t(), values, indices, bias, 4, False)
+    with pytest.raises(RuntimeError, match=r"x must be \[n, in, L\], got shape \[2, 10\]"):
+        op(x, values, indices, bias, 4, True)
+    with pytest.raises(RuntimeError, match=r"bias must be a contiguous float32 CPU tensor of 4 elements"):
+        op(x, values, indices, bias[:3], 4, False)
+
+
+def test_condensed_failed_build_auto_warns_once_and_falls_back_cpp_raises(monkeypatch):
+    from lightning_sparse.export import CondensedLinear
+
+    monkeypatch.setattr(kernels, "_build_condensed", lambda: (None, "RuntimeError: Error building extension: no c++"))
+    g = torch.Generator().manual_seed(0)
+    indices = torch.rand(8, 20, generator=g).argsort(1)[:, :5].sort(1).values
+    values, bias = torch.randn(8, 5, generator=g), torch.randn(8, generator=g)
+    weight = torch.zeros(8, 20).scatter_(1, indices, values)
+    x = torch.randn(3, 20)
+    layer = CondensedLinear(20, values, indices, bias)
+    with pytest.warns(RuntimeWarning, match=r"the C\+\+ condensed kernel could not be built.*no c\+\+"):
+        torch.testing.assert_close(layer(x), nn.functional.linear(x, weight, bias))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(x)  # warned once per process, not at every call
+        CondensedLinear(20, values, indices, bias, kernel="torch")(x)  # nothing to build, nothing raised
+    with pytest.raises(RuntimeError, match=r"kernel='cpp': the C\+\+ condensed kernel could not be built"):
+        CondensedLinear(20, values, indices, bias, kernel="cpp")(x)
