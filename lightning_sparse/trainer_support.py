@@ -75,23 +75,29 @@ def mask_weight_averages(trainer: pl.Trainer, sparsifier: Sparsifier) -> None:
 
     for callback in trainer.callbacks:
         if isinstance(callback, WeightAveraging) and callback._average_model is not None:
-            after(callback._average_model, lambda average, *args: mask(average.module))
+            after(callback._average_model, lambda average, *args: mask(average.module), id(sparsifier.options))
             mask(callback._average_model.module)
         elif isinstance(callback, StochasticWeightAveraging):
-            after(callback, lambda callback, average, *args: mask(average))
+            after(callback, lambda callback, average, *args: mask(average), id(sparsifier.options))
 
 
-def after(owner: Any, then: Callable[..., None]) -> None:
-    """Make ``owner.update_parameters(*args)`` call ``then(owner, *args)`` after itself (once: a later call
-    replaces ``then``, e.g. when the callback is fitted again with another model)."""
-    original = vars(owner).get("_lightning_sparse_update", owner.update_parameters)
+def after(owner: Any, then: Callable[..., None], key: Any) -> None:
+    """Make ``owner.update_parameters(*args)`` call ``then(owner, *args)`` after itself. One ``then`` per
+    ``key`` (each sparse callback's options): a later call with the same key replaces it (the callback fitted
+    again), other keys add theirs (several sparse callbacks)."""
+    state = vars(owner)
+    if "_lightning_sparse_update" not in state:
+        original = owner.update_parameters
+        thens: dict[Any, Callable[..., None]] = {}
 
-    def update_parameters(*args: Any) -> None:
-        original(*args)
-        then(owner, *args)
+        def update_parameters(*args: Any) -> None:
+            original(*args)
+            for hook in list(thens.values()):
+                hook(owner, *args)
 
-    vars(owner)["_lightning_sparse_update"] = original
-    vars(owner)["update_parameters"] = update_parameters
+        state["_lightning_sparse_update"] = thens
+        state["update_parameters"] = update_parameters
+    state["_lightning_sparse_update"][key] = then
 
 
 def refuse_overlap(options: SparseOptions, others: Sequence[SparseOptions], pl_module: pl.LightningModule) -> None:

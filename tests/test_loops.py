@@ -247,3 +247,17 @@ def test_all_frozen_is_refused():
     model.net[4].bias.requires_grad_(True)
     with pytest.raises(ValueError, match=r"every maskable weight of DigitsMLP is frozen.*`mask_frozen=True`"):
         trainer(max_epochs=1, callbacks=[SparseTrainingCallback(density=0.2)]).fit(model, digits_loader())
+
+
+def test_ema_keeps_the_masks_of_every_sparse_callback():
+    first = SparseTrainingCallback(density={"net.0.*": 0.2}, update_interval=4, seed=0, figure=False)
+    second = SparseTrainingCallback(density=0.3, dense_layers=["net.0"], update_interval=4, seed=0, figure=False)
+    ema = EMAWeightAveraging(decay=0.9)
+    model = DigitsMLP()
+    trainer(max_epochs=2, callbacks=[first, second, ema]).fit(model, digits_loader())
+    averaged = dict(ema._average_model.module.named_parameters())
+    params = dict(model.named_parameters())
+    masks = {**first.masks, **second.masks}
+    assert set(masks) == {"net.0.weight", "net.2.weight", "net.4.weight"}
+    for name, mask in masks.items():  # both callbacks' masks hold on the average and on the model it hands back
+        assert int((averaged[name][~mask] != 0).sum()) == 0 and int((params[name][~mask] != 0).sum()) == 0, name
