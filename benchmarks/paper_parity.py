@@ -1,7 +1,7 @@
 """Our figures next to the published ones: ResNet-50 inference and training FLOPs (RigL), and every method's test
 error on Fashion-MNIST LeNets.
 
-    python benchmarks/paper_parity.py --parts a b                       # FLOPs only, about 1.5 min
+    python benchmarks/paper_parity.py --parts a b                       # FLOPs only, about 20 s
     python benchmarks/paper_parity.py --parts c --nets lenet300 --seeds 0 1 2 --epochs 20
 
 (a) Inference FLOPs of torchvision's ResNet-50 (random init, 224x224 input) at 80/90/95 % sparsity, ERK and
