@@ -442,9 +442,10 @@ class Sparsifier:
         if algorithm.dynamic:
             self._check_finite([layers[i] for i in trained], algorithm, step, [masking.specs[i] for i in trained])
         groups = self._group_indices()
+        trained_set = set(trained)
         result = None
         for pattern, indices in groups.items():  # each group keeps its own total; weights move only within it
-            chosen = [i for i in indices if i in set(trained)]
+            chosen = [i for i in indices if i in trained_set]
             if not chosen:
                 continue
             state = self.algorithm_state if len(groups) == 1 else self.algorithm_state.setdefault(f"group {pattern}", {})
