@@ -187,6 +187,20 @@ def _candidates(
     return []
 
 
+def has_candidates(
+    model: nn.Module,
+    layer_types: Sequence[type[nn.Module] | str] | None = None,
+    include: Sequence[str] = (),
+    mask_embeddings: bool = False,
+) -> bool:
+    """Whether ``model`` holds a weight that :func:`find_layers` would consider with these options (by module
+    type, or by an ``include`` glob), before any is checked, kept dense or refused: ``False`` for a model whose
+    layers are built later (``configure_model``)."""
+    if any(_candidates(module, layer_types, mask_embeddings) for module in model.modules()):
+        return True
+    return any(not is_lazy(p) and p.dim() >= 2 and any(fnmatch.fnmatchcase(n, g) for g in include) for n, p in model.named_parameters())
+
+
 def _weight_of(module: nn.Module, attr: str, include_parametrized: Sequence[str], module_name: str) -> Tensor | None:
     if parametrize.is_parametrized(module, attr):
         if module_name in include_parametrized:

@@ -47,7 +47,7 @@ from lightning_sparse.functional.patterns import (
     unit_shape,
 )
 from lightning_sparse.functional.prune_grow import snip_masks
-from lightning_sparse.layers import FoundLayers, find_attention, find_layers, is_hf_conv1d
+from lightning_sparse.layers import FoundLayers, find_attention, find_layers, has_candidates, is_hf_conv1d
 from lightning_sparse.masking import Masking, check_found
 from lightning_sparse.momentum import check_momentum_optimizer, optimizer_momentum
 from lightning_sparse.scheduling import SparseOptions, check_total_steps
@@ -1083,5 +1083,5 @@ def attach_dst_thresholds(
 def prepare_model(model: nn.Module, options: SparseOptions) -> None:
     """What a method must do to the model before the optimizer is built (``setup`` in Lightning): DST attaches
     its thresholds, so that ``configure_optimizers`` and DDP see them. Masks need nothing here."""
-    if options.is_dst and find_layers(model, include_parametrized=_dst_modules(model)).masked:  # else: `configure_model`
-        attach_dst_thresholds(model, options)
+    if options.is_dst and has_candidates(model, options.layer_types, options.include, options.mask_embeddings):
+        attach_dst_thresholds(model, options)  # else the layers are built later, in `configure_model`

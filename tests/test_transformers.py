@@ -12,9 +12,10 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_sparse import SparseTrainingCallback, Sparsifier
+from lightning_sparse import SparseOptions, SparseTrainingCallback, Sparsifier, dst
 from lightning_sparse.functional import layer_active_counts
 from lightning_sparse.layers import find_layers
+from lightning_sparse.sparsifier import prepare_model
 
 from .helpers import trainer
 
@@ -202,6 +203,20 @@ def test_parametrized_layers_are_refused_or_kept_dense():
     spectral = nn.Sequential(nn.utils.spectral_norm(nn.Linear(8, 8)), nn.Linear(8, 2))  # the old hook-based one
     with pytest.raises(ValueError, match=r"cannot mask 0.weight \(computed by a forward hook"):
         Sparsifier(spectral, torch.optim.SGD(spectral.parameters(), lr=0.1, momentum=0.9), density=0.5)
+
+
+def test_dst_setup_keeps_a_parametrized_layer_dense_when_listed():
+    """DST attaches its thresholds in `setup` (`prepare_model`) with the run's options: a weight_norm layer in
+    `dense_layers` is left alone there too, and refused by name when not listed."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.utils.parametrizations.weight_norm(nn.Linear(8, 4)))
+    prepare_model(model, SparseOptions.resolve(algorithm="dst", dense_layers=("2",)))
+    assert dst.thresholded(model[0]) and not dst.thresholded(model[2])
+    with pytest.raises(ValueError, match=r"cannot mask 0.weight \(parametrized: _WeightNorm\)"):
+        prepare_model(nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(8, 4))),
+                      SparseOptions.resolve(algorithm="dst"))  # fmt: skip
+    later = nn.Module()  # layers built in `configure_model`: nothing to do yet
+    prepare_model(later, SparseOptions.resolve(algorithm="dst", dense_layers=("fc",)))
+    assert not any(dst.thresholded(m) for m in later.modules())
 
 
 def test_two_callbacks_on_disjoint_groups_checkpoint_and_resume(tmp_path):
