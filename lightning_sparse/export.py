@@ -663,7 +663,7 @@ class CondensedLinear(nn.Module):
         cpp = self._cpp(x)
         if cpp is not None:
             op, values, indices = cpp
-            return op(x.contiguous(), values, indices, self.bias, self.out_features, False)
+            return op(x.contiguous(), values, indices, self._buffers["bias"], self.out_features, False)
         with torch.no_grad():
             if self.k == 0:
                 y = x.new_zeros(x.shape[0], self.out_features)
@@ -677,7 +677,7 @@ class CondensedLinear(nn.Module):
         cpp = self._cpp(x)
         if cpp is not None:
             op, values, indices = cpp
-            return op(x.contiguous(), values, indices, self.bias, self.out_features, True)
+            return op(x.contiguous(), values, indices, self._buffers["bias"], self.out_features, True)
         n, _, length = x.shape
         columns = x.transpose(0, 1).reshape(self.in_features, n * length)  # [in, n*L]
         with torch.no_grad():
@@ -690,22 +690,31 @@ class CondensedLinear(nn.Module):
 
     def _cpp(self, x: Tensor) -> tuple[Any, Tensor, Tensor] | None:
         """``(C++ op, packed values, packed indices)`` when the kernel applies to ``x`` (float32, CPU, kernel
-        "auto"/"cpp" and built), else None."""
-        if x.dtype != torch.float32 or x.device.type != "cpu" or self.values.device.type != "cpu":
+        "auto"/"cpp" and built), else None. On the per-call path: buffers are read from ``_buffers`` directly
+        (``nn.Module.__getattr__`` costs about as much as a small layer's product at batch 1)."""
+        buffers = self._buffers
+        values, indices = buffers["values"], buffers["indices"]
+        if x.dtype != torch.float32 or x.device.type != "cpu" or values.device.type != "cpu":
             return None
         op = kernels.cpu_condensed_linear(self.kernel)
-        return None if op is None else (op, *self._packed())
+        return None if op is None else (op, *self._packed(values, indices))
 
-    def _packed(self) -> tuple[Tensor, Tensor]:
+    def _packed(self, values: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
         """``values`` and ``indices`` in the kernel's layout, ``[ceil(out / 16), k, 16]``: entry ``(o, j)`` at
         ``[o // 16, j, o % 16]`` (the last block padded with zero values at index 0). Built on first use and
         again whenever the buffers change (replaced, moved or modified in place)."""
-        values, indices = self.values, self.indices
-        key = (values.data_ptr(), values.shape, _version(values), indices.data_ptr(), indices.shape, _version(indices))
-        if self.__dict__.get("_packed_key") != key:
-            self._packed_cache = (_pack_blocks(values), _pack_blocks(indices))
-            self._packed_key = key
-        return self._packed_cache
+        cached = self.__dict__.get("_packed_cache")
+        if (
+            cached is not None
+            and cached[0] is values
+            and cached[1] is indices
+            and cached[2] == (values.data_ptr(), _version(values), indices.data_ptr(), _version(indices))
+        ):
+            return cached[3]
+        packed = (_pack_blocks(values), _pack_blocks(indices))
+        key = (values.data_ptr(), _version(values), indices.data_ptr(), _version(indices))
+        self.__dict__["_packed_cache"] = (values, indices, key, packed)
+        return packed
 
     def _check_input(self, x: Tensor, features: int | None) -> None:
         name = type(self).__name__
@@ -716,8 +725,9 @@ class CondensedLinear(nn.Module):
             )
         if features != self.in_features:
             raise ValueError(f"{name} expects {self.in_features} input features, got input of shape {tuple(x.shape)}")
-        if x.dtype != self.values.dtype:
-            raise RuntimeError(f"{name}: input dtype {x.dtype} differs from the layer's {self.values.dtype}")
+        dtype = self._buffers["values"].dtype
+        if x.dtype != dtype:
+            raise RuntimeError(f"{name}: input dtype {x.dtype} differs from the layer's {dtype}")
 
     def extra_repr(self) -> str:
         return (

@@ -623,6 +623,24 @@ def test_condensed_linear_is_inference_only_and_checks_its_parts():
     torch.testing.assert_close(copy.deepcopy(condensed)(x.detach()), layer(x).detach())
 
 
+def test_condensed_linear_sees_its_buffers_change_after_a_call():
+    """The kernel's packed copy of values/indices is cached: changing the buffers in place, replacing them or
+    reloading them must give the new function, not the cached one."""
+    layer = nn.Linear(40, 20)
+    _fan_in_(layer, 5)
+    condensed = CondensedLinear.from_linear(layer, kernel="cpp")
+    x = torch.randn(3, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(condensed(x), layer(x))
+        condensed.values.mul_(2.0)  # in place
+        expected = x @ condensed.dense_weight().t() + layer.bias
+        torch.testing.assert_close(condensed(x), expected)
+        condensed.values = condensed.values.clone().neg_()  # a new buffer object
+        torch.testing.assert_close(condensed(x), x @ condensed.dense_weight().t() + layer.bias)
+        condensed.indices.copy_(condensed.indices.flip(0))  # rows swapped in place
+        torch.testing.assert_close(condensed(x), x @ condensed.dense_weight().t() + layer.bias)
+
+
 def _with_dense_row(layer: nn.Linear) -> nn.Linear:
     dense_row = copy.deepcopy(layer)
     with torch.no_grad():
