@@ -109,7 +109,36 @@ class LeNet5(nn.Sequential):
 MODELS = {"lenet300": LeNet300100, "lenet5": LeNet5}
 
 
-class Classifier(L.LightningModule):
+class ClassifierSteps(L.LightningModule):
+    """The steps of a 10-class Fashion-MNIST classifier ``self.net`` (set by the subclass): cross-entropy
+    training loss, torchmetrics accuracy on validation and test. Shared with ``vit_fashion_mnist.py``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.val_acc = torchmetrics.Accuracy(task="multiclass", num_classes=10)
+        self.test_acc = torchmetrics.Accuracy(task="multiclass", num_classes=10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.val_acc(self(x), y)
+        self.log("val/acc", self.val_acc, prog_bar=True)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.test_acc(self(x), y)
+        self.log("test/acc", self.test_acc)
+
+
+class Classifier(ClassifierSteps):
     """Cross-entropy classifier with the paper's optimizer and torchmetrics accuracy.
 
     Args:
@@ -143,27 +172,6 @@ class Classifier(L.LightningModule):
             raise ValueError(f"`lr_milestones` are fractions of training in (0, 1], got {lr_milestones}")
         self.save_hyperparameters()
         self.net = MODELS[net]()
-        self.val_acc = torchmetrics.Accuracy(task="multiclass", num_classes=10)
-        self.test_acc = torchmetrics.Accuracy(task="multiclass", num_classes=10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        loss = nn.functional.cross_entropy(self(x), y)
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        x, y = batch
-        self.val_acc(self(x), y)
-        self.log("val/acc", self.val_acc, prog_bar=True)
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        x, y = batch
-        self.test_acc(self(x), y)
-        self.log("test/acc", self.test_acc)
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams

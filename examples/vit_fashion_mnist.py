@@ -38,7 +38,6 @@ from typing import Any
 
 import lightning as L
 import torch
-import torchmetrics
 from lightning.pytorch.loggers import CSVLogger
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -46,7 +45,7 @@ from torch import nn
 from lightning_sparse import ALGORITHMS, SparseTrainingCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fashion_mnist import DATA_DIR, EpochTimer, FashionMNIST  # noqa: E402  (the same idx files, split, timer)
+from fashion_mnist import DATA_DIR, ClassifierSteps, EpochTimer, FashionMNIST  # noqa: E402  (same data, steps, timer)
 
 ATTENTION = "*.attn.*"  # timm's blocks.N.attn.qkv and blocks.N.attn.proj
 REST = "*"  # what is left once the two layers below are dense: blocks.N.mlp.fc1 and blocks.N.mlp.fc2
@@ -66,34 +65,13 @@ def vit(patch_size: int = 7, embed_dim: int = 64, depth: int = 4, num_heads: int
     )  # fmt: skip
 
 
-class ViTClassifier(L.LightningModule):
+class ViTClassifier(ClassifierSteps):
     """Cross-entropy ViT classifier: AdamW, linear warm-up then cosine decay per optimizer step."""
 
     def __init__(self, lr: float = 2e-3, weight_decay: float = 0.05, warmup_fraction: float = 0.1, **model: Any):
         super().__init__()
         self.save_hyperparameters()
         self.net = vit(**model)
-        self.val_acc = torchmetrics.Accuracy(task="multiclass", num_classes=10)
-        self.test_acc = torchmetrics.Accuracy(task="multiclass", num_classes=10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        loss = nn.functional.cross_entropy(self(x), y)
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        x, y = batch
-        self.val_acc(self(x), y)
-        self.log("val/acc", self.val_acc, prog_bar=True)
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        x, y = batch
-        self.test_acc(self(x), y)
-        self.log("test/acc", self.test_acc)
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
