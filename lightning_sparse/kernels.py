@@ -31,6 +31,7 @@ import logging
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -81,24 +82,26 @@ def _load(name: str, source: Path) -> None:
         )
 
 
+def _load_op(name: str, source: Path, op: str) -> tuple[Any, str]:
+    """Build and load one extension and return ``(torch.ops.lightning_sparse.<op>, "")``, or ``(None, why it
+    failed)``: any failure to build or load lets the caller fall back to torch's ops (or raise for "cpp")."""
+    try:
+        _load(name, source)
+        return getattr(torch.ops.lightning_sparse, op), ""
+    except Exception as error:
+        return None, f"{type(error).__name__}: {error}".strip()
+
+
 @functools.cache
 def _build() -> tuple[MaskedZero | None, str]:
-    """Compile and load the kernel once per process: ``(op, "")``, or ``(None, why it failed)``."""
-    try:
-        _load(EXTENSION_NAME, SOURCE)
-        return torch.ops.lightning_sparse.masked_zero_, ""
-    except Exception as error:  # any failure to build or load falls back to torch's ops (or raises for "cpp")
-        return None, f"{type(error).__name__}: {error}".strip()
+    """Compile and load the mask kernel once per process: ``(op, "")``, or ``(None, why it failed)``."""
+    return _load_op(EXTENSION_NAME, SOURCE, "masked_zero_")
 
 
 @functools.cache
 def _build_condensed() -> tuple[CondensedOp | None, str]:
     """Compile and load the condensed kernel once per process: ``(op, "")``, or ``(None, why it failed)``."""
-    try:
-        _load(CONDENSED_EXTENSION_NAME, CONDENSED_SOURCE)
-        return torch.ops.lightning_sparse.condensed_linear, ""
-    except Exception as error:  # any failure to build or load falls back to torch's ops (or raises for "cpp")
-        return None, f"{type(error).__name__}: {error}".strip()
+    return _load_op(CONDENSED_EXTENSION_NAME, CONDENSED_SOURCE, "condensed_linear")
 
 
 def cpu_masked_zero(kernel: str) -> MaskedZero | None:
