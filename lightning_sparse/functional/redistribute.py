@@ -119,6 +119,13 @@ def adapt_threshold(threshold: float, pruned: int, target: float, tolerance: flo
     return threshold
 
 
+def _check_regrowth(total: int, capacity: Sequence[int]) -> None:
+    if total < 0:
+        raise ValueError(f"cannot regrow a negative number of weights: {total}")
+    if total > sum(capacity):
+        raise ValueError(f"cannot regrow {total} weights into {sum(capacity)} free positions")
+
+
 def allocate_regrowth(total: int, shares: Sequence[float], capacity: Sequence[int]) -> list[int]:
     """Hand ``total`` regrown weights to the layers in proportion to ``shares``, exactly (the ``"proportional"``
     excess rule; sparse momentum's reference rule is :func:`allocate_regrowth_equal`).
@@ -132,10 +139,7 @@ def allocate_regrowth(total: int, shares: Sequence[float], capacity: Sequence[in
         >>> allocate_regrowth(100, [0.5, 0.25, 0.25], [10, 1000, 1000])
         [10, 45, 45]
     """
-    if total < 0:
-        raise ValueError(f"cannot regrow a negative number of weights: {total}")
-    if total > sum(capacity):
-        raise ValueError(f"cannot regrow {total} weights into {sum(capacity)} free positions")
+    _check_regrowth(total, capacity)
     n = len(shares)
     quotas = [0.0] * n
     open_ = [i for i in range(n) if capacity[i] > 0 and shares[i] > 0]
@@ -188,10 +192,7 @@ def allocate_regrowth_equal(
         >>> allocate_regrowth_equal(200, [0.9, 0.05, 0.05], [100, 1000, 1000])
         [99, 51, 50]
     """
-    if total < 0:
-        raise ValueError(f"cannot regrow a negative number of weights: {total}")
-    if total > sum(capacity):
-        raise ValueError(f"cannot regrow {total} weights into {sum(capacity)} free positions")
+    _check_regrowth(total, capacity)
     n = len(shares)
     if n == 0:
         return []
