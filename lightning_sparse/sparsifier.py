@@ -714,6 +714,10 @@ class Sparsifier:
             )
 
 
+COLLAPSE_WARN_AFTER = 3
+"""A DST layer that collapses this many times in a run gets a warning (see ``DSTSparsifier.collapses``)."""
+
+
 class DSTSparsifier(Sparsifier):
     """Dynamic Sparse Training (Liu et al. 2020) behind the :class:`Sparsifier` protocol: trainable per-neuron
     thresholds attached to the masked layers (see :mod:`lightning_sparse.dst`); the density is learned.
@@ -738,6 +742,7 @@ class DSTSparsifier(Sparsifier):
         self._fsdp = any(distributed.is_dtensor(p) for p in self.model.parameters())
         self._final_masks: dict[str, Tensor] = {}
         self._finished = False
+        self.collapses: dict[str, int] = {}  # thresholds reset (layer collapsed) per layer, this process's run
         self.thresholds = attach_dst_thresholds(self.model, self.options, attach=not self._fsdp)
         missing = [t.threshold for t in self.thresholds.values() if not _optimized(self.optimizer, t.threshold)]
         if missing:
@@ -852,7 +857,27 @@ class DSTSparsifier(Sparsifier):
         reset = dst.reset_collapsed_(self.thresholds, self.densities(), self.dst.collapse_density)
         if reset:
             log.info("DST: thresholds of %s reset (density <= %s)", ", ".join(reset), self.dst.collapse_density)
+            self._count_collapses(reset)
         return None
+
+    def _count_collapses(self, reset: Sequence[str]) -> None:
+        """Warns (once per layer) when a layer has collapsed ``COLLAPSE_WARN_AFTER`` times: its thresholds keep
+        outgrowing its weights, and each reset throws its learned sparsity away."""
+        repeated = []
+        for name in reset:
+            self.collapses[name] = self.collapses.get(name, 0) + 1
+            if self.collapses[name] == COLLAPSE_WARN_AFTER:
+                repeated.append(name)
+        if repeated:
+            warnings.warn(
+                f"DST: the layer(s) {repeated} collapsed {COLLAPSE_WARN_AFTER} times by step {self.step_count} (density"
+                f" <= collapse_density={self.dst.collapse_density}, thresholds reset to 0): the thresholds outgrow"
+                f" the weights. The learning rate is likely too large for the thresholds (the DST reference trains"
+                f" LeNets at lr 0.01, with alpha {self.alpha:g} here); lower it or `DST(alpha=...)`, or keep the"
+                " layer dense with `dense_layers`",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def epoch_end(self, step: int | None = None) -> UpdateReport | None:
         if step is not None:

@@ -1,12 +1,21 @@
 """Each published method's defining behaviour, on small tensors and in a short Trainer run."""
 
 import math
+import warnings
 
 import lightning as L
 import pytest
 import torch
 
-from lightning_sparse import ALGORITHMS, DST, LayerState, SparseAlgorithm, SparseTrainingCallback, UpdateContext
+from lightning_sparse import (
+    ALGORITHMS,
+    DST,
+    LayerState,
+    SparseAlgorithm,
+    SparseTrainingCallback,
+    Sparsifier,
+    UpdateContext,
+)
 from lightning_sparse.algorithms import largest_remainder
 from lightning_sparse.dst import LongTailedStep, long_tailed_derivative
 from lightning_sparse.functional import layer_active_counts
@@ -302,6 +311,35 @@ def test_dst_collapse_resets_thresholds():
 
     trainer(callbacks=[Collapse(), cb, After()], max_epochs=1).fit(model, digits_loader())
     assert seen == [0.0]
+
+
+def test_dst_warns_once_when_a_layer_keeps_collapsing():
+    """Each collapse resets the layer's thresholds; the third one of a layer warns, naming it and the advice
+    (a learning rate too large for the thresholds), once."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    sparsifier = Sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1), algorithm="dst")
+
+    def collapse(name: str) -> None:
+        with torch.no_grad():
+            sparsifier.thresholds[name].threshold.fill_(100.0)  # nothing passes: density 0
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning on the first two collapses
+        for _ in range(2):
+            collapse("2.weight")
+            sparsifier.step()
+    assert sparsifier.collapses == {"2.weight": 2}
+    collapse("2.weight")
+    collapse("0.weight")
+    with pytest.warns(UserWarning, match=r"DST: the layer\(s\) \['2.weight'\] collapsed 3 times by step 3 .*lr 0.01"):
+        sparsifier.step()
+    assert sparsifier.collapses == {"2.weight": 3, "0.weight": 1}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per layer
+        collapse("2.weight")
+        sparsifier.step()
+    assert sparsifier.collapses["2.weight"] == 4
 
 
 # ----------------------------------------------------------------------------- composition
