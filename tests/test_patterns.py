@@ -108,6 +108,12 @@ def test_pattern_counts_and_row_rounding():
     assert round_to_rows([35.0, 25.0], [10, 10], [20, 20], 60, [3, 3]) == [3, 3]
     # a layer capped at its fan-in (19 rows wanted, 18 possible): the rest goes to the other layer
     assert round_to_rows([190.0, 10.0], [10, 10], [18, 20], 200, [10, 10]) == [18, 2]
+    # LeNet-300-100's first sparse momentum update: the nearest rounding [31, 31, 99] is 140 over; two rows of
+    # each layer (+-600, +-200, +-20) cannot take 140 off, four rows of the 10-row layer can (95 = 99 - 4)
+    wanted, rows, fan_in, current = [9154.0, 3106.0, 990.0], [300, 100, 10], [784, 300, 100], [39, 15, 5]
+    assert round_to_rows(wanted, rows, fan_in, 13250, current) == [31, 30, 95]
+    # the search is bounded: when the bound stops it first, every layer keeps its count
+    assert round_to_rows(wanted, rows, fan_in, 13250, current, max_work=50_000) == current
 
 
 def test_parse_pattern_names_the_allowed_values():

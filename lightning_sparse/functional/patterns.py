@@ -368,6 +368,7 @@ def round_to_rows(
     current: Sequence[int],
     *,
     reach: int = 2,
+    max_work: int = 50_000_000,
 ) -> list[int]:
     """Per-layer active inputs per row ``k_l`` (``0 <= k_l <= fan_in_l``) for a redistribution under ``"fan_in"``:
     layer ``l`` wants ``wanted[l]`` active weights, which must become a whole number of rows ``rows[l] x k_l``,
@@ -376,24 +377,47 @@ def round_to_rows(
     Each ``k_l`` is the nearest integer to ``wanted[l] / rows[l]`` moved by at most ``reach`` (whole rows), chosen
     by dynamic programming over the running total (kept within ``|total deviation| + reach x max(rows)`` of the
     nearest rounding's) so that the total is exact and the weights moved off what each layer wanted,
-    ``sum |rows[l] x k_l - wanted[l]|``, are fewest; ties go to the smaller moves, then to the earlier layers. If no
-    such choice reaches the total exactly (e.g. every layer has the same number of rows and the deviation is not a
-    multiple of it), ``current`` is returned: every layer keeps its count and weights move only within layers at
-    this update. Host-side, O(layers x span) time and bytes.
+    ``sum |rows[l] x k_l - wanted[l]|``, are fewest; ties go to the smaller moves, then to the earlier layers. When
+    no choice within ``reach`` reaches the total (layers with few rows, e.g. 10 rows next to 100 and 300, can
+    leave a deviation that two rows of each do not cover), ``reach`` doubles and the search runs again, up to the
+    reach that contains ``current`` (always exact) or about ``max_work`` table entries. Only if that bound stops
+    it, or no choice exists at all (every layer has the same number of rows and the deviation is not a multiple
+    of it), is ``current`` returned: every layer keeps its count and weights move only within layers at this
+    update. Host-side.
 
     >>> round_to_rows([150.0, 50.0], [10, 10], [20, 20], 200, [10, 10])
     [15, 5]
     >>> round_to_rows([104.0, 96.0], [10, 3], [20, 40], 200, [17, 10])  # nearest [10, 32] is 196: 4 short
     [11, 30]
+    >>> round_to_rows([9154.0, 3106.0, 990.0], [300, 100, 10], [784, 300, 100], 13250, [39, 15, 5])  # reach 4
+    [31, 30, 95]
     """
-    n_layers = len(wanted)
-    if n_layers == 0:
+    if not wanted:
         return []
     base = [min(max(round_half_up(w / r) if r else 0, 0), f) for w, r, f in zip(wanted, rows, fan_in)]
     need = total - sum(r * b for r, b in zip(rows, base))
-    if abs(need) > reach * sum(rows):
-        return list(current)
-    span = min(reach * sum(rows), abs(need) + reach * max(rows))  # partial sums kept within +-span: O(L x span)
+    enough = max([reach, *(abs(b - c) for b, c in zip(base, current))])  # this reach contains `current`
+    while True:
+        span = min(reach * sum(rows), abs(need) + reach * max(rows))
+        if abs(need) > reach * sum(rows) or (2 * span + 1) * (2 * reach + 1) * len(wanted) > max_work:
+            found = None
+        else:
+            found = _rows_within(wanted, rows, fan_in, base, need, reach, span)
+        if found is not None or reach >= enough or (2 * span + 1) * (2 * reach + 1) * len(wanted) > max_work:
+            return found if found is not None else list(current)
+        reach = min(2 * reach, enough)
+
+
+def _rows_within(
+    wanted: Sequence[float],
+    rows: Sequence[int],
+    fan_in: Sequence[int],
+    base: Sequence[int],
+    need: int,
+    reach: int,
+    span: int,
+) -> list[int] | None:
+    """:func:`round_to_rows`'s dynamic programme for one ``reach``: the ``k_l`` or None when none is exact."""
     size = 2 * span + 1
     inf = float("inf")
     costs = torch.full((size,), inf, dtype=torch.float64)
@@ -402,7 +426,7 @@ def round_to_rows(
     choices = []
     for w, r, f, b in zip(wanted, rows, fan_in, base):
         best = torch.full((size,), inf, dtype=torch.float64)
-        choice = torch.zeros(size, dtype=torch.int8)
+        choice = torch.zeros(size, dtype=torch.int32)
         for i, d in enumerate(moves):
             shift = r * d
             if not 0 <= b + d <= f or (d and r == 0) or abs(shift) >= size:
@@ -417,10 +441,10 @@ def round_to_rows(
         costs = best
         choices.append(choice)
     at = span + need
-    if not math.isfinite(float(costs[at])):
-        return list(current)
-    result = [0] * n_layers
-    for layer in range(n_layers - 1, -1, -1):
+    if not 0 <= at < size or not math.isfinite(float(costs[at])):
+        return None
+    result = [0] * len(wanted)
+    for layer in range(len(wanted) - 1, -1, -1):
         d = moves[int(choices[layer][at])]
         result[layer] = base[layer] + d
         at -= rows[layer] * d
