@@ -224,11 +224,20 @@ def load_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
     return x, y, data.test_set.tensors[0], data.test_set.tensors[1]
 
 
-def train_once(
-    net: str, method: str, seed: int, epochs: int, density: float, data: Sequence[torch.Tensor], batch_size: int = 100
-) -> dict[str, float]:
-    """One run; returns the test error (%), the final density of the masked weights and the wall time."""
-    x_train, y_train, x_test, y_test = data
+def train_model(
+    net: str,
+    method: str,
+    seed: int,
+    epochs: int,
+    density: float | None,
+    data: Sequence[torch.Tensor],
+    batch_size: int = 100,
+    **sparse_options: object,
+) -> tuple[nn.Module, Sparsifier | None, float]:
+    """One training run of part (c)'s setting: the trained model (masks applied), its ``Sparsifier`` (``None``
+    for dense) and the training time in seconds. ``sparse_options`` go to the ``Sparsifier`` (``pattern=``,
+    ``dense_layers=``, as ``benchmarks/structured.py`` uses them)."""
+    x_train, y_train = data[0], data[1]
     torch.manual_seed(seed)
     model = MODELS[net]()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
@@ -237,7 +246,7 @@ def train_once(
     sparsifier = None
     if method != "dense":
         sparsifier = Sparsifier(model, optimizer, density=None if method == "dst" else density, algorithm=method,
-                                seed=seed, total_steps=total)  # fmt: skip
+                                seed=seed, total_steps=total, **sparse_options)  # fmt: skip
     # made after the Sparsifier: DST adds its thresholds to the optimizer as a new parameter group
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[total // 2, 3 * total // 4], gamma=0.1)
     generator = torch.Generator().manual_seed(seed)
@@ -262,8 +271,13 @@ def train_once(
             sparsifier.epoch_end()
     if sparsifier is not None:
         sparsifier.finish()
-    seconds = time.perf_counter() - start
-    model.eval()
+    return model.eval(), sparsifier, time.perf_counter() - start
+
+
+def test_error_and_density(model: nn.Module, sparsifier: Sparsifier | None, data: Sequence[torch.Tensor]) -> dict[str, float]:
+    """Test error (%) of a trained model and the density of its masked weights (non-zeros; every Linear and
+    Conv2d weight when dense)."""
+    x_test, y_test = data[2], data[3]
     with torch.no_grad():
         correct = sum(
             int((model(x_test[i : i + 1000]).argmax(1) == y_test[i : i + 1000]).sum())
@@ -274,11 +288,15 @@ def train_once(
         else:
             weights = [m.weight for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
         nonzero = sum(int(torch.count_nonzero(w)) for w in weights)
-    return {
-        "test_error": 100.0 * (1.0 - correct / len(x_test)),
-        "density": nonzero / sum(w.numel() for w in weights),
-        "seconds": seconds,
-    }
+    return {"test_error": 100.0 * (1.0 - correct / len(x_test)), "density": nonzero / sum(w.numel() for w in weights)}
+
+
+def train_once(
+    net: str, method: str, seed: int, epochs: int, density: float, data: Sequence[torch.Tensor], batch_size: int = 100
+) -> dict[str, float]:
+    """One run; returns the test error (%), the final density of the masked weights and the wall time."""
+    model, sparsifier, seconds = train_model(net, method, seed, epochs, density, data, batch_size)
+    return {**test_error_and_density(model, sparsifier, data), "seconds": seconds}
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
