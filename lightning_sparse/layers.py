@@ -198,7 +198,10 @@ def has_candidates(
     layers are built later (``configure_model``)."""
     if any(_candidates(module, layer_types, mask_embeddings) for module in model.modules()):
         return True
-    return any(not is_lazy(p) and p.dim() >= 2 and any(fnmatch.fnmatchcase(n, g) for g in include) for n, p in model.named_parameters())
+    return any(
+        not is_lazy(p) and p.dim() >= 2 and any(fnmatch.fnmatchcase(n, g) for g in include)
+        for n, p in model.named_parameters()
+    )
 
 
 def _weight_of(module: nn.Module, attr: str, include_parametrized: Sequence[str], module_name: str) -> Tensor | None:

@@ -861,14 +861,14 @@ class DSTSparsifier(Sparsifier):
         return None
 
     def _count_collapses(self, reset: Sequence[str]) -> None:
-        """Warns (once per layer) when a layer has collapsed ``COLLAPSE_WARN_AFTER`` times: its thresholds keep
+        """Warns (once per layer, on rank 0) when a layer has collapsed ``COLLAPSE_WARN_AFTER`` times: its thresholds keep
         outgrowing its weights, and each reset throws its learned sparsity away."""
         repeated = []
         for name in reset:
             self.collapses[name] = self.collapses.get(name, 0) + 1
             if self.collapses[name] == COLLAPSE_WARN_AFTER:
                 repeated.append(name)
-        if repeated:
+        if repeated and distributed.rank() == 0:  # every process resets the same layers (all-reduced densities)
             warnings.warn(
                 f"DST: the layer(s) {repeated} collapsed {COLLAPSE_WARN_AFTER} times by step {self.step_count} (density"
                 f" <= collapse_density={self.dst.collapse_density}, thresholds reset to 0): the thresholds outgrow"

@@ -398,13 +398,15 @@ def round_to_rows(
     need = total - sum(r * b for r, b in zip(rows, base))
     enough = max([reach, *(abs(b - c) for b, c in zip(base, current))])  # this reach contains `current`
     while True:
-        span = min(reach * sum(rows), abs(need) + reach * max(rows))
-        if abs(need) > reach * sum(rows) or (2 * span + 1) * (2 * reach + 1) * len(wanted) > max_work:
-            found = None
-        else:
+        span = min(reach * sum(rows), abs(need) + reach * max(rows))  # partial sums kept within +-span
+        too_much = (2 * span + 1) * (2 * reach + 1) * len(wanted) > max_work
+        found = None
+        if abs(need) <= reach * sum(rows) and not too_much:
             found = _rows_within(wanted, rows, fan_in, base, need, reach, span)
-        if found is not None or reach >= enough or (2 * span + 1) * (2 * reach + 1) * len(wanted) > max_work:
-            return found if found is not None else list(current)
+        if found is not None:
+            return found
+        if reach >= enough or too_much:
+            return list(current)
         reach = min(2 * reach, enough)
 
 
