@@ -125,7 +125,7 @@ def other_benchmarks() -> str:
     lines = []
     for line in found.splitlines():
         pid = line.split()[0]
-        if pid == str(os.getpid()) or "pgrep" in line:
+        if pid in (str(os.getpid()), str(os.getppid())) or "pgrep" in line:
             continue
         try:
             state = next(f.split()[1] for f in open(f"/proc/{pid}/status") if f.startswith("State:"))
@@ -304,15 +304,13 @@ def time_models(fns: dict[str, Callable[[], object]], args: argparse.Namespace) 
 def part_c(args: argparse.Namespace) -> None:
     print("\n## Part (c): end-to-end inference, dense vs to_condensed (float32, CPU)\n")
     machine_state("before")
-    if "lenet300" not in TRAINED:
-        data = paper_parity.load_data()
+    data = paper_parity.load_data()
+    if "lenet300" not in TRAINED:  # part (b) did not run in this process: train its seed-0 fan-in model
         model, sparsifier, _ = paper_parity.train_model(
             "lenet300", "sparse_momentum", args.seeds[0], args.epochs, 0.05, data, pattern="fan_in"
         )
         TRAINED["lenet300"] = (model, sparsifier)
         print(f"- trained LeNet-300-100 (sparse momentum, fan_in, 5 %, seed {args.seeds[0]}, {args.epochs} epochs)")
-    else:
-        data = paper_parity.load_data()
     model, sparsifier = TRAINED["lenet300"]
     assert sparsifier is not None
     condensed = to_condensed(model, masks=sparsifier.masks)
@@ -332,9 +330,9 @@ def part_c(args: argparse.Namespace) -> None:
         def over(net: nn.Module, batches: list[torch.Tensor]) -> Callable[[], object]:
             return lambda: [net(b) for b in batches]
 
-        for label, batches, count in (("batch 1, 1000 images", one, 1000), ("batch 256, 10000 images", big, 10000)):
+        for label, batches in (("batch 1, 1000 images", one), ("batch 256, 10000 images", big)):
             times = time_models({"dense": over(model, batches), "condensed": over(condensed, batches)}, args)
-            rows.append(("LeNet-300-100", label, threads, times, count))
+            rows.append(("LeNet-300-100", label, threads, times))
     resnet, resnet_condensed, what = resnet50_pair()
     print(f"- ResNet-50: {what}")
     for threads in args.threads:
@@ -344,11 +342,11 @@ def part_c(args: argparse.Namespace) -> None:
             with torch.inference_mode():
                 torch.testing.assert_close(resnet_condensed(x), resnet(x), atol=1e-3, rtol=1e-3)
             times = time_models({"dense": lambda: resnet(x), "condensed": lambda: resnet_condensed(x)}, args)
-            rows.append(("ResNet-50", f"batch {batch}", threads, times, batch))
+            rows.append(("ResNet-50", f"batch {batch}", threads, times))
     machine_state("after")
     print("\n| model | input | threads | dense ms | condensed ms | dense / condensed |")
     print("|---|---|---:|---:|---:|---:|")
-    for name, label, threads, t, _ in rows:
+    for name, label, threads, t in rows:
         print(f"| {name} | {label} | {threads} | {t['dense'] * 1e3:.2f} | {t['condensed'] * 1e3:.2f} |"
               f" {t['dense'] / t['condensed']:.2f}x |")  # fmt: skip
 
