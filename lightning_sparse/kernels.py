@@ -113,14 +113,24 @@ def cpu_masked_zero(kernel: str) -> MaskedZero | None:
     """
     if check_mask_kernel(kernel) == "torch":
         return None
-    op, reason = _build()
+    return _op_or_fallback(
+        kernel,
+        _build(),
+        "mask_kernel='cpp': the C++ mask kernel could not be built ({reason}). It needs a C++ compiler with OpenMP"
+        " and ninja; use mask_kernel='auto' or 'torch' to apply the masks with torch's ops",
+        _warn_fallback,
+    )
+
+
+def _op_or_fallback(kernel: str, built: tuple[Any, str], cpp_error: str, warn: Callable[[str], None]) -> Any:
+    """The op of ``built`` (``(op, why it failed)`` from ``_build*``); when it failed, raise ``RuntimeError`` with
+    ``cpp_error`` (``{reason}`` filled in) for ``kernel="cpp"``, else ``warn(reason)`` (cached: once per process)
+    and return None for the torch fallback."""
+    op, reason = built
     if op is None:
         if kernel == "cpp":
-            raise RuntimeError(
-                f"mask_kernel='cpp': the C++ mask kernel could not be built ({reason}). It needs a C++ compiler"
-                " with OpenMP and ninja; use mask_kernel='auto' or 'torch' to apply the masks with torch's ops"
-            )
-        _warn_fallback(reason)
+            raise RuntimeError(cpp_error.format(reason=reason))
+        warn(reason)
     return op
 
 
@@ -131,7 +141,7 @@ def _warn_fallback(reason: str) -> None:
         f"lightning-sparse: the C++ mask kernel could not be built, so the masks are applied with torch's"
         f" _foreach_mul_, about 1.4-1.8x slower on the CPU (pass mask_kernel='torch' to skip the build). {first_lines}",
         RuntimeWarning,
-        stacklevel=3,
+        stacklevel=4,
     )
 
 
@@ -152,15 +162,13 @@ def cpu_condensed_linear(kernel: str) -> CondensedOp | None:
     """
     if check_condensed_kernel(kernel) == "torch":
         return None
-    op, reason = _build_condensed()
-    if op is None:
-        if kernel == "cpp":
-            raise RuntimeError(
-                f"kernel='cpp': the C++ condensed kernel could not be built ({reason}). It needs a C++ compiler"
-                " with OpenMP and ninja; use kernel='auto' or 'torch' to compute with torch's embedding_bag"
-            )
-        _warn_condensed_fallback(reason)
-    return op
+    return _op_or_fallback(
+        kernel,
+        _build_condensed(),
+        "kernel='cpp': the C++ condensed kernel could not be built ({reason}). It needs a C++ compiler with OpenMP"
+        " and ninja; use kernel='auto' or 'torch' to compute with torch's embedding_bag",
+        _warn_condensed_fallback,
+    )
 
 
 @functools.cache
@@ -170,5 +178,5 @@ def _warn_condensed_fallback(reason: str) -> None:
         "lightning-sparse: the C++ condensed kernel could not be built, so CondensedLinear computes with torch's"
         f" embedding_bag, several times slower at small batches (pass kernel='torch' to skip the build). {first_lines}",
         RuntimeWarning,
-        stacklevel=4,
+        stacklevel=5,
     )
