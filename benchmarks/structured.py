@@ -220,24 +220,28 @@ def print_targets(rows: list[Row]) -> bool:
 # ----------------------------------------------------------------------------- (b) accuracy
 
 METHODS_B = ("sparse_momentum", "rigl")
-CONFIGS_B = {  # name: (pattern, density)
-    "unstructured-0.05": ("unstructured", 0.05),
-    "fan_in-0.05": ("fan_in", 0.05),
-    "unstructured-0.25": ("unstructured", 0.25),
-    "1:4": ("1:4", 0.25),
-    "unstructured-0.5": ("unstructured", 0.5),
-    "2:4": ("2:4", 0.5),
+CONFIGS_B = {  # name: (pattern, density, neuron_ablation)
+    "unstructured-0.05": ("unstructured", 0.05, None),
+    "fan_in-0.05": ("fan_in", 0.05, None),
+    "fan_in-ablation-0.05": ("fan_in", 0.05, 0.3),  # SRigL's neuron ablation with the reference's gamma_sal
+    "unstructured-0.25": ("unstructured", 0.25, None),
+    "1:4": ("1:4", 0.25, None),
+    "unstructured-0.5": ("unstructured", 0.5, None),
+    "2:4": ("2:4", 0.5, None),
 }
 TARGET_FAN_IN_POINTS = 0.5
 N_M_FIRST_DENSE = {"lenet5": ["0"]}  # layers whose rows are not a multiple of M
 
 
-def run_options(net: str, pattern: str, density: float, configs: list[str]) -> dict[str, object]:
-    """The ``Sparsifier`` options of one configuration: the pattern, and on nets with layers that cannot hold
-    N:M the same ``dense_layers`` for the N:M runs and the unstructured runs of the same density."""
+def run_options(
+    net: str, pattern: str, density: float, configs: list[str], ablation: float | None = None
+) -> dict[str, object]:
+    """The ``Sparsifier`` options of one configuration: the pattern, its neuron ablation, and on nets with layers
+    that cannot hold N:M the same ``dense_layers`` for the N:M runs and the unstructured runs of the same
+    density."""
     n_m_densities = {CONFIGS_B[c][1] for c in configs if ":" in CONFIGS_B[c][0]}
     dense = N_M_FIRST_DENSE.get(net, []) if (":" in pattern or density in n_m_densities) else []
-    return {"pattern": pattern, "dense_layers": dense}
+    return {"pattern": pattern, "dense_layers": dense, "neuron_ablation": ablation}
 
 
 def part_b(args: argparse.Namespace) -> dict[tuple[str, str, str], list[dict[str, float]]]:
@@ -250,8 +254,8 @@ def part_b(args: argparse.Namespace) -> dict[tuple[str, str, str], list[dict[str
         for seed in args.seeds:
             for method in args.methods:
                 for config in args.configs:
-                    pattern, density = CONFIGS_B[config]
-                    options = run_options(net, pattern, density, args.configs)
+                    pattern, density, ablation = CONFIGS_B[config]
+                    options = run_options(net, pattern, density, args.configs, ablation)
                     model, sparsifier, seconds = paper_parity.train_model(
                         net, method, seed, args.epochs, density, data, **options
                     )
@@ -274,7 +278,7 @@ def print_accuracy(results: dict[tuple[str, str, str], list[dict[str, float]]], 
     print("|---|---|---|---:|---:|---|---:|")
     checks = []
     for (net, method, config), rs in results.items():
-        pattern, density = CONFIGS_B[config]
+        pattern, density, ablation = CONFIGS_B[config]
         errors = [r["test_error"] for r in rs]
         mean, std = paper_parity.mean_std(errors)
         base = results.get((net, method, f"unstructured-{density:g}"))
@@ -283,14 +287,15 @@ def print_accuracy(results: dict[tuple[str, str, str], list[dict[str, float]]], 
             diff = mean - statistics.mean(r["test_error"] for r in base)
             delta = f"{diff:+.2f}"
             if pattern == "fan_in":
-                checks.append((net, method, diff))
-        print(f"| {net} | {method} | {pattern} | {density:g} | {mean:.2f} ± {std:.2f} |"
+                checks.append((net, method, config, diff))
+        label = pattern if ablation is None else f"{pattern}, ablation {ablation:g}"
+        print(f"| {net} | {method} | {label} | {density:g} | {mean:.2f} ± {std:.2f} |"
               f" {' / '.join(f'{e:.2f}' for e in errors)} | {delta} |")  # fmt: skip
     if checks:
         print(f"\nTarget (issue 14): fan-in within {TARGET_FAN_IN_POINTS} point of unstructured (mean over seeds):")
-        for net, method, diff in checks:
+        for net, method, config, diff in checks:
             ok = diff <= TARGET_FAN_IN_POINTS
-            print(f"- {net}, {method}: {diff:+.2f} points: {'met' if ok else 'NOT met'}")
+            print(f"- {net}, {method}, {config}: {diff:+.2f} points: {'met' if ok else 'NOT met'}")
 
 
 # ----------------------------------------------------------------------------- (c) end to end

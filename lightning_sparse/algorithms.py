@@ -37,6 +37,7 @@ from lightning_sparse.dst import DST
 from lightning_sparse.functional.init import INIT_METHODS
 from lightning_sparse.functional.patterns import (
     Pattern,
+    ablation_cutoff,
     fill_units,
     parse_pattern,
     round_half_up,
@@ -157,6 +158,9 @@ class UpdateContext:
         state: the algorithm's persistent state (checkpointed with the callback), e.g. DSR's threshold.
         pattern: ``"unstructured"``, ``"N:M"`` or ``"fan_in"`` (:mod:`~lightning_sparse.functional.patterns`): the
             units every update keeps whole (see :meth:`SparseAlgorithm.update`).
+        ablation: under ``"fan_in"``, SRigL's neuron ablation with this ``gamma_sal`` (see
+            :meth:`SparseAlgorithm.update_structured`); ``None``: no ablation.
+        keep_neurons: names of the layers whose rows are never ablated.
     """
 
     rate: float
@@ -165,6 +169,8 @@ class UpdateContext:
     generator: torch.Generator = field(default_factory=torch.Generator)
     state: dict[str, Any] = field(default_factory=dict)
     pattern: str | Pattern = "unstructured"
+    ablation: float | None = None
+    keep_neurons: frozenset[str] = frozenset()
 
 
 PruneRule = Callable[[LayerState, int], Tensor]
@@ -483,6 +489,8 @@ class SparseAlgorithm:
         unit lies within a row, so all of this is local to the shards.
         """
         pattern = parse_pattern(context.pattern)
+        if context.ablation is not None:
+            return self._update_ablating(layers, list(active), context)
         count_rule, prune_rule, redistribute_rule, grow_rule = self._rules
         active = list(active)
         shapes = [unit_shape(layer.spec.shape, pattern, layer.transposed) for layer in layers]
@@ -542,6 +550,104 @@ class SparseAlgorithm:
         self._check_units(layers, result.masks, targets, pattern, reducer)
         return result
 
+    def _update_ablating(self, layers: Sequence[LayerState], active: list[int], context: UpdateContext) -> UpdateResult:
+        """:meth:`update_structured` under ``"fan_in"`` with SRigL's neuron ablation (Lasby et al. 2024, the
+        reference's ``dynamic_ablation``): every row of a layer ends with either ``k_l`` active weights or none.
+
+        * Each layer has a budget ``B_l`` (``context.state["fan_in_budgets"]``, its active count at its first
+          update): the weights it may hold. Without redistribution it never changes; with it (sparse momentum,
+          DSR) the budgets are what redistribution hands out, and their total never changes.
+        * Count and prune rules run as in :meth:`update`. A weight is *salient* if the prune rule keeps it or it is
+          among the layer's ``pruned`` positions of highest growth score over the whole layer (RigL: ``|grad|``,
+          sparse momentum: ``|momentum|``; active or not).
+        * A row with fewer salient weights than ``max(1, int(gamma_sal * (B_l // rows_l)))`` is ablated (all its
+          weights dropped, none grown), unless that would leave fewer than ``B_l // fan_in_l + 1`` rows, the fewest
+          that hold the budget: then the cutoff drops to the salient count of the row at that rank
+          (:func:`~lightning_sparse.functional.patterns.ablation_cutoff`). Rows of ``context.keep_neurons`` are
+          never ablated. An ablated row whose gradient makes it salient again comes back (grown from zero).
+        * ``k_l = B_l // alive_l`` (at most the fan-in): a layer holds ``alive_l * k_l <= B_l`` (less than one
+          weight per alive row below its budget, SRigL's rounding). With redistribution, ``k_l`` are the budgets
+          after redistribution rounded to whole alive rows by
+          :func:`~lightning_sparse.functional.patterns.round_to_rows`, keeping the total exact; when no rounding
+          reaches it, each layer takes ``floor(B_l / alive_l)`` and keeps its budget for later updates.
+        * Alive rows above ``k_l`` drop their weights of lowest ``|W|``; rows below it grow by the growth rule.
+
+        Under FSDP2 the salient counts are reduced over the shards as one histogram per layer.
+        """
+        pattern = parse_pattern(context.pattern)
+        check_ablation(self, pattern, context.ablation)
+        gamma = float(context.ablation)  # type: ignore[arg-type]
+        count_rule, prune_rule, redistribute_rule, grow_rule = self._rules
+        shapes = [unit_shape(layer.spec.shape, pattern, layer.transposed) for layer in layers]
+        rows, fan_in = [r for r, _ in shapes], [f for _, f in shapes]
+        reducer = shard_reducer(layers)
+        stored = context.state.setdefault(ABLATION_BUDGETS, {})
+        budgets = [int(stored.get(layer.name, a)) for layer, a in zip(layers, active)]
+        moves = redistribute_rule is not _no_redistribution
+        shares = None
+        if moves and redistribute_rule is not NONZERO:
+            shares_tensor = redistribute_rule(layers)
+            shares = None if shares_tensor is None else [float(x) for x in shares_tensor.tolist()]
+        pruned = count_rule(layers, active, shares if self.nearly_dense_edge_case else None, context)
+        pruned = [min(max(p, 0), a) for p, a in zip(pruned, active)]
+        pruned_masks = [prune_rule(layer, n) for layer, n in zip(layers, pruned)]
+
+        salient = []  # per local row: weights kept by the prune rule, or among the top `pruned` growth scores
+        for layer, kept, n in zip(layers, pruned_masks, pruned):
+            wanted = grow_rule(layer, torch.zeros_like(kept), n, context.generator)
+            salient.append(unit_counts(kept | wanted, pattern, layer.transposed))
+        width = max(fan_in) + 1
+        histograms = torch.stack(
+            [torch.zeros(width, dtype=torch.int64, device=c.device).scatter_add_(0, c, torch.ones_like(c)) for c in salient]
+        )
+        histograms = (reducer(histograms) if reducer is not None else histograms).tolist()
+        cutoffs = [
+            0
+            if layer.name in context.keep_neurons or r == 0
+            else ablation_cutoff(h, max(1, int(gamma * (b // r) + 1e-9)), b // f + 1)
+            for layer, h, r, f, b in zip(layers, histograms, rows, fan_in, budgets)
+        ]
+        alive = [r - sum(h[:cut]) for r, h, cut in zip(rows, histograms, cutoffs)]
+
+        if moves:
+            survivors = [a - p for a, p in zip(active, pruned)]
+            if shares is None:  # DSR: in proportion to the weights left after pruning
+                total = sum(survivors)
+                shares = [x / total for x in survivors] if total else [1.0 / len(layers)] * len(layers)
+            capacity = [max(n * f - s, 0) for n, f, s in zip(alive, fan_in, survivors)]
+            allocate = allocate_regrowth_equal if self.excess == "equal" else allocate_regrowth
+            allocated = allocate(sum(pruned), shares, capacity)
+            wanted = [s + g + b - a for s, g, b, a in zip(survivors, allocated, budgets, active)]
+            floors = [min(w // n, f) if n else 0 for w, n, f in zip(wanted, alive, fan_in)]
+            targets = round_to_rows([float(w) for w in wanted], alive, fan_in, sum(budgets), floors)
+            held = [n * t for n, t in zip(alive, targets)]
+            budgets = held if sum(held) == sum(budgets) else [min(w, n * f) for w, n, f in zip(wanted, alive, fan_in)]
+        else:
+            targets = [min(b // n, f) if n else 0 for b, n, f in zip(budgets, alive, fan_in)]
+
+        row_targets = [
+            torch.where(c < cut, 0, t).to(torch.int64) for c, cut, t in zip(salient, cutoffs, targets)
+        ]  # 0 for the ablated rows
+        pruned_masks = [
+            trim_units(layer.weight.detach().abs(), mask, t, pattern, layer.transposed)
+            for layer, mask, t in zip(layers, pruned_masks, row_targets)
+        ]
+        counts = torch.stack([m.sum() for m in pruned_masks]).to(torch.int64)
+        survivors = [int(c) for c in (reducer(counts) if reducer is not None else counts).tolist()]
+        new_active = [n * t for n, t in zip(alive, targets)]
+        grown = [n - s for n, s in zip(new_active, survivors)]
+        new_masks = []
+        for layer, mask, t, g in zip(layers, pruned_masks, row_targets, grown):
+            layer._units = (pattern, t)
+            try:
+                new_masks.append(grow_rule(layer, mask, g, context.generator))
+            finally:
+                layer._units = None
+        result = UpdateResult(new_masks, pruned_masks, new_active, [a - s for a, s in zip(active, survivors)], grown)
+        self._check_units(layers, result.masks, row_targets, pattern, reducer)
+        stored.update({layer.name: int(b) for layer, b in zip(layers, budgets)})
+        return result
+
     @staticmethod
     def _check_units(
         layers: Sequence[LayerState],
@@ -595,6 +701,43 @@ class SparseAlgorithm:
             if self.reset_grown and optimizer is not None:
                 reset_optimizer_state(optimizer, weight, positions)
         return grown
+
+
+ABLATION_BUDGETS = "fan_in_budgets"
+"""The key of the per-layer budgets (``{layer name: weights}``) of neuron ablation in an algorithm's state."""
+
+
+def check_ablation(algorithm: SparseAlgorithm | DST, pattern: str | Pattern, ablation: Any) -> float | None:
+    """``ablation`` (SRigL's ``gamma_sal``) checked against the method and pattern: ``None``, or a number in
+    (0, 1] with ``pattern="fan_in"`` and a dynamic method that grows by a score (its saliency needs one); the
+    error names what is allowed."""
+    if ablation is None:
+        return None
+    value = ablation if isinstance(ablation, (int, float)) and not isinstance(ablation, bool) else None
+    if value is None or not 0.0 < float(value) <= 1.0:
+        raise ValueError(
+            "`neuron_ablation` is SRigL's gamma_sal: a number in (0, 1] (the reference uses 0.3), or None for no"
+            f" ablation, got {ablation!r}"
+        )
+    if parse_pattern(pattern).kind != "fan_in":
+        raise ValueError(
+            f"`neuron_ablation` empties whole rows of a constant fan-in layer: it needs pattern='fan_in', got"
+            f" pattern={str(parse_pattern(pattern))!r}"
+        )
+    scored = (
+        isinstance(algorithm, SparseAlgorithm)
+        and algorithm.dynamic
+        and algorithm.count != "gmp"
+        and algorithm.grow not in ("random", "none")
+    )
+    if not scored:
+        raise ValueError(
+            "`neuron_ablation` counts each neuron's salient weights, those kept by |W| or wanted by the growth"
+            " score: it needs a dynamic method that grows by a score (rigl: gradient, sparse_momentum: momentum,"
+            " or a SparseAlgorithm with grow='gradient', 'momentum' or a growth function); not DST, GMP, static,"
+            " SNIP, or random growth (set, dsr)"
+        )
+    return float(value)
 
 
 ALGORITHMS: dict[str, SparseAlgorithm | DST] = {

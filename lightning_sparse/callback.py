@@ -86,6 +86,14 @@ class SparseTrainingCallback(Callback):
             multiple of ``M`` are refused by name unless kept dense) or ``"fan_in"`` (every output neuron has the
             same number of active inputs, ``round(density_l * fan_in)`` per layer). Every method but DST keeps
             the pattern at every update (README, "Structured patterns").
+        neuron_ablation: with ``pattern="fan_in"``, SRigL's neuron ablation (Lasby et al. 2024): at every update, an
+            output neuron with fewer salient weights (kept by ``|W|`` or wanted by the growth score) than this
+            fraction ``gamma_sal`` of its layer's fan-in ``k`` is emptied, and its weights go to the layer's other
+            neurons (``k`` grows). A number in (0, 1] (the reference uses 0.3) or ``None`` (no ablation); needs a
+            method that grows by a score (RigL, sparse momentum). Rows then hold ``k_l`` weights or none
+            (:meth:`~lightning_sparse.SparseAlgorithm.update_structured`).
+        keep_neurons: names or globs of the layers whose neurons are never ablated; ``None``: the last masked
+            layer (the output layer, whose neurons are the classes).
 
     Works with one device, DDP (``"ddp"``, ``"ddp_spawn"``), and FSDP2 (``ModelParallelStrategy``, masks sharded
     like their weights). Logged at every mask update and epoch end: ``sparse/density``,
@@ -119,10 +127,13 @@ class SparseTrainingCallback(Callback):
         include: Sequence[str] = (),
         mask_embeddings: bool = False,
         pattern: str = "unstructured",
+        neuron_ablation: float | None = None,
+        keep_neurons: Sequence[str] | None = None,
     ) -> None:
         self.options = SparseOptions.resolve(
             density, algorithm, prune_rate, prune_rate_schedule, init, dense_layers, update_interval, stop_at, seed,
             mask_kernel, mask_frozen, layer_types, include, mask_embeddings, pattern=pattern,
+            neuron_ablation=neuron_ablation, keep_neurons=keep_neurons,
         )  # fmt: skip
         if not isinstance(speedup_timing, str) or speedup_timing not in TIMINGS:
             raise ValueError(f"`speedup_timing` can be {', '.join(TIMINGS)}, got {speedup_timing!r}")
@@ -159,6 +170,7 @@ class SparseTrainingCallback(Callback):
     mask_kernel = property(lambda self: self.options.mask_kernel)
     mask_frozen = property(lambda self: self.options.mask_frozen)
     pattern = property(lambda self: self.options.pattern)
+    neuron_ablation = property(lambda self: self.options.neuron_ablation)
 
     @property
     def masks(self) -> Mapping[str, Tensor]:

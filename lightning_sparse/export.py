@@ -859,12 +859,26 @@ def _condense(weight: Tensor, mask: Tensor | None, index_dtype: torch.dtype) -> 
         raise ValueError(f"`index_dtype` must be torch.int32 or torch.int64, got {index_dtype}")
     kept = weight != 0 if mask is None else mask.to(weight.device, torch.bool)
     counts = kept.sum(1)
-    low, high = (int(counts.min()), int(counts.max())) if counts.numel() else (0, 0)
+    low, high = _fan_in_range(counts)
     if low != high:
         what = "non-zero weights" if mask is None else "mask entries"
         raise ValueError(f"the rows hold {low} to {high} {what}: not a constant fan-in")
-    indices = kept.nonzero()[:, 1].view(weight.shape[0], low)  # row-major: increasing along each row
-    return weight.gather(1, indices).contiguous(), indices.to(index_dtype).contiguous()
+    empty = counts == 0  # rows emptied by neuron ablation: k zero values at inputs 0..k-1 (their output is the bias)
+    if high and bool(empty.any()):
+        kept = kept.clone()
+        kept[empty, :high] = True
+    indices = kept.nonzero()[:, 1].view(weight.shape[0], high)  # row-major: increasing along each row
+    values = weight.gather(1, indices).masked_fill_(empty.unsqueeze(1), 0.0)
+    return values.contiguous(), indices.to(index_dtype).contiguous()
+
+
+def _fan_in_range(counts: Tensor) -> tuple[int, int]:
+    """The fewest and most entries of the non-empty rows (``(0, 0)`` when every row is empty): a constant fan-in
+    when they are equal (empty rows, as neuron ablation leaves them, are allowed)."""
+    nonempty = counts[counts > 0]
+    if nonempty.numel() == 0:
+        return 0, 0
+    return int(nonempty.min()), int(nonempty.max())
 
 
 def _pointwise_conv_problem(conv: nn.Module) -> str | None:
@@ -908,7 +922,8 @@ def to_condensed(
     stride) a :class:`CondensedConv2d`.
 
     A layer has a constant fan-in when every output row holds the same number ``k`` of non-zero weights, as
-    after training with ``pattern="fan_in"``. The rows are read from the weights, or from ``masks``
+    after training with ``pattern="fan_in"``, or none (a neuron emptied by ``neuron_ablation``: stored as ``k``
+    zero values, its output is its bias). The rows are read from the weights, or from ``masks``
     (``torch.bool`` by parameter name, as in ``named_parameters()``; the copy's weights are zeroed outside
     them first). Pass the masks for a model just after a mask update: RigL, SET and sparse momentum grow their
     new weights at zero, so its weights alone show fewer non-zeros in the rows that just grew (a kept weight
@@ -958,7 +973,7 @@ def to_condensed(
         if counts.numel() == 0 or bool((counts == kept.shape[1]).all()):
             log.debug("to_condensed: %s is dense, left as it is", name or type(module).__name__)
             continue
-        low, high = int(counts.min()), int(counts.max())
+        low, high = _fan_in_range(counts)
         if low != high:
             what = "non-zero weights" if mask is None else "mask entries"
             unstructured[name or type(module).__name__] = f"rows with {low} to {high} {what}"

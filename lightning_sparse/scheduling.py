@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import torch
 
-from lightning_sparse.algorithms import SparseAlgorithm, get_algorithm, window_progress
+from lightning_sparse.algorithms import SparseAlgorithm, check_ablation, get_algorithm, window_progress
 from lightning_sparse.dst import DST
 from lightning_sparse.functional.init import INIT_METHODS
 from lightning_sparse.functional.patterns import Pattern, parse_pattern
@@ -157,6 +157,8 @@ class SparseOptions:
     include: tuple[str, ...] = ()
     mask_embeddings: bool = False
     pattern: str = "unstructured"
+    neuron_ablation: float | None = None
+    keep_neurons: tuple[str, ...] | None = None
 
     @property
     def is_dst(self) -> bool:
@@ -195,6 +197,8 @@ class SparseOptions:
         include: Sequence[str] | str = (),
         mask_embeddings: bool = False,
         pattern: str = "unstructured",
+        neuron_ablation: float | None = None,
+        keep_neurons: Sequence[str] | str | None = None,
     ) -> SparseOptions:
         """Check every argument (the error names the allowed values) and fill in the algorithm's defaults."""
         resolved = get_algorithm(algorithm)
@@ -282,7 +286,22 @@ class SparseOptions:
                 "`dense_layers` must be a name or glob pattern (str) or a sequence of them,"
                 f" got {dense_layers!r} ({type(dense_layers).__name__})"
             )
+        gamma = as_real(neuron_ablation) if neuron_ablation is not None else None  # numpy, one-element tensors too
+        neuron_ablation = check_ablation(resolved, parsed, neuron_ablation if gamma is None else gamma)
+        if isinstance(keep_neurons, str):
+            keep_neurons = (keep_neurons,)
+        if keep_neurons is not None:
+            if not isinstance(keep_neurons, Iterable) or not all(isinstance(k, str) for k in keep_neurons):
+                raise ValueError(
+                    "`keep_neurons` must be module or parameter names or globs (str), or None for the last masked"
+                    f" layer, got {keep_neurons!r}"
+                )
+            keep_neurons = tuple(keep_neurons)
+            if neuron_ablation is None:
+                raise ValueError("`keep_neurons` names the layers that neuron ablation leaves whole: give `neuron_ablation` too")
         return cls(
+            neuron_ablation=neuron_ablation,
+            keep_neurons=keep_neurons,
             pattern=str(parsed),
             density=density,
             algorithm=resolved,

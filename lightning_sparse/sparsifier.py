@@ -22,6 +22,7 @@ replicas or FSDP2 row shards). The loop calls it at three points::
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import logging
 import math
@@ -87,7 +88,7 @@ class Sparsifier:
         optimizer: the one optimizer that updates the masked weights (sparse momentum reads its momentum; RigL
             resets its state at grown positions; DST adds its thresholds to it when they are not in it yet).
         density, algorithm, prune_rate, prune_rate_schedule, init, dense_layers, update_interval, stop_at, seed,
-        mask_kernel, pattern: as for :class:`~lightning_sparse.SparseTrainingCallback`.
+        mask_kernel, pattern, neuron_ablation, keep_neurons: as for :class:`~lightning_sparse.SparseTrainingCallback`.
         total_steps: number of optimizer steps of the whole run (for the schedules); ``None`` if unknown, which
             only the ``"constant"`` schedule and methods without a schedule accept. Can be set later with
             :attr:`total_steps`.
@@ -128,6 +129,8 @@ class Sparsifier:
         include: Sequence[str] = (),
         mask_embeddings: bool = False,
         pattern: str = "unstructured",
+        neuron_ablation: float | None = None,
+        keep_neurons: Sequence[str] | None = None,
         options: SparseOptions | None = None,
         state: Mapping[str, Any] | None = None,
     ) -> None:
@@ -135,6 +138,7 @@ class Sparsifier:
             options = SparseOptions.resolve(
                 density, algorithm, prune_rate, prune_rate_schedule, init, dense_layers, update_interval, stop_at,
                 seed, mask_kernel, mask_frozen, layer_types, include, mask_embeddings, pattern=pattern,
+                neuron_ablation=neuron_ablation, keep_neurons=keep_neurons,
             )  # fmt: skip
         if not isinstance(model, nn.Module):
             raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
@@ -173,6 +177,7 @@ class Sparsifier:
         self.layers, self.left_dense, params = found.masked, found.dense, found.params
         self.layer_groups = [found.groups[name] for name in params]
         self.group_density = dict(self.options.groups)
+        self.keep_neurons = self._keep_neurons(list(params))
         self._check_pattern_layers(params)
         self._check_optimizer(params, algorithm.needs_momentum)
         if state is not None:  # resuming: the checkpoint's masks, nothing drawn (`load_state_dict` applies them)
@@ -233,6 +238,25 @@ class Sparsifier:
                     " dimension (in-channels x kernel for convolutions), which must be a multiple of"
                     f" {pattern.m}; not for {listed}. Keep those layers dense with `dense_layers={list(bad)}`"
                 )
+
+    def _keep_neurons(self, names: Sequence[str]) -> frozenset[str]:
+        """The masked weights whose rows neuron ablation never empties: those ``keep_neurons`` names (weight or
+        module names, or globs), or by default the last masked layer (usually the output layer, SRigL's default).
+        A name that matches no masked weight is refused, naming the masked ones."""
+        if self.options.neuron_ablation is None or not names:
+            return frozenset()
+        globs = self.options.keep_neurons
+        if globs is None:
+            return frozenset(names[-1:])
+        kept = set()
+        for glob in globs:
+            matched = [n for n in names if fnmatch.fnmatchcase(n, glob) or fnmatch.fnmatchcase(self.layers[n].module, glob)]
+            if not matched:
+                raise ValueError(
+                    f"`keep_neurons` entry {glob!r} matches no masked layer; the masked layers are: {', '.join(names)}"
+                )
+            kept.update(matched)
+        return frozenset(kept)
 
     def _group_indices(self) -> dict[str, list[int]]:
         """Layer indices (in mask order) by density group."""
@@ -449,7 +473,10 @@ class Sparsifier:
             if not chosen:
                 continue
             state = self.algorithm_state if len(groups) == 1 else self.algorithm_state.setdefault(f"group {pattern}", {})
-            context = UpdateContext(rate, progress, self.group_density[pattern], self.generator, state, self.pattern)
+            context = UpdateContext(
+                rate, progress, self.group_density[pattern], self.generator, state, self.pattern,
+                self.options.neuron_ablation, self.keep_neurons,
+            )  # fmt: skip
             if len(chosen) == len(layers):
                 result = algorithm.update(layers, masking.active, context)
             else:
@@ -628,12 +655,13 @@ class Sparsifier:
             "num_updates": self.num_updates,
             "step_count": self.step_count,
             "generator_state": self.generator.get_state(),
-            "algorithm_state": dict(self.algorithm_state),
+            "algorithm_state": copy.deepcopy(self.algorithm_state),  # not the live dicts (neuron ablation's budgets)
             "masks": self.masking.state_dict(),
             "snip_pending": self._needs_snip,
             "density": self.options.density,
             "algorithm": self.options.algorithm_name,
             "pattern": self.options.pattern,
+            "neuron_ablation": self.options.neuron_ablation,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -651,7 +679,7 @@ class Sparsifier:
         self.last_update_step = int(state.get("last_update_step", -1))
         self.num_updates = int(state.get("num_updates", 0))
         self.step_count = int(state.get("step_count", max(self.last_update_step, 0)))
-        self.algorithm_state = dict(state.get("algorithm_state", {}))
+        self.algorithm_state = copy.deepcopy(dict(state.get("algorithm_state", {})))
         if "generator_state" in state:
             self.generator.set_state(state["generator_state"])
 
@@ -663,6 +691,12 @@ class Sparsifier:
             raise ValueError(
                 f"the checkpoint was trained with pattern={saved!r}, this run asks for pattern={self.options.pattern!r}:"
                 " resume with the checkpoint's pattern, or start a new run"
+            )
+        saved = state.get("neuron_ablation")
+        if saved != self.options.neuron_ablation and (saved is not None or self.options.neuron_ablation is not None):
+            raise ValueError(
+                f"the checkpoint was trained with neuron_ablation={saved!r}, this run asks for"
+                f" neuron_ablation={self.options.neuron_ablation!r}: resume with the checkpoint's, or start a new run"
             )
         saved = state.get("algorithm")
         if saved is not None and str(saved).lower() != self.options.algorithm_name.lower():
@@ -695,16 +729,19 @@ class Sparsifier:
         if not self.pattern.structured:
             return
         masking = self.masking
-        expected = [  # every unit of a layer holds the layer's active count / its number of units
-            self.pattern.n
-            if self.pattern.kind == "nm" and not on_the_way
-            else a // unit_shape(spec.shape, self.pattern, self.layers[n].transposed)[0]
-            for n, a, spec in zip(masking.names, masking.active, masking.specs)
-        ]
-        off = [
-            (unit_counts(m, self.pattern, self.layers[n].transposed) != e).sum()
-            for (n, m), e in zip(masking.items(), expected)
-        ]
+        counts = [unit_counts(m, self.pattern, self.layers[n].transposed) for n, m in masking.items()]
+        if self.options.neuron_ablation is not None:  # every row empty or at the layer's k = active / alive rows
+            alive = torch.stack([(c > 0).sum() for c in counts]).to(torch.int64)
+            alive = distributed.reduce_layer_sums(alive, masking.specs, masking.group).tolist()
+            off = [((c != 0) & (c != (a // n if n else 0))).sum() for c, a, n in zip(counts, masking.active, alive)]
+        else:
+            expected = [  # every unit of a layer holds the layer's active count / its number of units
+                self.pattern.n
+                if self.pattern.kind == "nm" and not on_the_way
+                else a // unit_shape(spec.shape, self.pattern, self.layers[n].transposed)[0]
+                for n, a, spec in zip(masking.names, masking.active, masking.specs)
+            ]
+            off = [(c != e).sum() for c, e in zip(counts, expected)]
         bad = distributed.reduce_layer_sums(torch.stack(off).to(torch.int64), masking.specs, masking.group).tolist()
         wrong = [n for n, b in zip(masking.names, bad) if b]
         if wrong:

@@ -38,6 +38,7 @@ from lightning_sparse.functional.selection import _keys
 __all__ = [
     "PATTERNS",
     "Pattern",
+    "ablation_cutoff",
     "check_pattern",
     "fill_units",
     "from_unit_view",
@@ -214,14 +215,19 @@ def unit_counts(mask: Tensor, pattern: str | Pattern, transposed: bool = False) 
     return unit_view(mask, pattern, transposed).sum(1)
 
 
-def check_pattern(mask: Tensor, pattern: str | Pattern, transposed: bool = False) -> bool:
+def check_pattern(
+    mask: Tensor, pattern: str | Pattern, transposed: bool = False, *, empty_rows: bool = False
+) -> bool:
     """Whether ``mask`` holds ``pattern``: every group of ``M`` exactly ``N`` active (``"N:M"``), every output neuron
-    the same number of active inputs (``"fan_in"``); always for ``"unstructured"``. One host read.
+    the same number of active inputs (``"fan_in"``; with ``empty_rows``, neuron ablation's form: every row either
+    empty or at the same count); always for ``"unstructured"``. One host read.
 
     >>> check_pattern(torch.tensor([[True, False], [False, True]]), "fan_in")
     True
-    >>> check_pattern(torch.tensor([[True, True], [False, True]]), "fan_in")
+    >>> check_pattern(torch.tensor([[True, True], [False, False]]), "fan_in")
     False
+    >>> check_pattern(torch.tensor([[True, True], [False, False]]), "fan_in", empty_rows=True)
+    True
     """
     pattern = parse_pattern(pattern)
     if not pattern.structured or mask.numel() == 0:
@@ -231,7 +237,34 @@ def check_pattern(mask: Tensor, pattern: str | Pattern, transposed: bool = False
     counts = unit_counts(mask, pattern, transposed)
     if pattern.kind == "nm":
         return bool((counts == pattern.n).all())
+    if empty_rows:
+        return bool(((counts == 0) | (counts == counts.max())).all())
     return bool((counts == counts[0]).all())
+
+
+def ablation_cutoff(histogram: Sequence[int], threshold: int, keep: int) -> int:
+    """SRigL's neuron ablation (Lasby et al. 2024) for one layer: the salient-weight count below which a row
+    (output neuron) is ablated, its budget given to the other rows.
+
+    ``histogram[c]`` is the number of rows with ``c`` salient weights (weights the update keeps by ``|W|`` or would
+    grow by its growth score); ``threshold`` is the wanted minimum (SRigL's ``max(1, int(gamma_sal * k))``);
+    ``keep`` rows must stay (``budget // fan_in + 1``, so the budget fits in them): when fewer than ``keep`` rows
+    reach ``threshold``, the cutoff drops to the salient count of the ``keep``-th most salient row. Rows with fewer
+    than the returned count are ablated (0 ablates none); ``keep`` above the number of rows ablates none.
+
+    >>> ablation_cutoff([3, 1, 0, 2, 4], threshold=2, keep=2)  # 3 rows with 0 salient, 1 with 1: ablated
+    2
+    >>> ablation_cutoff([3, 1, 0, 2, 4], threshold=4, keep=7)  # only 6 rows reach 3
+    1
+    """
+    if keep > sum(histogram) or keep <= 0:
+        return 0
+    reached = 0
+    for count in range(len(histogram) - 1, -1, -1):  # the keep-th most salient row's count
+        reached += int(histogram[count])
+        if reached >= keep:
+            return min(threshold, count)
+    return 0
 
 
 # ----------------------------------------------------------------------------- selection within units
@@ -293,9 +326,12 @@ def select_per_unit(
     return from_unit_view(chosen, candidates.shape, pattern, transposed)
 
 
-def fill_units(score: Tensor, mask: Tensor, target: int, pattern: str | Pattern, transposed: bool = False) -> Tensor:
+def fill_units(
+    score: Tensor, mask: Tensor, target: int | Tensor, pattern: str | Pattern, transposed: bool = False
+) -> Tensor:
     """``mask`` with every unit of ``pattern`` filled up to ``target`` active entries by its inactive positions of
-    highest ``score`` (units already at or above ``target`` are unchanged); a new mask.
+    highest ``score`` (units already at or above ``target`` are unchanged); a new mask. ``target`` is one int for
+    every unit or one per unit (a 1-D integer tensor, e.g. 0 for the rows that neuron ablation empties).
 
     >>> mask = torch.tensor([[True, False, False, False, True, True, False, False]])
     >>> fill_units(torch.arange(8.0).view(1, 8), mask, 2, "2:4").int().tolist()
@@ -307,9 +343,12 @@ def fill_units(score: Tensor, mask: Tensor, target: int, pattern: str | Pattern,
     return mask | from_unit_view(chosen, mask.shape, pattern, transposed)
 
 
-def trim_units(score: Tensor, mask: Tensor, target: int, pattern: str | Pattern, transposed: bool = False) -> Tensor:
+def trim_units(
+    score: Tensor, mask: Tensor, target: int | Tensor, pattern: str | Pattern, transposed: bool = False
+) -> Tensor:
     """``mask`` with every unit of ``pattern`` holding more than ``target`` active entries cut down to ``target``,
-    dropping its active positions of lowest ``score`` (ties: the lowest index first); a new mask.
+    dropping its active positions of lowest ``score`` (ties: the lowest index first); a new mask. ``target`` is one
+    int or one per unit, as in :func:`fill_units`.
 
     >>> mask = torch.ones(2, 4, dtype=torch.bool)
     >>> trim_units(torch.tensor([[4.0, 3, 2, 1], [1, 1, 1, 1]]), mask, 3, "fan_in").int().tolist()
@@ -380,10 +419,11 @@ def round_to_rows(
     ``sum |rows[l] x k_l - wanted[l]|``, are fewest; ties go to the smaller moves, then to the earlier layers. When
     no choice within ``reach`` reaches the total (layers with few rows, e.g. 10 rows next to 100 and 300, can
     leave a deviation that two rows of each do not cover), ``reach`` doubles and the search runs again, up to the
-    reach that contains ``current`` (always exact) or about ``max_work`` table entries. Only if that bound stops
-    it, or no choice exists at all (every layer has the same number of rows and the deviation is not a multiple
-    of it), is ``current`` returned: every layer keeps its count and weights move only within layers at this
-    update. Host-side.
+    reach that contains ``current`` when ``current`` is exact (then it always ends there), else up to the largest
+    fan-in, or about ``max_work`` table entries. Only if that bound stops it, or no choice exists at all (every
+    layer has the same number of rows and the deviation is not a multiple of it), is ``current`` returned: every
+    layer keeps its count and weights move only within layers at this update (neuron ablation passes a fallback
+    ``current`` that need not be exact). Host-side.
 
     >>> round_to_rows([150.0, 50.0], [10, 10], [20, 20], 200, [10, 10])
     [15, 5]
@@ -396,7 +436,10 @@ def round_to_rows(
         return []
     base = [min(max(round_half_up(w / r) if r else 0, 0), f) for w, r, f in zip(wanted, rows, fan_in)]
     need = total - sum(r * b for r, b in zip(rows, base))
-    enough = max([reach, *(abs(b - c) for b, c in zip(base, current))])  # this reach contains `current`
+    if sum(r * c for r, c in zip(rows, current)) == total:
+        enough = max([reach, *(abs(b - c) for b, c in zip(base, current))])  # this reach contains `current`
+    else:  # `current` is only a fallback (neuron ablation changed the rows): search as far as the work bound allows
+        enough = max([reach, *fan_in])
     while True:
         span = min(reach * sum(rows), abs(need) + reach * max(rows))  # partial sums kept within +-span
         too_much = (2 * span + 1) * (2 * reach + 1) * len(wanted) > max_work
