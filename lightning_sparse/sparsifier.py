@@ -407,7 +407,9 @@ class Sparsifier:
     def describe(self) -> str:
         """One line on the current masks, for tables and logs."""
         line = f"{sum(self.masking.active)} of {sum(self.masking.sizes)} masked weights active"
-        return line + (f", pattern {self.pattern}" if self.pattern.structured else "")
+        line += f", pattern {self.pattern}" if self.pattern.structured else ""
+        ablation = self.options.neuron_ablation
+        return line + (f", neuron ablation {ablation:g}" if ablation is not None else "")
 
     # ------------------------------------------------------------------ the loop
     def before_optimizer_step(self) -> None:

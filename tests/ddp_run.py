@@ -57,14 +57,17 @@ def main() -> None:
     parser.add_argument("--algorithm", default="sparse_momentum")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--diverge", action="store_true", help="rank 1 moves one weight of its masks")
+    parser.add_argument("--ablation", action="store_true", help="pattern='fan_in' with neuron_ablation=1.0")
     args = parser.parse_args()
     algorithm = args.algorithm
     L.seed_everything(1234)
+    structured = {"pattern": "fan_in", "neuron_ablation": 1.0} if args.ablation else {}
     sparse = SparseTrainingCallback(
         density=None if algorithm == "dst" else 0.2,
         algorithm=algorithm,
         update_interval=STEP_ALGORITHMS.get(algorithm),
         seed=None,  # drawn on rank zero and broadcast
+        **structured,
     )
     snapshots = Snapshots(sparse, args.diverge)
     trainer = quiet_trainer(
@@ -78,7 +81,8 @@ def main() -> None:
         "num_updates": sparse.state_dict()["num_updates"],
         "world_size": trainer.world_size,
     }
-    torch.save(state, args.out / f"{algorithm}_rank{trainer.global_rank}.pt")
+    tag = f"{algorithm}_ablation" if args.ablation else algorithm
+    torch.save(state, args.out / f"{tag}_rank{trainer.global_rank}.pt")
 
 
 if __name__ == "__main__":

@@ -194,6 +194,7 @@ def test_keep_neurons_names_the_layers_left_whole():
     x, y = torch.randn(64, 32), torch.randint(0, 6, (64,))
     sparsifier = _sparsifier(_mlp(), keep_neurons=["0", "4.weight"])
     assert sparsifier.keep_neurons == {"0.weight", "4.weight"}
+    assert sparsifier.describe().endswith(", pattern fan_in, neuron ablation 1")
     _steps(sparsifier, x, y, 15)
     rows = _rows(sparsifier)
     assert rows["0.weight"][0] == 0 and rows["4.weight"][0] == 0
@@ -266,3 +267,25 @@ def test_condensed_export_of_emptied_rows_computes_the_same_function():
         linear.weight[0, 5] = 6.0
     with pytest.raises(ValueError, match="rows with 1 to 3 non-zero weights"):
         to_condensed(nn.Sequential(linear))
+
+
+# ----------------------------------------------------------------------------- Trainer
+
+
+def test_trainer_resume_with_ablation_continues_like_the_uninterrupted_run(tmp_path):
+    from tests.test_callback import EPOCHS, _assert_same_run, _ckpt_fit
+
+    def callback() -> SparseTrainingCallback:
+        return SparseTrainingCallback(density=0.2, algorithm="rigl", pattern="fan_in", neuron_ablation=1.0,
+                                      update_interval=5, seed=3, figure=False)  # fmt: skip
+
+    full = callback()
+    model_full = _ckpt_fit(full, tmp_path / "full", EPOCHS, every_n_train_steps=7)
+    state = torch.load(tmp_path / "full" / "epoch=1-step=21.ckpt", weights_only=True)["callbacks"][full.state_key]
+    assert state["neuron_ablation"] == 1.0 and state["algorithm_state"][ABLATION_BUDGETS]
+    emptied = {n: int((unit_counts(m, "fan_in") == 0).sum()) for n, m in full.masks.items()}
+    assert sum(emptied.values()) > 0 and emptied[list(emptied)[-1]] == 0, emptied
+    resumed = callback()
+    model_resumed = _ckpt_fit(resumed, tmp_path / "resumed", EPOCHS, ckpt_path=tmp_path / "full" / "epoch=1-step=21.ckpt",
+                              every_n_train_steps=7)  # fmt: skip
+    _assert_same_run(full, model_full, resumed, model_resumed)

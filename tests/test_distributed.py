@@ -37,6 +37,25 @@ def test_masks_identical_on_both_ranks_after_every_update(tmp_path, algorithm):
         assert torch.equal(value, rank1["weights"][name]), name
 
 
+def test_neuron_ablation_under_ddp_gives_the_same_masks_on_both_ranks(tmp_path):
+    from lightning_sparse.functional.patterns import check_pattern, unit_counts
+
+    proc = _launch(tmp_path, "--algorithm", "rigl", "--ablation")
+    assert "differ across processes" not in proc.stderr + proc.stdout
+    rank0 = torch.load(tmp_path / "rigl_ablation_rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rigl_ablation_rank1.pt", weights_only=True)
+    assert rank0["num_updates"] >= 2
+    emptied = 0
+    for a, b in zip(rank0["masks"], rank1["masks"]):
+        for name in a:
+            assert torch.equal(a[name], b[name]), name
+            assert check_pattern(a[name], "fan_in", empty_rows=True)
+            emptied += int((unit_counts(a[name], "fan_in") == 0).sum())
+    assert emptied > 0
+    for name, value in rank0["weights"].items():
+        assert torch.equal(value, rank1["weights"][name]), name
+
+
 def test_diverging_masks_are_replaced_by_rank_zeros(tmp_path):
     proc = _launch(tmp_path, "--algorithm", "sparse_momentum", "--diverge")
     rank0 = torch.load(tmp_path / "sparse_momentum_rank0.pt", weights_only=True)

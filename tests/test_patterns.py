@@ -497,6 +497,23 @@ def _sharded_options(pattern: str) -> dict:
     return {"density": 0.3}
 
 
+def _ablation_steps(model: nn.Module, algorithm: str = "rigl") -> dict:
+    """8 steps of ``algorithm`` with fan_in and neuron ablation (gamma 1.0): the gathered masks after each."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sparsifier = Sparsifier(model, optimizer, algorithm=algorithm, pattern="fan_in", neuron_ablation=1.0, seed=0,
+                            update_interval=2, total_steps=8, mask_kernel="torch", density=0.3)  # fmt: skip
+    torch.manual_seed(1)
+    x, y = torch.randn(8, 16), torch.randint(0, 9, (8,))
+    steps = []
+    for _ in range(8):
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        sparsifier.step()
+        optimizer.zero_grad()
+        steps.append((list(sparsifier.masking.active), sparsifier.state_dict()["masks"]))
+    return {"steps": steps, "updates": sparsifier.num_updates, "budgets": sparsifier.algorithm_state}
+
+
 def _sharded_worker(rank: int, store: str, out: str) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -527,6 +544,12 @@ def _sharded_worker(rank: int, store: str, out: str) -> None:
                 full = sparsifier.state_dict()["masks"]  # gathered rows
                 steps.append((list(sparsifier.masking.active), full))
             results[f"{algorithm} {pattern}"] = {"steps": steps, "updates": sparsifier.num_updates}
+        for algorithm in ("rigl", "sparse_momentum"):  # neuron ablation: salient counts reduced over the shards
+            model = _sharded_model()
+            for layer in (model[0], model[2], model[4]):
+                fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            results[f"{algorithm} ablation"] = _ablation_steps(model, algorithm)
         conv = nn.Sequential(Conv1D(31, 16))  # stored [16, 31], sharded by its input channels
         fully_shard(conv, mesh=mesh)
         try:
@@ -559,6 +582,19 @@ def test_patterns_on_fsdp2_shards_stay_local_and_match_one_process(tmp_path):
                 assert int(counts.min()) == int(counts.max()), (key, name)
                 if pattern == "2:4" and algorithm != "gmp":
                     assert check_pattern(mask, "2:4")
+    for algorithm in ("rigl", "sparse_momentum"):  # neuron ablation: the same masks as on one process
+        single = _ablation_steps(_sharded_model(), algorithm)
+        r0, r1 = rank0[f"{algorithm} ablation"], rank1[f"{algorithm} ablation"]
+        assert r0["updates"] == r1["updates"] == single["updates"] >= 3
+        assert r0["budgets"] == r1["budgets"] == single["budgets"]
+        emptied = 0
+        for (active0, full0), (active1, full1), (active, full) in zip(r0["steps"], r1["steps"], single["steps"]):
+            assert active0 == active1 == active == [int(m.sum()) for m in full.values()]
+            for name, mask in full.items():
+                assert torch.equal(full0[name], mask) and torch.equal(full1[name], mask), (algorithm, name)
+                assert check_pattern(mask, "fan_in", empty_rows=True)
+                emptied += int((unit_counts(mask, "fan_in") == 0).sum())
+        assert emptied > 0
     # random masks are the same as on one process (the hash of the global flat index, selected per unit)
     for key in ("static 2:4", "static fan_in"):
         _, pattern = key.split()
