@@ -601,6 +601,10 @@ class CondensedLinear(nn.Module):
     computes ``y[..., o] = sum_j values[o, j] * x[..., indices[o, j]] + bias[o]`` for inputs of any leading
     shape: the function of the dense layer, with ``k / in_features`` of its multiply-adds and bytes.
 
+    Rows without any weight (neurons emptied by ``neuron_ablation``) are not computed: with ``rows`` (the
+    increasing indices of the rows that hold weights, a buffer), ``values`` and ``indices`` hold only those rows,
+    ``out_features`` gives the full width, and the other outputs are the bias (or zero).
+
     float32 on the CPU runs the C++ kernel of ``csrc/condensed_linear.cpp`` (a gather-dot per output row below
     6 samples, an axpy over the batch above; rows split over ``torch.get_num_threads()`` threads). Other dtypes
     (float64, ...) and devices, and ``kernel="torch"``, use torch's ``embedding_bag`` with per-sample weights
@@ -620,16 +624,24 @@ class CondensedLinear(nn.Module):
         indices: Tensor,
         bias: Tensor | None = None,
         *,
+        rows: Tensor | None = None,
+        out_features: int | None = None,
         kernel: str = "auto",
     ) -> None:
         super().__init__()
         self.kernel = kernels.check_condensed_kernel(kernel)
         self.in_features = int(in_features)
-        _check_condensed(self.in_features, values, indices, bias, type(self).__name__)
-        self.out_features, self.k = values.shape
+        if (rows is None) != (out_features is None):
+            raise ValueError(f"{type(self).__name__}: give `rows` and `out_features` together (or neither)")
+        self.out_features = int(values.shape[0] if out_features is None else out_features)
+        if rows is not None:
+            rows = rows.detach().to(torch.int64).contiguous()
+        _check_condensed(self.in_features, values, indices, bias, type(self).__name__, rows, self.out_features)
+        self.k = values.shape[1]
         self.register_buffer("values", values.detach().contiguous())
         self.register_buffer("indices", indices.detach().contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().contiguous())
+        self.register_buffer("rows", rows)
         self.register_load_state_dict_post_hook(_check_loaded_condensed)
 
     @classmethod
@@ -642,14 +654,18 @@ class CondensedLinear(nn.Module):
         kernel: str = "auto",
     ) -> CondensedLinear:
         """The condensed counterpart of ``linear``: each row's non-zero weights (or, with ``mask``, the weights
-        where the mask is True, zero or not). Raises ``ValueError`` if the rows differ in count."""
-        values, indices = _condense(linear.weight.detach(), mask, index_dtype)
-        return cls(linear.in_features, values, indices, linear.bias, kernel=kernel)
+        where the mask is True, zero or not); rows without any are left out (see ``rows``). Raises ``ValueError``
+        if the other rows differ in count."""
+        values, indices, rows = _condense(linear.weight.detach(), mask, index_dtype)
+        out = None if rows is None else linear.out_features
+        return cls(linear.in_features, values, indices, linear.bias, rows=rows, out_features=out, kernel=kernel)
 
     def dense_weight(self) -> Tensor:
         """The equivalent dense weight ``[out_features, in_features]`` (zeros where no index points)."""
         weight = torch.zeros(self.out_features, self.in_features, dtype=self.values.dtype, device=self.values.device)
-        return weight.scatter_(1, self.indices.long(), self.values)
+        held = torch.zeros(self.values.shape[0], self.in_features, dtype=self.values.dtype, device=self.values.device)
+        held.scatter_(1, self.indices.long(), self.values)
+        return held if self.rows is None else weight.index_copy_(0, self.rows, held)
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x, x.shape[-1] if x.dim() else None)
@@ -660,33 +676,70 @@ class CondensedLinear(nn.Module):
     # the two layouts of the product, both [.., in] -> [.., out] or [n, in, L] -> [n, out, L]
     def _rows(self, x: Tensor) -> Tensor:
         """``x [batch, in]`` -> ``[batch, out]``."""
+        buffers = self._buffers
+        held, bias = buffers["values"].shape[0], self._held_bias()
         cpp = self._cpp(x)
         if cpp is not None:
             op, values, indices = cpp
-            return op(x.contiguous(), values, indices, self._buffers["bias"], self.out_features, False)
-        with torch.no_grad():
-            if self.k == 0:
-                y = x.new_zeros(x.shape[0], self.out_features)
-            else:
-                columns = x.t().contiguous()  # [in, batch]: output row o sums k of its rows, weighted
-                y = nn.functional.embedding_bag(self.indices, columns, per_sample_weights=self.values, mode="sum").t()
-            return y if self.bias is None else y + self.bias
+            y = op(x.contiguous(), values, indices, bias, held, False)
+        else:
+            with torch.no_grad():
+                if self.k == 0 or held == 0:
+                    y = x.new_zeros(x.shape[0], held)
+                else:
+                    columns = x.t().contiguous()  # [in, batch]: output row o sums k of its rows, weighted
+                    y = nn.functional.embedding_bag(
+                        buffers["indices"], columns, per_sample_weights=buffers["values"], mode="sum"
+                    ).t()
+                y = y if bias is None else y + bias
+        return y if buffers["rows"] is None else self._scatter_rows(y, 1, x.shape[0])
 
     def _columns(self, x: Tensor) -> Tensor:
         """``x [n, in, L]`` -> ``[n, out, L]`` (an NCHW activation with ``L = H*W``)."""
+        buffers = self._buffers
+        held, bias = buffers["values"].shape[0], self._held_bias()
         cpp = self._cpp(x)
+        n, _, length = x.shape
         if cpp is not None:
             op, values, indices = cpp
-            return op(x.contiguous(), values, indices, self._buffers["bias"], self.out_features, True)
-        n, _, length = x.shape
-        columns = x.transpose(0, 1).reshape(self.in_features, n * length)  # [in, n*L]
-        with torch.no_grad():
-            if self.k == 0:
-                y = x.new_zeros(self.out_features, n * length)
-            else:
-                y = nn.functional.embedding_bag(self.indices, columns, per_sample_weights=self.values, mode="sum")
-            y = y.view(self.out_features, n, length).transpose(0, 1)
-            return y if self.bias is None else y + self.bias[:, None]
+            y = op(x.contiguous(), values, indices, bias, held, True)
+        else:
+            columns = x.transpose(0, 1).reshape(self.in_features, n * length)  # [in, n*L]
+            with torch.no_grad():
+                if self.k == 0 or held == 0:
+                    y = x.new_zeros(held, n * length)
+                else:
+                    y = nn.functional.embedding_bag(
+                        buffers["indices"], columns, per_sample_weights=buffers["values"], mode="sum"
+                    )
+                y = y.view(held, n, length).transpose(0, 1)
+                y = y if bias is None else y + bias[:, None]
+        return y if buffers["rows"] is None else self._scatter_rows(y, 1, n, length)
+
+    def _held_bias(self) -> Tensor | None:
+        """The bias of the computed rows (all of it without ``rows``; cached while the buffers stay the same)."""
+        buffers = self._buffers
+        bias, rows = buffers["bias"], buffers["rows"]
+        if bias is None or rows is None:
+            return bias
+        cached = self.__dict__.get("_held_bias_cache")
+        key = (bias.data_ptr(), _version(bias), rows.data_ptr(), _version(rows))
+        if cached is not None and cached[0] is bias and cached[1] is rows and cached[2] == key:
+            return cached[3]
+        held = bias.index_select(0, rows).contiguous()
+        self.__dict__["_held_bias_cache"] = (bias, rows, key, held)
+        return held
+
+    def _scatter_rows(self, y: Tensor, dim: int, *leading: int) -> Tensor:
+        """The full output from the computed rows ``y``: the other rows are the bias (or zero)."""
+        buffers = self._buffers
+        bias = buffers["bias"]
+        shape = (leading[0], self.out_features, *leading[1:])
+        if bias is None:
+            full = y.new_zeros(shape)
+        else:  # a new tensor: expand().contiguous() would be the bias itself for one sample
+            full = y.new_empty(shape).copy_(bias if len(shape) == 2 else bias[:, None])
+        return full.index_copy_(dim, buffers["rows"], y)
 
     def _cpp(self, x: Tensor) -> tuple[Any, Tensor, Tensor] | None:
         """``(C++ op, packed values, packed indices)`` when the kernel applies to ``x`` (float32, CPU, kernel
@@ -730,8 +783,9 @@ class CondensedLinear(nn.Module):
             raise RuntimeError(f"{name}: input dtype {x.dtype} differs from the layer's {dtype}")
 
     def extra_repr(self) -> str:
+        rows = "" if self.rows is None else f", rows={self.rows.numel()} with weights"
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, k={self.k},"
+            f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}{rows},"
             f" bias={self.bias is not None}, indices={str(self.indices.dtype).removeprefix('torch.')}"
         )
 
@@ -753,9 +807,11 @@ class CondensedConv2d(CondensedLinear):
         bias: Tensor | None = None,
         *,
         stride: int | tuple[int, int] = 1,
+        rows: Tensor | None = None,
+        out_features: int | None = None,
         kernel: str = "auto",
     ) -> None:
-        super().__init__(in_channels, values, indices, bias, kernel=kernel)
+        super().__init__(in_channels, values, indices, bias, rows=rows, out_features=out_features, kernel=kernel)
         self.stride = (stride, stride) if isinstance(stride, int) else tuple(int(s) for s in stride)
 
     @property
@@ -780,8 +836,10 @@ class CondensedConv2d(CondensedLinear):
         if reason is not None:
             raise ValueError(f"CondensedConv2d needs a 1x1 Conv2d with groups=1 and no padding: {reason}")
         weight = conv.weight.detach().flatten(1)
-        values, indices = _condense(weight, None if mask is None else mask.flatten(1), index_dtype)
-        return cls(conv.in_channels, values, indices, conv.bias, stride=conv.stride, kernel=kernel)
+        values, indices, rows = _condense(weight, None if mask is None else mask.flatten(1), index_dtype)
+        out = None if rows is None else conv.out_channels
+        return cls(conv.in_channels, values, indices, conv.bias, stride=conv.stride, rows=rows, out_features=out,
+                   kernel=kernel)  # fmt: skip
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 3:  # unbatched [C, H, W]
@@ -819,8 +877,24 @@ def _pack_blocks(t: Tensor, block: int = 16) -> Tensor:
     return padded.reshape(blocks, block, k).transpose(1, 2).contiguous()
 
 
-def _check_condensed(in_features: int, values: Tensor, indices: Tensor, bias: Tensor | None, name: str) -> None:
-    """Raise ``ValueError`` unless the parts form a valid condensed layer (indices increasing, in range)."""
+def _check_condensed(
+    in_features: int,
+    values: Tensor,
+    indices: Tensor,
+    bias: Tensor | None,
+    name: str,
+    rows: Tensor | None = None,
+    out_features: int | None = None,
+) -> None:
+    """Raise ``ValueError`` unless the parts form a valid condensed layer (indices increasing, in range; ``rows``
+    increasing, in ``[0, out_features)``, one per row of ``values``)."""
+    out = values.shape[0] if out_features is None else out_features
+    if rows is not None and values.dim() == 2:
+        if rows.dim() != 1 or rows.numel() != values.shape[0]:
+            raise ValueError(f"{name}: rows must be 1-D with one entry per row of values ({values.shape[0]}), got"
+                             f" shape {tuple(rows.shape)}")  # fmt: skip
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= out or not bool((rows[1:] > rows[:-1]).all())):
+            raise ValueError(f"{name}: rows must increase strictly and lie in [0, {out})")
     if values.dim() != 2 or not values.is_floating_point():
         raise ValueError(
             f"{name}: values must be a 2-D floating-point tensor [out, k], got {tuple(values.shape)} {values.dtype}"
@@ -841,20 +915,22 @@ def _check_condensed(in_features: int, values: Tensor, indices: Tensor, bias: Te
             )
         if values.shape[1] > 1 and not bool((indices[:, 1:] > indices[:, :-1]).all()):
             raise ValueError(f"{name}: indices must increase strictly along each row (sorted, no repeats)")
-    if bias is not None and (bias.shape != (values.shape[0],) or bias.dtype != values.dtype):
-        raise ValueError(
-            f"{name}: bias must be {values.dtype} of shape ({values.shape[0]},), got {bias.dtype} {tuple(bias.shape)}"
-        )
+    if bias is not None and (bias.shape != (out,) or bias.dtype != values.dtype):
+        raise ValueError(f"{name}: bias must be {values.dtype} of shape ({out},), got {bias.dtype} {tuple(bias.shape)}")
 
 
 def _check_loaded_condensed(module: nn.Module, incompatible_keys: Any) -> None:
     """After ``load_state_dict``: the loaded indices are read by the kernel unchecked, so check them here."""
-    module.out_features, module.k = module.values.shape
-    _check_condensed(module.in_features, module.values, module.indices, module.bias, type(module).__name__)
+    if module.rows is None:
+        module.out_features = module.values.shape[0]
+    module.k = module.values.shape[1]
+    _check_condensed(module.in_features, module.values, module.indices, module.bias, type(module).__name__,
+                     module.rows, module.out_features)  # fmt: skip
 
 
-def _condense(weight: Tensor, mask: Tensor | None, index_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """``(values, indices)`` of a 2-D weight whose rows all hold the same number of non-zeros (or mask entries)."""
+def _condense(weight: Tensor, mask: Tensor | None, index_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(values, indices, rows)`` of a 2-D weight whose rows all hold the same number of non-zeros (or mask
+    entries) or none: ``rows`` lists the rows that hold some (``None`` when all do), and only they are kept."""
     if index_dtype not in (torch.int32, torch.int64):
         raise ValueError(f"`index_dtype` must be torch.int32 or torch.int64, got {index_dtype}")
     kept = weight != 0 if mask is None else mask.to(weight.device, torch.bool)
@@ -863,13 +939,12 @@ def _condense(weight: Tensor, mask: Tensor | None, index_dtype: torch.dtype) -> 
     if low != high:
         what = "non-zero weights" if mask is None else "mask entries"
         raise ValueError(f"the rows hold {low} to {high} {what}: not a constant fan-in")
-    empty = counts == 0  # rows emptied by neuron ablation: k zero values at inputs 0..k-1 (their output is the bias)
-    if high and bool(empty.any()):
-        kept = kept.clone()
-        kept[empty, :high] = True
+    rows = None
+    if high and bool((counts == 0).any()):  # rows emptied by neuron ablation: not computed (their output is the bias)
+        rows = (counts > 0).nonzero().view(-1)
+        weight, kept = weight[rows], kept[rows]
     indices = kept.nonzero()[:, 1].view(weight.shape[0], high)  # row-major: increasing along each row
-    values = weight.gather(1, indices).masked_fill_(empty.unsqueeze(1), 0.0)
-    return values.contiguous(), indices.to(index_dtype).contiguous()
+    return weight.gather(1, indices).contiguous(), indices.to(index_dtype).contiguous(), rows
 
 
 def _fan_in_range(counts: Tensor) -> tuple[int, int]:
@@ -922,8 +997,8 @@ def to_condensed(
     stride) a :class:`CondensedConv2d`.
 
     A layer has a constant fan-in when every output row holds the same number ``k`` of non-zero weights, as
-    after training with ``pattern="fan_in"``, or none (a neuron emptied by ``neuron_ablation``: stored as ``k``
-    zero values, its output is its bias). The rows are read from the weights, or from ``masks``
+    after training with ``pattern="fan_in"``, or none (a neuron emptied by ``neuron_ablation``: not computed, its
+    output is its bias; see ``CondensedLinear``'s ``rows``). The rows are read from the weights, or from ``masks``
     (``torch.bool`` by parameter name, as in ``named_parameters()``; the copy's weights are zeroed outside
     them first). Pass the masks for a model just after a mask update: RigL, SET and sparse momentum grow their
     new weights at zero, so its weights alone show fewer non-zeros in the rows that just grew (a kept weight

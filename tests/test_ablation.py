@@ -252,16 +252,41 @@ def test_condensed_export_of_emptied_rows_computes_the_same_function():
     with torch.no_grad():
         for batch in (1, 7, 64):
             torch.testing.assert_close(condensed(x[:batch]), model(x[:batch]), rtol=1e-5, atol=1e-5)
-    emptied = unit_counts(sparsifier.masks["0.weight"], "fan_in") == 0
-    assert bool((condensed[0].values[emptied] == 0).all())
+    held = unit_counts(sparsifier.masks["0.weight"], "fan_in") > 0
+    assert condensed[0].rows.tolist() == held.nonzero().view(-1).tolist()  # the emptied rows are not computed
+    assert condensed[0].values.shape == (int(held.sum()), rows["0.weight"][1])
     torch.testing.assert_close(condensed[0].dense_weight(), model[0].weight.detach())
+    with torch.no_grad():  # the C++ kernel (batch 1: gather order; 64: axpy order) gives the torch result
+        cpp = to_condensed(model, masks=sparsifier.masks, kernel="auto")
+        for batch in (1, 64):
+            torch.testing.assert_close(cpp(x[:batch]), condensed(x[:batch]), rtol=1e-5, atol=1e-5)
 
     # rows of 0 and k are a constant fan-in; rows of 2 and 3 are not
     linear = nn.Linear(6, 3)
     with torch.no_grad():
         linear.weight.copy_(torch.tensor([[1.0, 2, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0], [0, 0, 0, 3, 0, 4]]))
     layer = CondensedLinear.from_linear(linear, kernel="torch")
-    assert layer.values.tolist() == [[1.0, 2.0], [0.0, 0.0], [3.0, 4.0]]
+    assert layer.values.tolist() == [[1.0, 2.0], [3.0, 4.0]] and layer.rows.tolist() == [0, 2]
+    assert "out_features=3, k=2, rows=2 with weights" in repr(layer)
+    inputs = torch.randn(5, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(inputs), linear(inputs))
+        assert torch.equal(layer(inputs)[:, 1], linear.bias[1].expand(5))  # the emptied row: its bias
+        for one in inputs.split(1):  # one sample: the output is a new tensor, not a view of the bias
+            torch.testing.assert_close(layer(one), linear(one))
+        assert torch.equal(layer.bias, linear.bias)
+    reloaded = CondensedLinear(6, torch.zeros(2, 2), torch.tensor([[0, 1], [0, 1]]), torch.zeros(3),
+                               rows=torch.tensor([0, 1]), out_features=3)  # fmt: skip
+    reloaded.load_state_dict(layer.state_dict())
+    assert reloaded.rows.tolist() == [0, 2]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(inputs), linear(inputs))
+    bad = layer.state_dict()
+    bad["rows"] = torch.tensor([2, 0])
+    with pytest.raises(ValueError, match=r"rows must increase strictly and lie in \[0, 3\)"):
+        reloaded.load_state_dict(bad)
+    with pytest.raises(ValueError, match="give `rows` and `out_features` together"):
+        CondensedLinear(6, torch.zeros(2, 2), torch.tensor([[0, 1], [0, 1]]), rows=torch.tensor([0, 1]))
     with torch.no_grad():
         linear.weight[1, 0] = 5.0
         linear.weight[0, 5] = 6.0
@@ -289,3 +314,20 @@ def test_trainer_resume_with_ablation_continues_like_the_uninterrupted_run(tmp_p
     model_resumed = _ckpt_fit(resumed, tmp_path / "resumed", EPOCHS, ckpt_path=tmp_path / "full" / "epoch=1-step=21.ckpt",
                               every_n_train_steps=7)  # fmt: skip
     _assert_same_run(full, model_full, resumed, model_resumed)
+
+
+def test_condensed_conv_skips_emptied_channels_in_both_layouts():
+    conv = nn.Conv2d(8, 6, 1)
+    torch.manual_seed(0)
+    mask = torch.zeros(6, 8, 1, 1, dtype=torch.bool)
+    for row in (0, 2, 3, 5):  # rows 1 and 4 emptied, the others at k = 3
+        mask[row, torch.randperm(8)[:3]] = True
+    with torch.no_grad():
+        conv.weight.mul_(mask)
+    condensed = to_condensed(nn.Sequential(conv), masks={"0.weight": mask})[0]
+    assert condensed.rows.tolist() == [0, 2, 3, 5] and condensed.k == 3
+    x = torch.randn(2, 8, 5, 5)
+    with torch.no_grad():
+        for inputs in (x, x.to(memory_format=torch.channels_last), x[:, :, :2, :2]):
+            torch.testing.assert_close(condensed(inputs), conv(inputs), rtol=1e-5, atol=1e-5)
+        assert condensed(x.to(memory_format=torch.channels_last)).is_contiguous(memory_format=torch.channels_last)
