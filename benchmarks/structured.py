@@ -261,8 +261,8 @@ def part_b(args: argparse.Namespace) -> dict[tuple[str, str, str], list[dict[str
                     )
                     r = {**paper_parity.test_error_and_density(model, sparsifier, data), "seconds": seconds}
                     results.setdefault((net, method, config), []).append(r)
-                    if (net, method, config, seed) == ("lenet300", "sparse_momentum", "fan_in-0.05", args.seeds[0]):
-                        TRAINED[net] = (model, sparsifier)
+                    if (net, method, seed) == ("lenet300", "sparse_momentum", args.seeds[0]) and config in MODELS_C.values():
+                        TRAINED[config] = (model, sparsifier)
                     kept = f", dense {options['dense_layers']}" if options["dense_layers"] else ""
                     print(f"    {net} {method:16s} {config:18s} seed {seed}: test error {r['test_error']:6.2f} %,"
                           f" density {r['density']:.4f}{kept}, {seconds:6.1f} s", flush=True)  # fmt: skip
@@ -270,7 +270,11 @@ def part_b(args: argparse.Namespace) -> dict[tuple[str, str, str], list[dict[str
     return results
 
 
-TRAINED: dict[str, tuple[nn.Module, Sparsifier | None]] = {}
+TRAINED: dict[str, tuple[nn.Module, Sparsifier | None]] = {}  # part (b)'s LeNet-300-100 models for part (c), by config
+MODELS_C = {  # part (c)'s LeNet-300-100 models (sparse momentum, 5 %, the first seed): label -> part (b) config
+    "LeNet-300-100": "fan_in-0.05",
+    "LeNet-300-100, ablation 0.3": "fan_in-ablation-0.05",
+}
 
 
 def print_accuracy(results: dict[tuple[str, str, str], list[dict[str, float]]], epochs: int) -> None:
@@ -310,34 +314,38 @@ def part_c(args: argparse.Namespace) -> None:
     print("\n## Part (c): end-to-end inference, dense vs to_condensed (float32, CPU)\n")
     machine_state("before")
     data = paper_parity.load_data()
-    if "lenet300" not in TRAINED:  # part (b) did not run in this process: train its seed-0 fan-in model
-        model, sparsifier, _ = paper_parity.train_model(
-            "lenet300", "sparse_momentum", args.seeds[0], args.epochs, 0.05, data, pattern="fan_in"
-        )
-        TRAINED["lenet300"] = (model, sparsifier)
-        print(f"- trained LeNet-300-100 (sparse momentum, fan_in, 5 %, seed {args.seeds[0]}, {args.epochs} epochs)")
-    model, sparsifier = TRAINED["lenet300"]
-    assert sparsifier is not None
-    condensed = to_condensed(model, masks=sparsifier.masks)
     x_test = data[2]
-    with torch.inference_mode():
-        same = bool(torch.equal(model(x_test).argmax(1), condensed(x_test).argmax(1)))
-        largest = float((model(x_test) - condensed(x_test)).abs().max())
-    ks = {n: m.k for n, m in condensed.named_modules() if isinstance(m, CondensedLinear)}
-    print(f"- LeNet-300-100: condensed layers (k per row) {ks}; same predictions on the 10000 test images: {same}"
-          f" (largest logit difference {largest:.1e})")  # fmt: skip
     rows = []
-    for threads in args.threads:
-        torch.set_num_threads(threads)
-        one = [x_test[i : i + 1] for i in range(1000)]
-        big = [x_test[i : i + 256] for i in range(0, len(x_test), 256)]
+    for name, config in MODELS_C.items():
+        if config not in TRAINED:  # part (b) did not run it in this process: train it
+            pattern, density, ablation = CONFIGS_B[config]
+            model, sparsifier, _ = paper_parity.train_model(
+                "lenet300", "sparse_momentum", args.seeds[0], args.epochs, density, data,
+                **run_options("lenet300", pattern, density, [config], ablation),
+            )  # fmt: skip
+            TRAINED[config] = (model, sparsifier)
+            print(f"- trained {name} (sparse momentum, {config}, seed {args.seeds[0]}, {args.epochs} epochs)")
+        model, sparsifier = TRAINED[config]
+        assert sparsifier is not None
+        condensed = to_condensed(model, masks=sparsifier.masks)
+        with torch.inference_mode():
+            same = bool(torch.equal(model(x_test).argmax(1), condensed(x_test).argmax(1)))
+            largest = float((model(x_test) - condensed(x_test)).abs().max())
+        layers = {n: m for n, m in condensed.named_modules() if isinstance(m, CondensedLinear)}
+        shapes = {n: f"k={m.k}, {m.values.shape[0]} of {m.out_features} rows" for n, m in layers.items()}
+        print(f"- {name}: condensed layers {shapes}; same predictions on the 10000 test images: {same}"
+              f" (largest logit difference {largest:.1e})")  # fmt: skip
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            one = [x_test[i : i + 1] for i in range(1000)]
+            big = [x_test[i : i + 256] for i in range(0, len(x_test), 256)]
 
-        def over(net: nn.Module, batches: list[torch.Tensor]) -> Callable[[], object]:
-            return lambda: [net(b) for b in batches]
+            def over(net: nn.Module, batches: list[torch.Tensor]) -> Callable[[], object]:
+                return lambda: [net(b) for b in batches]
 
-        for label, batches in (("batch 1, 1000 images", one), ("batch 256, 10000 images", big)):
-            times = time_models({"dense": over(model, batches), "condensed": over(condensed, batches)}, args)
-            rows.append(("LeNet-300-100", label, threads, times))
+            for label, batches in (("batch 1, 1000 images", one), ("batch 256, 10000 images", big)):
+                times = time_models({"dense": over(model, batches), "condensed": over(condensed, batches)}, args)
+                rows.append((name, label, threads, times))
     resnet, resnet_condensed, what = resnet50_pair()
     print(f"- ResNet-50: {what}")
     for threads in args.threads:

@@ -20,7 +20,12 @@ def test_structured_compares_n_m_with_unstructured_runs_of_the_same_layers():
     assert structured.run_options("lenet5", "unstructured", 0.25, configs)["dense_layers"] == ["0"]
     assert structured.run_options("lenet5", "unstructured", 0.05, configs)["dense_layers"] == []
     assert structured.run_options("lenet5", "fan_in", 0.05, configs)["dense_layers"] == []
-    assert structured.run_options("lenet300", "2:4", 0.5, configs) == {"pattern": "2:4", "dense_layers": []}
+    assert structured.run_options("lenet300", "2:4", 0.5, configs) == {
+        "pattern": "2:4", "dense_layers": [], "neuron_ablation": None
+    }  # fmt: skip
+    pattern, density, ablation = structured.CONFIGS_B["fan_in-ablation-0.05"]
+    assert structured.run_options("lenet300", pattern, density, configs, ablation)["neuron_ablation"] == 0.3
+    assert set(structured.MODELS_C.values()) <= set(configs)  # part (c)'s models are part (b) configurations
     # without an N:M configuration in the run, the unstructured runs keep every layer sparse
     assert structured.run_options("lenet5", "unstructured", 0.5, ["unstructured-0.5"])["dense_layers"] == []
 
