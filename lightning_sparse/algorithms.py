@@ -555,8 +555,8 @@ class SparseAlgorithm:
         reference's ``dynamic_ablation``): every row of a layer ends with either ``k_l`` active weights or none.
 
         * Each layer has a budget ``B_l`` (``context.state["fan_in_budgets"]``, its active count at its first
-          update): the weights it may hold. Without redistribution it never changes; with it (sparse momentum,
-          DSR) the budgets are what redistribution hands out, and their total never changes.
+          update): the weights it may hold. Without redistribution it never changes; with it (sparse momentum)
+          the budgets are what redistribution hands out, and their total never changes.
         * Count and prune rules run as in :meth:`update`. A weight is *salient* if the prune rule keeps it or it is
           among the layer's ``pruned`` positions of highest growth score over the whole layer (RigL: ``|grad|``,
           sparse momentum: ``|momentum|``; active or not).
@@ -611,7 +611,7 @@ class SparseAlgorithm:
 
         if moves:
             survivors = [a - p for a, p in zip(active, pruned)]
-            if shares is None:  # DSR: in proportion to the weights left after pruning
+            if shares is None:  # redistribute="nonzero": in proportion to the weights left after pruning
                 total = sum(survivors)
                 shares = [x / total for x in survivors] if total else [1.0 / len(layers)] * len(layers)
             capacity = [max(n * f - s, 0) for n, f, s in zip(alive, fan_in, survivors)]

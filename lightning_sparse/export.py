@@ -677,43 +677,41 @@ class CondensedLinear(nn.Module):
     def _rows(self, x: Tensor) -> Tensor:
         """``x [batch, in]`` -> ``[batch, out]``."""
         buffers = self._buffers
-        held, bias = buffers["values"].shape[0], self._held_bias()
         cpp = self._cpp(x)
-        if cpp is not None:
+        if cpp is not None:  # the kernel writes the held rows in place and the bias elsewhere
             op, values, indices = cpp
-            y = op(x.contiguous(), values, indices, bias, held, False)
-        else:
-            with torch.no_grad():
-                if self.k == 0 or held == 0:
-                    y = x.new_zeros(x.shape[0], held)
-                else:
-                    columns = x.t().contiguous()  # [in, batch]: output row o sums k of its rows, weighted
-                    y = nn.functional.embedding_bag(
-                        buffers["indices"], columns, per_sample_weights=buffers["values"], mode="sum"
-                    ).t()
-                y = y if bias is None else y + bias
+            return op(x.contiguous(), values, indices, buffers["bias"], self.out_features, False, buffers["rows"])
+        held, bias = buffers["values"].shape[0], self._held_bias()
+        with torch.no_grad():
+            if self.k == 0 or held == 0:
+                y = x.new_zeros(x.shape[0], held)
+            else:
+                columns = x.t().contiguous()  # [in, batch]: output row o sums k of its rows, weighted
+                y = nn.functional.embedding_bag(
+                    buffers["indices"], columns, per_sample_weights=buffers["values"], mode="sum"
+                ).t()
+            y = y if bias is None else y + bias
         return y if buffers["rows"] is None else self._scatter_rows(y, 1, x.shape[0])
 
     def _columns(self, x: Tensor) -> Tensor:
         """``x [n, in, L]`` -> ``[n, out, L]`` (an NCHW activation with ``L = H*W``)."""
         buffers = self._buffers
-        held, bias = buffers["values"].shape[0], self._held_bias()
         cpp = self._cpp(x)
-        n, _, length = x.shape
         if cpp is not None:
             op, values, indices = cpp
-            y = op(x.contiguous(), values, indices, bias, held, True)
-        else:
-            columns = x.transpose(0, 1).reshape(self.in_features, n * length)  # [in, n*L]
-            with torch.no_grad():
-                if self.k == 0 or held == 0:
-                    y = x.new_zeros(held, n * length)
-                else:
-                    y = nn.functional.embedding_bag(
-                        buffers["indices"], columns, per_sample_weights=buffers["values"], mode="sum"
-                    )
-                y = y.view(held, n, length).transpose(0, 1)
-                y = y if bias is None else y + bias[:, None]
+            return op(x.contiguous(), values, indices, buffers["bias"], self.out_features, True, buffers["rows"])
+        held, bias = buffers["values"].shape[0], self._held_bias()
+        n, _, length = x.shape
+        columns = x.transpose(0, 1).reshape(self.in_features, n * length)  # [in, n*L]
+        with torch.no_grad():
+            if self.k == 0 or held == 0:
+                y = x.new_zeros(held, n * length)
+            else:
+                y = nn.functional.embedding_bag(
+                    buffers["indices"], columns, per_sample_weights=buffers["values"], mode="sum"
+                )
+            y = y.view(held, n, length).transpose(0, 1)
+            y = y if bias is None else y + bias[:, None]
         return y if buffers["rows"] is None else self._scatter_rows(y, 1, n, length)
 
     def _held_bias(self) -> Tensor | None:

@@ -45,7 +45,8 @@ CONDENSED_EXTENSION_NAME = "lightning_sparse_condensed_linear"
 
 MaskedZero = Callable[[Sequence[Tensor], Sequence[Tensor]], None]
 # condensed_linear(x, values, indices, bias, columns) -> y: see csrc/condensed_linear.cpp
-CondensedOp = Callable[[Tensor, Tensor, Tensor, Tensor | None, bool], Tensor]
+CondensedOp = Callable[..., Tensor]
+"""``(x, packed values, packed indices, bias, out_features, columns, rows) -> y`` (see ``csrc/condensed_linear.cpp``)."""
 
 
 def check_mask_kernel(kernel: str) -> str:

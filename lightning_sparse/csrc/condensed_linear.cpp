@@ -16,6 +16,9 @@
 //   gather. A block's 16 rows go to a [16, chunk] tile that is written out transposed into y[batch, out], a
 //   whole cache line per sample. The batch is taken in chunks whose inputs, [in, chunk], fit in L2.
 //
+// `rows` (optional, int64 [held], increasing): only these output rows hold weights (neuron ablation empties the
+// others); values and indices then pack the held rows, and every other output is its bias (or 0).
+//
 // `columns=true` takes x already as [n, in, L] (an NCHW activation, L = H*W) and returns [n, out, L]: the axpy
 // order without any transposition (the 1x1 convolution case).
 //
@@ -305,18 +308,22 @@ void transpose(const float* x, float* xt, int64_t batch, int64_t in, int64_t ld)
 
 // ------------------------------------------------------------------------------------------- the loop orders
 // y[b][o] for samples b < batch (small): gather
+// `held` rows are computed; `map` (or nullptr: the identity) gives the output row of each, in [0, out).
 template <typename index_t>
 void gather_rows(const float* x, const float* values, const index_t* indices, const float* bias, float* y,
-                 int64_t batch, int64_t in, int64_t out, int64_t k) {
-  const int64_t blocks = (out + kBlock - 1) / kBlock;
+                 int64_t batch, int64_t in, int64_t held, int64_t k, int64_t out, const int64_t* map) {
+  const int64_t blocks = (held + kBlock - 1) / kBlock;
   at::parallel_for(0, blocks, grain(kBlock * k * batch), [&](int64_t begin, int64_t end) {
     float sums[kBlock];
     for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t o0 = blk * kBlock, rows = std::min(kBlock, out - o0);
+      const int64_t o0 = blk * kBlock, rows = std::min(kBlock, held - o0);
       for (int64_t b = 0; b < batch; ++b) {
         block_dot(values + blk * k * kBlock, indices + blk * k * kBlock, x + b * in, k, sums);
-        float* dst = y + b * out + o0;
-        for (int64_t r = 0; r < rows; ++r) dst[r] = sums[r] + (bias ? bias[o0 + r] : 0.f);
+        float* dst = y + b * out;
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t o = map ? map[o0 + r] : o0 + r;
+          dst[o] = sums[r] + (bias ? bias[o] : 0.f);
+        }
       }
     }
   });
@@ -328,22 +335,25 @@ void gather_rows(const float* x, const float* values, const index_t* indices, co
 // store of a row in the same L1 set.
 template <typename index_t>
 void axpy_rows(const float* xt, const float* values, const index_t* indices, const float* bias, float* y,
-               int64_t batch, int64_t ld, int64_t in, int64_t out, int64_t k) {
-  const int64_t blocks = (out + kBlock - 1) / kBlock, chunk = chunk_width(in);
+               int64_t batch, int64_t ld, int64_t in, int64_t held, int64_t k, int64_t out, const int64_t* map) {
+  const int64_t blocks = (held + kBlock - 1) / kBlock, chunk = chunk_width(in);
   at::parallel_for(0, blocks, grain(kBlock * k * batch), [&](int64_t begin, int64_t end) {
     std::vector<float> buffer(kBlock * chunk);
     float* tile = buffer.data();
     for (int64_t c0 = 0; c0 < batch; c0 += chunk) {  // one pass over the rows per chunk of samples
       const int64_t width = std::min(chunk, batch - c0);
       for (int64_t blk = begin; blk < end; ++blk) {
-        const int64_t o0 = blk * kBlock, rows = std::min(kBlock, out - o0);
+        const int64_t o0 = blk * kBlock, rows = std::min(kBlock, held - o0);
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t at = blk * k * kBlock + r;
           axpy(values + at, indices + at, xt + c0, ld, k, width, tile + r * chunk);
         }
         for (int64_t c = 0; c < width; ++c) {
-          float* dst = y + (c0 + c) * out + o0;
-          for (int64_t r = 0; r < rows; ++r) dst[r] = tile[r * chunk + c] + (bias ? bias[o0 + r] : 0.f);
+          float* dst = y + (c0 + c) * out;
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t o = map ? map[o0 + r] : o0 + r;
+            dst[o] = tile[r * chunk + c] + (bias ? bias[o] : 0.f);
+          }
         }
       }
     }
@@ -354,8 +364,9 @@ void axpy_rows(const float* xt, const float* values, const index_t* indices, con
 // stride ld): axpy
 template <typename index_t>
 void axpy_columns(const float* xt, const float* values, const index_t* indices, const float* bias, float* yt,
-                  int64_t samples, int64_t L, int64_t ld, int64_t in, int64_t out, int64_t k) {
-  const int64_t blocks = (out + kBlock - 1) / kBlock, chunk = chunk_width(in);
+                  int64_t samples, int64_t L, int64_t ld, int64_t in, int64_t held, int64_t k, int64_t out,
+                  const int64_t* map) {
+  const int64_t blocks = (held + kBlock - 1) / kBlock, chunk = chunk_width(in);
   at::parallel_for(0, samples * blocks, grain(kBlock * k * L), [&](int64_t begin, int64_t end) {
     float acc[kChunk];
     for (int64_t first = begin; first < end;) {  // the blocks of one sample at a time
@@ -363,12 +374,12 @@ void axpy_columns(const float* xt, const float* values, const index_t* indices, 
       for (int64_t c0 = 0; c0 < L; c0 += chunk) {  // one pass over the rows per chunk of columns
         const int64_t width = std::min(chunk, L - c0);
         for (int64_t blk = first - n * blocks; blk < last - n * blocks; ++blk) {
-          const int64_t o0 = blk * kBlock, rows = std::min(kBlock, out - o0);
+          const int64_t o0 = blk * kBlock, rows = std::min(kBlock, held - o0);
           for (int64_t r = 0; r < rows; ++r) {
-            const int64_t at = blk * k * kBlock + r;
+            const int64_t at = blk * k * kBlock + r, o = map ? map[o0 + r] : o0 + r;
             axpy(values + at, indices + at, xt + n * in * ld + c0, ld, k, width, acc);
-            float* dst = yt + (n * out + o0 + r) * L + c0;
-            const float b0 = bias ? bias[o0 + r] : 0.f;
+            float* dst = yt + (n * out + o) * L + c0;
+            const float b0 = bias ? bias[o] : 0.f;
             for (int64_t c = 0; c < width; ++c) dst[c] = acc[c] + b0;
           }
         }
@@ -378,18 +389,36 @@ void axpy_columns(const float* xt, const float* values, const index_t* indices, 
   });
 }
 
+// Every output set to its bias (or 0) first, when only some rows are computed: y is [n, out, L] (L = 1: [n, out]).
+void fill_outputs(at::Tensor& y, const float* bias, int64_t out, int64_t L) {
+  float* p = y.mutable_data_ptr<float>();
+  const int64_t n = y.numel() / (out * L);
+  for (int64_t s = 0; s < n; ++s)
+    for (int64_t o = 0; o < out; ++o) std::fill_n(p + (s * out + o) * L, L, bias ? bias[o] : 0.f);
+}
+
 at::Tensor condensed_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
-                            const std::optional<at::Tensor>& bias, int64_t out, bool columns) {
+                            const std::optional<at::Tensor>& bias, int64_t out, bool columns,
+                            const std::optional<at::Tensor>& rows) {
   TORCH_CHECK(x.is_cpu() && values.is_cpu() && indices.is_cpu(), "condensed_linear: tensors must be on the CPU");
   TORCH_CHECK(x.scalar_type() == at::kFloat && values.scalar_type() == at::kFloat,
               "condensed_linear: x and values must be float32, got ", x.scalar_type(), " and ",
               values.scalar_type());
   TORCH_CHECK(indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong,
               "condensed_linear: indices must be int32 or int64, got ", indices.scalar_type());
-  const int64_t blocks = (out + kBlock - 1) / kBlock;
+  const int64_t* map = nullptr;  // the output row of each computed row (rows emptied by neuron ablation are not)
+  int64_t held = out;
+  if (rows.has_value() && rows->defined()) {
+    TORCH_CHECK(rows->is_cpu() && rows->scalar_type() == at::kLong && rows->is_contiguous() && rows->dim() == 1 &&
+                    rows->size(0) <= out,
+                "condensed_linear: rows must be a contiguous 1-D int64 CPU tensor of at most ", out, " entries");
+    map = rows->const_data_ptr<int64_t>();
+    held = rows->size(0);
+  }
+  const int64_t blocks = (held + kBlock - 1) / kBlock;
   TORCH_CHECK(out >= 0 && values.dim() == 3 && values.size(0) == blocks && values.size(2) == kBlock &&
                   indices.sizes() == values.sizes(),
-              "condensed_linear: values and indices must be packed as [", blocks, ", k, ", kBlock, "] for ", out,
+              "condensed_linear: values and indices must be packed as [", blocks, ", k, ", kBlock, "] for ", held,
               " rows, got ", values.sizes(), " and ", indices.sizes());
   TORCH_CHECK(x.is_contiguous() && values.is_contiguous() && indices.is_contiguous(),
               "condensed_linear: x, values and indices must be contiguous");
@@ -408,6 +437,7 @@ at::Tensor condensed_linear(const at::Tensor& x, const at::Tensor& values, const
     const int64_t samples = x.size(0), L = x.size(2);
     at::Tensor y = at::empty({samples, out, L}, x.options());
     if (y.numel() == 0) return y;
+    if (map) fill_outputs(y, b, out, L);
     at::Tensor xt = x;
     if (L > chunk_width(in) && padded_stride(L) != L) {  // read in several passes: copy to a better row stride
       xt = at::empty({samples, in, padded_stride(L)}, x.options());
@@ -415,17 +445,18 @@ at::Tensor condensed_linear(const at::Tensor& x, const at::Tensor& values, const
     }
     AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "condensed_linear", [&] {
       axpy_columns(xt.const_data_ptr<float>(), v, indices.const_data_ptr<index_t>(), b, y.mutable_data_ptr<float>(),
-                   samples, L, xt.size(2), in, out, k);
+                   samples, L, xt.size(2), in, held, k, out, map);
     });
     return y;
   }
   const int64_t batch = x.size(0);
   at::Tensor y = at::empty({batch, out}, x.options());
   if (y.numel() == 0) return y;
+  if (map) fill_outputs(y, b, out, 1);
   if (batch < kSmallBatch) {
     AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "condensed_linear", [&] {
       gather_rows(x.const_data_ptr<float>(), v, indices.const_data_ptr<index_t>(), b, y.mutable_data_ptr<float>(),
-                  batch, in, out, k);
+                  batch, in, held, k, out, map);
     });
   } else {
     const int64_t ld = batch > chunk_width(in) ? padded_stride(batch) : batch;
@@ -433,7 +464,7 @@ at::Tensor condensed_linear(const at::Tensor& x, const at::Tensor& values, const
     transpose(x.const_data_ptr<float>(), xt.mutable_data_ptr<float>(), batch, in, ld);
     AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "condensed_linear", [&] {
       axpy_rows(xt.const_data_ptr<float>(), v, indices.const_data_ptr<index_t>(), b, y.mutable_data_ptr<float>(),
-                batch, ld, in, out, k);
+                batch, ld, in, held, k, out, map);
     });
   }
   return y;
@@ -451,8 +482,8 @@ std::string isa_name() {
 
 TORCH_LIBRARY_FRAGMENT(lightning_sparse, m) {
   m.def(
-      "condensed_linear(Tensor x, Tensor values, Tensor indices, Tensor? bias, int out_features, bool columns=False)"
-      " -> Tensor");
+      "condensed_linear(Tensor x, Tensor values, Tensor indices, Tensor? bias, int out_features, bool columns=False,"
+      " Tensor? rows=None) -> Tensor");
   m.def("condensed_isa() -> str", &isa_name);  // which SIMD variant runs here: "avx512", "avx2" or "portable"
 }
 
