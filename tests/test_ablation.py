@@ -331,3 +331,29 @@ def test_condensed_conv_skips_emptied_channels_in_both_layouts():
         for inputs in (x, x.to(memory_format=torch.channels_last), x[:, :, :2, :2]):
             torch.testing.assert_close(condensed(inputs), conv(inputs), rtol=1e-5, atol=1e-5)
         assert condensed(x.to(memory_format=torch.channels_last)).is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("model_name", ["cnn", "conv1d"])
+def test_ablation_on_convolutions_and_transposed_weights(model_name):
+    from tests.test_patterns import MODELS
+
+    make, shape = MODELS[model_name]
+    torch.manual_seed(0)
+    model = make()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sparsifier = Sparsifier(model, optimizer, density=0.3, algorithm="rigl", pattern="fan_in", neuron_ablation=1.0,
+                            update_interval=2, total_steps=40, seed=0, mask_kernel="torch")  # fmt: skip
+    x, y = torch.randn(32, *shape), torch.randint(0, 8, (32,))
+    emptied = 0
+    for _ in range(12):
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        sparsifier.step()
+        optimizer.zero_grad()
+        for name, mask in sparsifier.masks.items():
+            transposed = sparsifier.layers[name].transposed
+            counts = unit_counts(mask, "fan_in", transposed)  # per output neuron: rows, or columns of [in, out]
+            assert counts.numel() == mask.shape[1 if transposed else 0]
+            assert check_pattern(mask, "fan_in", transposed, empty_rows=True), (name, counts)
+            emptied += int((counts == 0).sum())
+    assert emptied > 0 and sparsifier.num_updates >= 5
