@@ -171,6 +171,7 @@ class SparseTrainingCallback(Callback):
     mask_frozen = property(lambda self: self.options.mask_frozen)
     pattern = property(lambda self: self.options.pattern)
     neuron_ablation = property(lambda self: self.options.neuron_ablation)
+    keep_neurons = property(lambda self: self.options.keep_neurons)
 
     @property
     def masks(self) -> Mapping[str, Tensor]:
