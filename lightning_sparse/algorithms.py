@@ -224,6 +224,12 @@ def shard_reducer(layers: Sequence[LayerState]) -> Callable[[Tensor], Tensor] | 
     return partial(reduce_layer_sums, specs=specs, group=group)
 
 
+def _layer_counts(masks: Sequence[Tensor], reducer: Callable[[Tensor], Tensor] | None) -> list[int]:
+    """Active entries of each mask, summed over the shards when ``reducer`` is given (one host read)."""
+    counts = torch.stack([m.sum() for m in masks]).to(torch.int64)
+    return [int(c) for c in (reducer(counts) if reducer is not None else counts).tolist()]
+
+
 def _no_redistribution(layers: Sequence[LayerState]) -> None:
     return None
 
@@ -453,7 +459,7 @@ class SparseAlgorithm:
         new_active = [a - p + g for a, p, g in zip(active, pruned, grown)]
         reducer = shard_reducer(layers)
         if reducer is not None:  # a rule that selects per shard instead of over the layer would break the counts
-            counted = reducer(torch.stack([m.sum() for m in new_masks]).to(torch.int64)).tolist()
+            counted = _layer_counts(new_masks, reducer)
             wrong = [f"{layer.name}: {c} != {a}" for layer, c, a in zip(layers, counted, new_active) if c != a]
             if wrong:
                 raise RuntimeError(
@@ -491,7 +497,7 @@ class SparseAlgorithm:
         pattern = parse_pattern(context.pattern)
         if context.ablation is not None:
             return self._update_ablating(layers, list(active), context)
-        count_rule, prune_rule, redistribute_rule, grow_rule = self._rules
+        count_rule, prune_rule, redistribute_rule, _ = self._rules
         active = list(active)
         shapes = [unit_shape(layer.spec.shape, pattern, layer.transposed) for layer in layers]
         units = [u for u, _ in shapes]
@@ -532,12 +538,28 @@ class SparseAlgorithm:
                 trim_units(layer.weight.detach().abs(), mask, t, pattern, layer.transposed) if t < c else mask
                 for layer, mask, t, c in zip(layers, pruned_masks, targets, current)
             ]
-            counts = torch.stack([m.sum() for m in pruned_masks]).to(torch.int64)
-            survivors = [int(c) for c in (reducer(counts) if reducer is not None else counts).tolist()]
+            survivors = _layer_counts(pruned_masks, reducer)
         else:
             survivors = [a - p for a, p in zip(active, pruned)]
         new_active = [u * t for u, t in zip(units, targets)]
-        pruned = [a - s for a, s in zip(active, survivors)]
+        return self._grow_units(layers, pruned_masks, targets, active, survivors, new_active, pattern, reducer, context)
+
+    def _grow_units(
+        self,
+        layers: Sequence[LayerState],
+        pruned_masks: Sequence[Tensor],
+        targets: Sequence[int | Tensor],
+        active: Sequence[int],
+        survivors: Sequence[int],
+        new_active: Sequence[int],
+        pattern: Pattern,
+        reducer: Callable[[Tensor], Tensor] | None,
+        context: UpdateContext,
+    ) -> UpdateResult:
+        """The growth step of a structured update: every unit of each layer filled up to its target (one per layer,
+        or one per unit) by the growth rule, from ``pruned_masks`` that hold ``survivors`` weights, to
+        ``new_active``; the units are then checked."""
+        grow_rule = self._rules[3]
         grown = [n - s for n, s in zip(new_active, survivors)]
         new_masks = []
         for layer, mask, t, g in zip(layers, pruned_masks, targets, grown):
@@ -546,7 +568,8 @@ class SparseAlgorithm:
                 new_masks.append(grow_rule(layer, mask, g, context.generator))
             finally:
                 layer._units = None
-        result = UpdateResult(new_masks, pruned_masks, new_active, pruned, grown)
+        pruned = [a - s for a, s in zip(active, survivors)]
+        result = UpdateResult(new_masks, list(pruned_masks), list(new_active), pruned, grown)
         self._check_units(layers, result.masks, targets, pattern, reducer)
         return result
 
@@ -632,19 +655,11 @@ class SparseAlgorithm:
             trim_units(layer.weight.detach().abs(), mask, t, pattern, layer.transposed)
             for layer, mask, t in zip(layers, pruned_masks, row_targets)
         ]
-        counts = torch.stack([m.sum() for m in pruned_masks]).to(torch.int64)
-        survivors = [int(c) for c in (reducer(counts) if reducer is not None else counts).tolist()]
+        survivors = _layer_counts(pruned_masks, reducer)
         new_active = [n * t for n, t in zip(alive, targets)]
-        grown = [n - s for n, s in zip(new_active, survivors)]
-        new_masks = []
-        for layer, mask, t, g in zip(layers, pruned_masks, row_targets, grown):
-            layer._units = (pattern, t)
-            try:
-                new_masks.append(grow_rule(layer, mask, g, context.generator))
-            finally:
-                layer._units = None
-        result = UpdateResult(new_masks, pruned_masks, new_active, [a - s for a, s in zip(active, survivors)], grown)
-        self._check_units(layers, result.masks, row_targets, pattern, reducer)
+        result = self._grow_units(
+            layers, pruned_masks, row_targets, active, survivors, new_active, pattern, reducer, context
+        )
         stored.update({layer.name: int(b) for layer, b in zip(layers, budgets)})
         return result
 

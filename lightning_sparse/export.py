@@ -662,10 +662,10 @@ class CondensedLinear(nn.Module):
 
     def dense_weight(self) -> Tensor:
         """The equivalent dense weight ``[out_features, in_features]`` (zeros where no index points)."""
-        weight = torch.zeros(self.out_features, self.in_features, dtype=self.values.dtype, device=self.values.device)
-        held = torch.zeros(self.values.shape[0], self.in_features, dtype=self.values.dtype, device=self.values.device)
-        held.scatter_(1, self.indices.long(), self.values)
-        return held if self.rows is None else weight.index_copy_(0, self.rows, held)
+        held = self.values.new_zeros(self.values.shape[0], self.in_features).scatter_(1, self.indices.long(), self.values)
+        if self.rows is None:
+            return held
+        return self.values.new_zeros(self.out_features, self.in_features).index_copy_(0, self.rows, held)
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x, x.shape[-1] if x.dim() else None)
@@ -715,18 +715,9 @@ class CondensedLinear(nn.Module):
         return y if buffers["rows"] is None else self._scatter_rows(y, 1, n, length)
 
     def _held_bias(self) -> Tensor | None:
-        """The bias of the computed rows (all of it without ``rows``; cached while the buffers stay the same)."""
-        buffers = self._buffers
-        bias, rows = buffers["bias"], buffers["rows"]
-        if bias is None or rows is None:
-            return bias
-        cached = self.__dict__.get("_held_bias_cache")
-        key = (bias.data_ptr(), _version(bias), rows.data_ptr(), _version(rows))
-        if cached is not None and cached[0] is bias and cached[1] is rows and cached[2] == key:
-            return cached[3]
-        held = bias.index_select(0, rows).contiguous()
-        self.__dict__["_held_bias_cache"] = (bias, rows, key, held)
-        return held
+        """The bias of the computed rows (all of it without ``rows``), for the torch path."""
+        bias, rows = self._buffers["bias"], self._buffers["rows"]
+        return bias if bias is None or rows is None else bias.index_select(0, rows)
 
     def _scatter_rows(self, y: Tensor, dim: int, *leading: int) -> Tensor:
         """The full output from the computed rows ``y``: the other rows are the bias (or zero)."""
