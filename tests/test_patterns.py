@@ -497,11 +497,12 @@ def _sharded_options(pattern: str) -> dict:
     return {"density": 0.3}
 
 
-def _ablation_steps(model: nn.Module, algorithm: str = "rigl") -> dict:
-    """8 steps of ``algorithm`` with fan_in and neuron ablation (gamma 1.0): the gathered masks after each."""
+def _pattern_steps(model: nn.Module, algorithm: str, pattern: str, **options) -> tuple[list, Sparsifier]:
+    """8 steps of ``algorithm`` under ``pattern`` (updates every 2): after each, the host counts and the gathered
+    masks; and the ``Sparsifier``."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    sparsifier = Sparsifier(model, optimizer, algorithm=algorithm, pattern="fan_in", neuron_ablation=1.0, seed=0,
-                            update_interval=2, total_steps=8, mask_kernel="torch", density=0.3)  # fmt: skip
+    sparsifier = Sparsifier(model, optimizer, algorithm=algorithm, pattern=pattern, seed=0, update_interval=2,
+                            total_steps=8, mask_kernel="torch", **options)  # fmt: skip
     torch.manual_seed(1)
     x, y = torch.randn(8, 16), torch.randint(0, 9, (8,))
     steps = []
@@ -510,8 +511,24 @@ def _ablation_steps(model: nn.Module, algorithm: str = "rigl") -> dict:
         optimizer.step()
         sparsifier.step()
         optimizer.zero_grad()
-        steps.append((list(sparsifier.masking.active), sparsifier.state_dict()["masks"]))
+        steps.append((list(sparsifier.masking.active), sparsifier.state_dict()["masks"]))  # gathered rows
+    return steps, sparsifier
+
+
+def _ablation_steps(model: nn.Module, algorithm: str) -> dict:
+    """:func:`_pattern_steps` with fan_in and neuron ablation (gamma 1.0), and the budgets at the end."""
+    steps, sparsifier = _pattern_steps(model, algorithm, "fan_in", density=0.3, neuron_ablation=1.0)
     return {"steps": steps, "updates": sparsifier.num_updates, "budgets": sparsifier.algorithm_state}
+
+
+def _sharded_on(mesh) -> nn.Module:
+    """:func:`_sharded_model` with each Linear and the whole model under ``fully_shard``."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = _sharded_model()
+    for layer in (model[0], model[2], model[4]):
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
 
 
 def _sharded_worker(rank: int, store: str, out: str) -> None:
@@ -525,31 +542,11 @@ def _sharded_worker(rank: int, store: str, out: str) -> None:
     try:
         for algorithm, pattern in (("static", "2:4"), ("static", "fan_in"), ("rigl", "2:4"), ("set", "fan_in"),
                                    ("sparse_momentum", "fan_in"), ("gmp", "2:4")):  # fmt: skip
-            model = _sharded_model()
-            for layer in (model[0], model[2], model[4]):
-                fully_shard(layer, mesh=mesh)
-            fully_shard(model, mesh=mesh)
-            optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-            sparsifier = Sparsifier(model, optimizer, algorithm=algorithm, pattern=pattern, seed=0, update_interval=2,
-                                    total_steps=8, mask_kernel="torch", **_sharded_options(pattern))  # fmt: skip
+            steps, sparsifier = _pattern_steps(_sharded_on(mesh), algorithm, pattern, **_sharded_options(pattern))
             assert sparsifier.sharded
-            torch.manual_seed(1)
-            x, y = torch.randn(8, 16), torch.randint(0, 9, (8,))
-            steps = []
-            for _ in range(8):
-                nn.functional.cross_entropy(model(x), y).backward()
-                optimizer.step()
-                sparsifier.step()
-                optimizer.zero_grad()
-                full = sparsifier.state_dict()["masks"]  # gathered rows
-                steps.append((list(sparsifier.masking.active), full))
             results[f"{algorithm} {pattern}"] = {"steps": steps, "updates": sparsifier.num_updates}
         for algorithm in ("rigl", "sparse_momentum"):  # neuron ablation: salient counts reduced over the shards
-            model = _sharded_model()
-            for layer in (model[0], model[2], model[4]):
-                fully_shard(layer, mesh=mesh)
-            fully_shard(model, mesh=mesh)
-            results[f"{algorithm} ablation"] = _ablation_steps(model, algorithm)
+            results[f"{algorithm} ablation"] = _ablation_steps(_sharded_on(mesh), algorithm)
         conv = nn.Sequential(Conv1D(31, 16))  # stored [16, 31], sharded by its input channels
         fully_shard(conv, mesh=mesh)
         try:
