@@ -57,8 +57,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_sparse import ALGORITHMS, LayerState, Masking, SparseTrainingCallback, UpdateContext, maskable_parameters
+from lightning_sparse.core.optimizer import optimizer_momentum
 from lightning_sparse.kernels import cpu_masked_zero
-from lightning_sparse.momentum import optimizer_momentum
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 

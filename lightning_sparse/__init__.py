@@ -1,11 +1,11 @@
 """lightning-sparse: train PyTorch Lightning models sparse from scratch with one callback."""
 
-from lightning_sparse.algorithms import ALGORITHMS, LayerState, SparseAlgorithm, UpdateContext, UpdateResult
-from lightning_sparse.callback import SparseTrainingCallback
-from lightning_sparse.dst import DST
-from lightning_sparse.masking import Masking, maskable_parameters
-from lightning_sparse.scheduling import SparseOptions, UpdateSchedule
-from lightning_sparse.sparsifier import DSTSparsifier, Sparsifier, UpdateReport, attach_dst_thresholds
+from lightning_sparse.core.masking import Masking, maskable_parameters
+from lightning_sparse.core.sparsifier import DSTSparsifier, Sparsifier, UpdateReport, attach_dst_thresholds
+from lightning_sparse.lightning.callback import SparseTrainingCallback
+from lightning_sparse.methods.algorithm import ALGORITHMS, LayerState, SparseAlgorithm, UpdateContext, UpdateResult
+from lightning_sparse.methods.dst import DST
+from lightning_sparse.options import SparseOptions, UpdateSchedule
 
 __version__ = "0.1.0"
 

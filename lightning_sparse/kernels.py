@@ -1,4 +1,4 @@
-"""The C++ CPU kernels: the fused mask kernel behind :meth:`~lightning_sparse.masking.Masking.apply_`, and the
+"""The C++ CPU kernels: the fused mask kernel behind :meth:`~lightning_sparse.core.masking.Masking.apply_`, and the
 condensed (constant fan-in) product behind :class:`~lightning_sparse.export.CondensedLinear`.
 
 On the CPU, ``torch._foreach_mul_(weights, bool_masks)`` converts each mask to a float32 temporary before it

@@ -19,16 +19,16 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_sparse import SparseTrainingCallback, Sparsifier
-from lightning_sparse.functional.speedup import (
+from lightning_sparse.core.layers import find_attention
+from lightning_sparse.cost.profiling import CostModel, InputCapture, LayerCall, call_flops
+from lightning_sparse.cost.report import SparsityReport
+from lightning_sparse.cost.speedup import (
     AttentionHeads,
     ChainLink,
     attention_empty_heads,
     channel_stats,
     empty_heads,
 )
-from lightning_sparse.layers import find_attention
-from lightning_sparse.profiling import CostModel, InputCapture, LayerCall, call_flops
-from lightning_sparse.report import SparsityReport
 from tests.helpers import trainer
 
 transformers = pytest.importorskip("transformers")

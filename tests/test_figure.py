@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from lightning_sparse.functional.speedup import LayerChannelStats
-from lightning_sparse.report import SparsityReport, send_figure
+from lightning_sparse.cost.report import SparsityReport, send_figure
+from lightning_sparse.cost.speedup import LayerChannelStats
 
 pytest.importorskip("matplotlib")
 

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from lightning_sparse import ALGORITHMS, DST, LayerState, SparseAlgorithm, Sparsifier, UpdateContext, UpdateResult
-from lightning_sparse.dst import ALPHA_LARGE, ALPHA_LENET, LENET_MAX_WEIGHTS, default_alpha
 from lightning_sparse.functional import allocate_regrowth, allocate_regrowth_equal
+from lightning_sparse.methods.dst import ALPHA_LARGE, ALPHA_LENET, LENET_MAX_WEIGHTS, default_alpha
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -279,7 +279,7 @@ def test_dst_default_alpha_rule():
 def test_dst_sparsifier_uses_the_alpha_for_the_network(out_features, algorithm, expected, caplog):
     model = nn.Linear(1000, out_features, bias=False)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    with caplog.at_level(logging.INFO, logger="lightning_sparse.sparsifier"):
+    with caplog.at_level(logging.INFO, logger="lightning_sparse.core.sparsifier"):
         sparsifier = Sparsifier(model, opt, algorithm=algorithm)
     assert sparsifier.alpha == expected
     chosen = [r.getMessage() for r in caplog.records if "DST: alpha" in r.getMessage()]

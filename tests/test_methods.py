@@ -16,12 +16,12 @@ from lightning_sparse import (
     Sparsifier,
     UpdateContext,
 )
-from lightning_sparse.algorithms import largest_remainder
-from lightning_sparse.dst import LongTailedStep, long_tailed_derivative
 from lightning_sparse.functional import layer_active_counts
 from lightning_sparse.functional.prune_grow import set_prune, snip_masks
 from lightning_sparse.functional.redistribute import adapt_threshold, below_threshold_counts
 from lightning_sparse.functional.schedules import cosine_decay, gmp_sparsity
+from lightning_sparse.methods.algorithm import largest_remainder
+from lightning_sparse.methods.dst import LongTailedStep, long_tailed_derivative
 
 from .helpers import DigitsMLP, MaskRecorder, digits, digits_loader, trainer
 

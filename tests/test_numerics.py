@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from lightning_sparse import Sparsifier
-from lightning_sparse.masking import Masking
+from lightning_sparse.core.masking import Masking
 
 ALGORITHMS = ["sparse_momentum", "rigl", "set", "dsr", "static", "snip", "gmp"]
 DENSITY = 0.3

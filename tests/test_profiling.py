@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_sparse.profiling import (
+from lightning_sparse.cost.profiling import (
     CostModel,
     InputCapture,
     LayerCall,
@@ -179,7 +179,7 @@ def test_input_capture_measure_time_when_sharded_warns_and_counts_flops(caplog):
     model = Wrapper(MLP())
     capture = InputCapture(model, ["net.net.0", "net.head"])
     model(torch.randn(2, 12))  # the wrapper itself is the outermost module called on tensors
-    with caplog.at_level(logging.WARNING, logger="lightning_sparse.profiling"):
+    with caplog.at_level(logging.WARNING, logger="lightning_sparse.cost.profiling"):
         cost_model = capture.cost_model(measure_time=True, sharded=True)
     assert "cannot be measured on a sharded model" in caplog.text
     assert cost_model is not None and cost_model.times is None

@@ -14,9 +14,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lightning_sparse.functional.speedup import ChainLink, channel_stats
-from lightning_sparse.profiling import CostModel
-from lightning_sparse.report import SparsityReport
+from lightning_sparse.cost.profiling import CostModel
+from lightning_sparse.cost.report import SparsityReport
+from lightning_sparse.cost.speedup import ChainLink, channel_stats
 
 WORLD = 2
 

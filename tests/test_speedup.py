@@ -7,14 +7,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_sparse.functional.speedup import (
+from lightning_sparse.cost.profiling import chain_links, conv_groups, layer_flops, layer_times
+from lightning_sparse.cost.speedup import (
     ChainLink,
     LayerChannelStats,
     channel_stats,
     speedup_dense_conv,
     speedup_sparse_conv,
 )
-from lightning_sparse.profiling import chain_links, conv_groups, layer_flops, layer_times
 
 
 def full(*shape):

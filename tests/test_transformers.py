@@ -12,10 +12,11 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_sparse import SparseOptions, SparseTrainingCallback, Sparsifier, dst
+from lightning_sparse import SparseOptions, SparseTrainingCallback, Sparsifier
+from lightning_sparse.core.layers import find_layers
+from lightning_sparse.core.sparsifier import prepare_model
 from lightning_sparse.functional import layer_active_counts
-from lightning_sparse.layers import find_layers
-from lightning_sparse.sparsifier import prepare_model
+from lightning_sparse.methods import dst
 
 from .helpers import trainer
 

@@ -1,7 +1,7 @@
 """``SparseTrainingCallback``: train any LightningModule sparse from the first step to the last.
 
-A thin shell over :class:`~lightning_sparse.Sparsifier` (the method), :mod:`lightning_sparse.report` and
-:mod:`lightning_sparse.profiling` (what it costs). The hooks, in the order Lightning calls them:
+A thin shell over :class:`~lightning_sparse.Sparsifier` (the method), :mod:`lightning_sparse.cost.report` and
+:mod:`lightning_sparse.cost.profiling` (what it costs). The hooks, in the order Lightning calls them:
 
 * ``setup``: what a method must do before the optimizer exists (DST attaches its thresholds);
 * ``on_fit_start``: bind a :class:`~lightning_sparse.Sparsifier`, by name, to the weights the optimizer updates,
@@ -31,12 +31,14 @@ from lightning.pytorch.callbacks import (
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lightning_sparse import distributed, dst, trainer_support
-from lightning_sparse.algorithms import SparseAlgorithm
-from lightning_sparse.profiling import InputCapture
-from lightning_sparse.report import TIMINGS, SparsityReport, Stopwatch, TrainFlops, send_figure
-from lightning_sparse.scheduling import SparseOptions
-from lightning_sparse.sparsifier import Sparsifier, UpdateReport, prepare_model
+from lightning_sparse.core import distributed
+from lightning_sparse.core.sparsifier import Sparsifier, UpdateReport, prepare_model
+from lightning_sparse.cost.profiling import InputCapture
+from lightning_sparse.cost.report import TIMINGS, SparsityReport, Stopwatch, TrainFlops, send_figure
+from lightning_sparse.lightning import trainer as trainer_support
+from lightning_sparse.methods import dst
+from lightning_sparse.methods.algorithm import SparseAlgorithm
+from lightning_sparse.options import SparseOptions
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +79,7 @@ class SparseTrainingCallback(Callback):
             they stay dense.
         layer_types: module types (or class names) whose ``weight`` is masked, instead of Linear and
             Conv1d/2d/3d; ``MultiheadAttention``'s input projections and ``transformers``' ``Conv1D`` are always
-            recognized (:mod:`lightning_sparse.layers`).
+            recognized (:mod:`lightning_sparse.core.layers`).
         include: parameter-name globs of further weights to mask (any parameter of 2 or more dimensions).
         mask_embeddings: mask embedding tables (and the output layers tied to them) too.
         pattern: ``"unstructured"`` (default), ``"N:M"`` (``"2:4"``, ``"1:4"``, ``"4:8"``; ``1 <= N < M``: every
@@ -432,6 +434,6 @@ class SparseTrainingCallback(Callback):
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled for ``ddp_spawn``: the bound Sparsifier (model, optimizer, generator) stays behind, and rank
-        zero hands its final state back through a file (:class:`~lightning_sparse.distributed.SpawnHandoff`)."""
+        zero hands its final state back through a file (:class:`~lightning_sparse.core.distributed.SpawnHandoff`)."""
         self._handoff.prepare()
         return {**self.__dict__, "sparsifier": None}

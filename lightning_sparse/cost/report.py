@@ -1,18 +1,18 @@
 """What a sparse network costs: channel statistics, speedup estimates, training FLOPs, and the end-of-fit
 table and figure. No Lightning here: :class:`SparsityReport` works on any model and masks.
 
-What is counted (see :mod:`lightning_sparse.functional.speedup` and :mod:`lightning_sparse.profiling`): every
+What is counted (see :mod:`lightning_sparse.cost.speedup` and :mod:`lightning_sparse.cost.profiling`): every
 ``nn.Linear`` / ``nn.Conv1d/2d/3d``, ``transformers``' ``Conv1D`` and ``nn.MultiheadAttention`` input projection
 of the model, masked or not (an unmasked layer counts with its non-zero weights), with its forward FLOPs for the
 real input shapes, or its measured forward+backward time. An attention head's rows (its Q, K and V output
 channels) count as channels of the projections: all-masked rows are empty output channels of the projection.
-The empty heads of each attention module (:func:`~lightning_sparse.functional.speedup.empty_heads`) are
+The empty heads of each attention module (:func:`~lightning_sparse.cost.speedup.empty_heads`) are
 reported, but do not reduce the cost further (the other parts of an empty head, the attention core and the
 output projection's columns of that head are still counted). Output
 channels emptied in one layer idle the next layer's input channels only along plain chains (conv → BN → ReLU →
 pool → conv, conv → flatten → linear); residual additions and concatenations break the chain, which
 underestimates the speedup. On a sharded (FSDP2) model the cost model is built from the layers' input shapes
-(:meth:`~lightning_sparse.profiling.CostModel.from_calls`): FLOPs only, and no chain idling.
+(:meth:`~lightning_sparse.cost.profiling.CostModel.from_calls`): FLOPs only, and no chain idling.
 Normalization, activations and pooling cost nothing in these estimates.
 
 :class:`Stopwatch` and :class:`TrainFlops` keep the time spent on the masks and the training FLOPs so far.
@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from lightning_sparse.functional.speedup import (
+from lightning_sparse.cost.profiling import CostModel
+from lightning_sparse.cost.speedup import (
     AttentionHeads,
     LayerChannelStats,
     attention_empty_heads,
@@ -41,7 +42,6 @@ from lightning_sparse.functional.speedup import (
     speedup_sparse_conv,
     training_step_flops,
 )
-from lightning_sparse.profiling import CostModel
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -56,7 +56,7 @@ TIMINGS = ("flops", "measure")
 class MeasuredStats(dict):
     """What :meth:`SparsityReport.measure` returns: a dict of layer name → :class:`LayerChannelStats`, and
     :attr:`empty_heads`, attention module name → fraction of its heads that are empty
-    (:func:`~lightning_sparse.functional.speedup.empty_heads`)."""
+    (:func:`~lightning_sparse.cost.speedup.empty_heads`)."""
 
     def __init__(self, stats: Mapping[str, LayerChannelStats] = (), empty_heads: Mapping[str, float] | None = None):
         super().__init__(stats)
@@ -94,14 +94,14 @@ class SparsityReport:
         ``attention``).
 
         ``transposed`` names the layers stored ``[in, out]`` (``transformers``' ``Conv1D``, see
-        :func:`~lightning_sparse.functional.speedup.channel_stats`). ``attention`` maps attention module names
-        to their :class:`~lightning_sparse.functional.speedup.AttentionHeads`
-        (:func:`~lightning_sparse.layers.find_attention`); modules whose projections are not all in ``layers``
+        :func:`~lightning_sparse.cost.speedup.channel_stats`). ``attention`` maps attention module names
+        to their :class:`~lightning_sparse.cost.speedup.AttentionHeads`
+        (:func:`~lightning_sparse.core.layers.find_attention`); modules whose projections are not all in ``layers``
         are left out.
 
         With ``group``, ``layers`` are the local row blocks of masks sharded over its processes (FSDP2's
         ``Shard(0)``), placed by ``row_offsets`` and ``out_channels``, and the statistics are those of the full
-        masks, with one ``all_reduce`` (see :func:`~lightning_sparse.functional.speedup.channel_stats`); every
+        masks, with one ``all_reduce`` (see :func:`~lightning_sparse.cost.speedup.channel_stats`); every
         process of ``group`` must call this with the same layer names in the same order. The recorded
         shapes are the full ones, ``(out_channels, *local.shape[1:])``.
         """
@@ -352,7 +352,7 @@ class TrainFlops:
     """Training FLOPs so far of the sparse network and of the dense one, as the RigL paper counts them.
 
     Every optimizer step costs :attr:`step_flops` (``(sparse, dense)`` from
-    :func:`~lightning_sparse.functional.speedup.training_step_flops` at the densities of the last
+    :func:`~lightning_sparse.cost.speedup.training_step_flops` at the densities of the last
     :meth:`set_step_flops`); :meth:`advance` adds the steps taken since its last call; an update step that
     computed dense weight gradients (RigL's growth) adds their extra cost with :meth:`add_dense_weight_gradients`.
 

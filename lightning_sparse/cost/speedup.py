@@ -1,10 +1,10 @@
 """How much faster a sparse network could run: the speedup estimates of the sparse momentum paper (section 4.1).
 
 Pure tensor math, no Lightning, no model: the per-layer costs, chain links and conv groups come from
-:mod:`lightning_sparse.profiling` (or by hand). Two estimates, both of the form
+:mod:`lightning_sparse.cost.profiling` (or by hand). Two estimates, both of the form
 ``Σ c_l / Σ c_l · (fraction of layer l left)``, where ``c_l`` is the cost of masked layer ``l`` (its forward
-FLOPs from :func:`~lightning_sparse.profiling.layer_flops` or its measured forward+backward time from
-:func:`~lightning_sparse.profiling.layer_times`):
+FLOPs from :func:`~lightning_sparse.cost.profiling.layer_flops` or its measured forward+backward time from
+:func:`~lightning_sparse.cost.profiling.layer_times`):
 
 * **dense convolution** (:func:`speedup_dense_conv`): an input channel whose weights are all zero (over every
   output channel and the kernel) and an output channel whose weights are all zero can be dropped from a dense
@@ -14,7 +14,7 @@ FLOPs from :func:`~lightning_sparse.profiling.layer_flops` or its measured forwa
 
 :func:`channel_stats` reads ``empty_in``, ``empty_out`` and the density of every layer from its mask (or
 weight) in one host synchronization, also from row shards of the masks spread over processes (FSDP2). With
-chain links (:class:`ChainLink`, found by :func:`~lightning_sparse.profiling.chain_links`), an output channel
+chain links (:class:`ChainLink`, found by :func:`~lightning_sparse.cost.profiling.chain_links`), an output channel
 emptied in one layer also idles the input channel(s) it feeds in the next layer of a plain chain.
 
 :func:`empty_heads` and :func:`attention_empty_heads` count the attention heads left without a query, key or
@@ -87,7 +87,7 @@ class LayerChannelStats:
 @dataclass(frozen=True)
 class ChainLink:
     """The single masked layer feeding a layer through channel-preserving ops (see
-    :func:`~lightning_sparse.profiling.chain_links`).
+    :func:`~lightning_sparse.cost.profiling.chain_links`).
 
     Attributes:
         source: name of the feeding layer.
@@ -119,10 +119,10 @@ def channel_stats(
         names: layer names, aligned with ``masks``.
         masks: one mask per layer, shaped like the weight ``[out, in, *kernel]`` (at least 2-D); ``torch.bool``
             masks, or weights (a non-zero entry is active). Each stays on its device.
-        links: chain links (:func:`~lightning_sparse.profiling.chain_links`), keyed by the fed layer: the input
+        links: chain links (:func:`~lightning_sparse.cost.profiling.chain_links`), keyed by the fed layer: the input
             channels of a linked layer fed by an empty output channel of its source count as empty too.
             ``None``: no links.
-        groups: number of groups of the grouped convolutions (:func:`~lightning_sparse.profiling.conv_groups`);
+        groups: number of groups of the grouped convolutions (:func:`~lightning_sparse.cost.profiling.conv_groups`);
             missing layers have 1. With ``groups=g`` the weight is ``[out, in / g, *kernel]`` and real input
             channel ``i`` of group ``k`` is empty when its weights in that group's output channels are all zero,
             so ``empty_in`` is a fraction of the ``in`` real input channels. Without it, the input index of a
@@ -379,7 +379,7 @@ class AttentionHeads:
         heads: number of heads.
         parts: number of stacked projections over all ``layers`` (3: Q, K and V).
 
-    Found in a model by :func:`lightning_sparse.layers.find_attention`.
+    Found in a model by :func:`lightning_sparse.core.layers.find_attention`.
     """
 
     layers: tuple[str, ...]

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 
-from lightning_sparse.functional.speedup import AttentionHeads
+from lightning_sparse.cost.speedup import AttentionHeads
 
 DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 EMBEDDING_TYPES: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
@@ -71,7 +71,7 @@ class MaskedLayer:
 class FoundLayers:
     """What :func:`find_layers` found: ``masked`` (parameter name → :class:`MaskedLayer`, in module order),
     ``params`` (the same names → the parameters), ``dense`` (large 2-D parameters left dense → why), and
-    ``groups`` (masked name → its density group, filled by :func:`lightning_sparse.sparsifier.select_layers`)."""
+    ``groups`` (masked name → its density group, filled by :func:`lightning_sparse.core.sparsifier.select_layers`)."""
 
     masked: dict[str, MaskedLayer] = field(default_factory=dict)
     params: dict[str, Tensor] = field(default_factory=dict)
@@ -98,8 +98,8 @@ def is_hf_conv1d(module: nn.Module | None) -> bool:
 
 
 def find_attention(model: nn.Module) -> dict[str, AttentionHeads]:
-    """The attention modules of ``model`` whose heads :func:`~lightning_sparse.functional.speedup.empty_heads`
-    can count: module name → :class:`~lightning_sparse.functional.speedup.AttentionHeads` (the parameter names of
+    """The attention modules of ``model`` whose heads :func:`~lightning_sparse.cost.speedup.empty_heads`
+    can count: module name → :class:`~lightning_sparse.cost.speedup.AttentionHeads` (the parameter names of
     its Q | K | V projections, as ``named_parameters()`` gives them, its heads, 3 parts), in module order.
 
     Recognized, without importing their libraries:

@@ -2,7 +2,7 @@
 
 No Lightning here: :class:`Masking` works on any ``nn.Module`` and can be driven by hand. Weights may be plain
 tensors (one process, or replicated by DDP) or FSDP2 row shards (``DTensor``, see
-:mod:`lightning_sparse.distributed`): each process then keeps only the mask of its own rows.
+:mod:`lightning_sparse.core.distributed`): each process then keeps only the mask of its own rows.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_sparse import distributed
-from lightning_sparse.distributed import ShardSpec
+from lightning_sparse.core import distributed
+from lightning_sparse.core.distributed import ShardSpec
+from lightning_sparse.core.layers import DEFAULT_LAYER_TYPES, FoundLayers, find_layers
 from lightning_sparse.functional.init import layer_active_counts
 from lightning_sparse.functional.patterns import parse_pattern, pattern_counts, select_per_unit, unit_shape
 from lightning_sparse.functional.selection import hash_scores, select_highest
 from lightning_sparse.kernels import check_mask_kernel, cpu_masked_zero
-from lightning_sparse.layers import DEFAULT_LAYER_TYPES, FoundLayers, find_layers
 
 MASKED_MODULE_TYPES: tuple[type[nn.Module], ...] = DEFAULT_LAYER_TYPES
 
@@ -35,7 +35,7 @@ def maskable_parameters(
     mask_embeddings: bool = False,
 ) -> dict[str, Tensor]:
     """The weights that get masks, by the name ``named_parameters()`` gives them (see
-    :func:`lightning_sparse.layers.find_layers`): the ``weight`` of every Linear and Conv1d/2d/3d (or of
+    :func:`lightning_sparse.core.layers.find_layers`): the ``weight`` of every Linear and Conv1d/2d/3d (or of
     ``module_types``), ``MultiheadAttention``'s input projections and ``transformers``' ``Conv1D``, minus
     ``dense_layers``.
 

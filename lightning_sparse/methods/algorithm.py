@@ -32,8 +32,8 @@ import torch
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from lightning_sparse.distributed import ShardSpec, common_group, local, reduce_layer_sums
-from lightning_sparse.dst import DST
+from lightning_sparse.core.distributed import ShardSpec, common_group, local, reduce_layer_sums
+from lightning_sparse.core.optimizer import reset_optimizer_state
 from lightning_sparse.functional.init import INIT_METHODS
 from lightning_sparse.functional.patterns import (
     Pattern,
@@ -59,7 +59,7 @@ from lightning_sparse.functional.redistribute import (
 )
 from lightning_sparse.functional.schedules import PRUNE_RATE_SCHEDULES, gmp_sparsity
 from lightning_sparse.functional.selection import hash_scores
-from lightning_sparse.momentum import reset_optimizer_state
+from lightning_sparse.methods.dst import DST
 
 
 class LayerState:
@@ -704,7 +704,7 @@ class SparseAlgorithm:
         optimizer: torch.optim.Optimizer | None = None,
     ) -> list[Tensor]:
         """Set how the grown weights start, as the method's reference does: zero, and with ``reset_grown`` zero
-        optimizer state at their positions (:func:`~lightning_sparse.momentum.reset_optimizer_state`). Weights
+        optimizer state at their positions (:func:`~lightning_sparse.core.optimizer.reset_optimizer_state`). Weights
         dropped and regrown in the same update keep value and state unless ``reinit_when_same``.
 
         ``weights`` are the parameters the optimizer updates (under FSDP2 the sharded ones: their local rows and

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_sparse.distributed import local
+from lightning_sparse.core.distributed import local
 
 ADAM_FAMILY = (torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam, torch.optim.RAdam)
 SUPPORTED_OPTIMIZERS = "torch.optim.SGD with momentum > 0, Adam, AdamW, NAdam or RAdam"

@@ -1,6 +1,6 @@
 """The Lightning side of :class:`~lightning_sparse.SparseTrainingCallback`: what it needs from the trainer and
 the other callbacks (the length of training, weight averaging, SNIP's first batch, several sparse callbacks).
-The method itself is in :mod:`lightning_sparse.sparsifier`, which has no Lightning import."""
+The method itself is in :mod:`lightning_sparse.core.sparsifier`, which has no Lightning import."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import GradientAccumulationScheduler, StochasticWeightAveraging, WeightAveraging
 
-from lightning_sparse.scheduling import SparseOptions
-from lightning_sparse.sparsifier import Sparsifier, _dst_modules, select_layers
+from lightning_sparse.core.sparsifier import Sparsifier, _dst_modules, select_layers
+from lightning_sparse.options import SparseOptions
 
 
 def snip_on_first_batch(trainer: pl.Trainer, pl_module: pl.LightningModule, sparsifier: Sparsifier) -> None:

@@ -1,5 +1,5 @@
 """What each linear/conv layer of a model costs, and how the layers feed each other: the model-side inputs of the
-speedup estimates of :mod:`lightning_sparse.functional.speedup`. No Lightning here.
+speedup estimates of :mod:`lightning_sparse.cost.speedup`. No Lightning here.
 
 The layers costed are ``nn.Linear``, ``nn.Conv1d/2d/3d``, ``transformers``' ``Conv1D`` (GPT-2's layers, weight
 ``[in, out]``: ``2 · tokens · in · out`` FLOPs, like a linear layer) and the input projections of
@@ -19,13 +19,13 @@ sum of ``V``) is no layer's cost.
 * :class:`CostModel` puts costs, links and conv groups of every layer together, and :class:`InputCapture`
   records what a training step feeds the model to build one.
 
-Layers are named as in :mod:`~lightning_sparse.functional.speedup`: parameter names such as
+Layers are named as in :mod:`~lightning_sparse.cost.speedup`: parameter names such as
 ``"features.0.weight"`` (module names such as ``"features.0"`` are accepted too).
 
 Example:
     >>> import torch
     >>> from torch import nn
-    >>> from lightning_sparse.functional.speedup import channel_stats, speedup_dense_conv, speedup_sparse_conv
+    >>> from lightning_sparse.cost.speedup import channel_stats, speedup_dense_conv, speedup_sparse_conv
     >>> model = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 5))
     >>> names = ["0.weight", "2.weight"]
     >>> x = torch.randn(1, 10)
@@ -68,8 +68,8 @@ from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, mm_flop
 
-from lightning_sparse.functional.speedup import ChainLink
-from lightning_sparse.layers import ATTENTION_PROJECTIONS, is_hf_conv1d
+from lightning_sparse.core.layers import ATTENTION_PROJECTIONS, is_hf_conv1d
+from lightning_sparse.cost.speedup import ChainLink
 
 __all__ = [
     "LAYER_TYPES",
@@ -682,7 +682,7 @@ def _time_calls(
 
 def conv_groups(model: nn.Module, names: Sequence[str]) -> dict[str, int]:
     """``groups`` of each named layer (1 for linear layers), for
-    :func:`~lightning_sparse.functional.speedup.channel_stats`."""
+    :func:`~lightning_sparse.cost.speedup.channel_stats`."""
     resolved = _resolve(model, names)
     return {name: int(getattr(model.get_submodule(m), "groups", 1)) for name, m in resolved.items()}
 

@@ -37,8 +37,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lightning_sparse import distributed, dst
-from lightning_sparse.algorithms import LayerState, SparseAlgorithm, UpdateContext, UpdateResult
+from lightning_sparse.core import distributed
+from lightning_sparse.core.layers import FoundLayers, find_attention, find_layers, has_candidates, is_hf_conv1d
+from lightning_sparse.core.masking import Masking, check_found
+from lightning_sparse.core.optimizer import check_momentum_optimizer, optimizer_momentum
 from lightning_sparse.functional.init import layer_active_counts
 from lightning_sparse.functional.patterns import (
     input_size,
@@ -48,10 +50,9 @@ from lightning_sparse.functional.patterns import (
     unit_shape,
 )
 from lightning_sparse.functional.prune_grow import snip_masks
-from lightning_sparse.layers import FoundLayers, find_attention, find_layers, has_candidates, is_hf_conv1d
-from lightning_sparse.masking import Masking, check_found
-from lightning_sparse.momentum import check_momentum_optimizer, optimizer_momentum
-from lightning_sparse.scheduling import SparseOptions, check_total_steps
+from lightning_sparse.methods import dst
+from lightning_sparse.methods.algorithm import LayerState, SparseAlgorithm, UpdateContext, UpdateResult
+from lightning_sparse.options import SparseOptions, check_total_steps
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class Sparsifier:
         total_steps: number of optimizer steps of the whole run (for the schedules); ``None`` if unknown, which
             only the ``"constant"`` schedule and methods without a schedule accept. Can be set later with
             :attr:`total_steps`.
-        options: already checked options (:class:`~lightning_sparse.scheduling.SparseOptions`) instead of the
+        options: already checked options (:class:`~lightning_sparse.options.SparseOptions`) instead of the
             keyword arguments.
         state: a :meth:`state_dict` to resume from: its masks are used instead of drawing new ones, so the
             model's (restored) weights are not touched by random masks first.
@@ -346,7 +347,7 @@ class Sparsifier:
         return any(s.sharded for s in self.masking.specs)
 
     def shard_layout(self) -> dict[str, Any]:
-        """Keyword arguments for :meth:`~lightning_sparse.report.SparsityReport.measure` under FSDP2."""
+        """Keyword arguments for :meth:`~lightning_sparse.cost.report.SparsityReport.measure` under FSDP2."""
         if not self.sharded:
             return {}
         return {
@@ -356,10 +357,10 @@ class Sparsifier:
         }
 
     def report_layers(self, names: Iterable[str]) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        """What :meth:`~lightning_sparse.report.SparsityReport.measure` takes: the (local) masks, plus the (local)
+        """What :meth:`~lightning_sparse.cost.report.SparsityReport.measure` takes: the (local) masks, plus the (local)
         weights of the other layers in ``names``, and the layout: the shard layout (FSDP2), ``transposed`` (the
         layers stored ``[in, out]``, ``transformers``' ``Conv1D``, whose columns are their output channels) and
-        ``attention`` (:func:`~lightning_sparse.layers.find_attention`'s modules whose projections are all among
+        ``attention`` (:func:`~lightning_sparse.core.layers.find_attention`'s modules whose projections are all among
         the layers, for their empty heads). Under FSDP2 a layer that every process holds whole is counted from
         the first process only; a ``Conv1D`` weight is sharded by its stored rows (input channels), which the
         report's all-reduced counts handle (each process passes its row block as stored, not transposed)."""
@@ -759,7 +760,7 @@ COLLAPSE_WARN_AFTER = 3
 
 class DSTSparsifier(Sparsifier):
     """Dynamic Sparse Training (Liu et al. 2020) behind the :class:`Sparsifier` protocol: trainable per-neuron
-    thresholds attached to the masked layers (see :mod:`lightning_sparse.dst`); the density is learned.
+    thresholds attached to the masked layers (see :mod:`lightning_sparse.methods.dst`); the density is learned.
 
     Thresholds already attached by :func:`attach_dst_thresholds` are reused; others are attached now and added
     to the optimizer as a new parameter group without weight decay. Under DDP their gradients are averaged over
@@ -964,7 +965,7 @@ class DSTSparsifier(Sparsifier):
 
     def _dst_state(self) -> dict[str, dict[str, Tensor]]:
         """The thresholds and raw weights by module name (CPU copies). The model's own ``state_dict`` holds only
-        the masked weights (see :func:`lightning_sparse.dst.attach_thresholds`), so these make a resume exact."""
+        the masked weights (see :func:`lightning_sparse.methods.dst.attach_thresholds`), so these make a resume exact."""
         attached = self._attached()
         return {
             "thresholds": {n: t.threshold.detach().cpu().clone() for n, t in self.thresholds.items()},
@@ -1019,7 +1020,7 @@ def _optimized(optimizer: torch.optim.Optimizer, param: Tensor) -> bool:
 
 
 def select_layers(model: nn.Module, options: SparseOptions, include_parametrized: Sequence[str] = ()) -> FoundLayers:
-    """The weights a run masks (:func:`~lightning_sparse.layers.find_layers` with the run's options), each in
+    """The weights a run masks (:func:`~lightning_sparse.core.layers.find_layers` with the run's options), each in
     its density group (``found.groups``: first matching glob of ``density``), minus:
 
     * frozen weights (``requires_grad=False``: a frozen pretrained layer stays dense, logged), unless
@@ -1107,7 +1108,7 @@ def _dst_modules(model: nn.Module) -> list[str]:
 def attach_dst_thresholds(
     model: nn.Module, options: SparseOptions | Sequence[str] | None = None, *, attach: bool = True
 ) -> dict[str, dst.ThresholdMask]:
-    """DST's thresholds on every weight the run masks (parameter name → :class:`~lightning_sparse.dst.ThresholdMask`):
+    """DST's thresholds on every weight the run masks (parameter name → :class:`~lightning_sparse.methods.dst.ThresholdMask`):
     the ones already attached are returned as they are, the others are attached now.
 
     ``options`` are the run's :class:`~lightning_sparse.SparseOptions` (or just its ``dense_layers``). For FSDP2,
