@@ -10,8 +10,7 @@ import torch
 from torch import nn
 
 from lightning_sparse import Masking, SparseTrainingCallback, kernels
-
-from .helpers import DigitsCNN, MaskRecorder, digits_loader, trainer
+from tests.helpers import DigitsCNN, MaskRecorder, digits_loader, trainer
 
 
 def _masking(shapes, dtype, kernel, density=0.3, seed=0):
@@ -173,7 +172,7 @@ def test_condensed_kernel_other_instruction_sets(isa):
     # The condensed extension loads first there, then the mask kernel's: both register ops under
     # torch.ops.lightning_sparse (a TORCH_LIBRARY_FRAGMENT and the TORCH_LIBRARY), in either order.
     code = (
-        "import torch, tests.test_kernels as t; from lightning_sparse import kernels\n"
+        "import torch, tests.export.test_kernels as t; from lightning_sparse import kernels\n"
         "op = kernels.cpu_condensed_linear('cpp'); print(torch.ops.lightning_sparse.condensed_isa())\n"
         "t.test_condensed_kernel_equals_the_dense_product()\n"
         "assert kernels.cpu_masked_zero('cpp') is not None\n"

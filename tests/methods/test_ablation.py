@@ -298,7 +298,7 @@ def test_condensed_export_of_emptied_rows_computes_the_same_function():
 
 
 def test_trainer_resume_with_ablation_continues_like_the_uninterrupted_run(tmp_path):
-    from tests.test_callback import EPOCHS, _assert_same_run, _ckpt_fit
+    from tests.lightning.test_callback import EPOCHS, _assert_same_run, _ckpt_fit
 
     def callback() -> SparseTrainingCallback:
         return SparseTrainingCallback(density=0.2, algorithm="rigl", pattern="fan_in", neuron_ablation=1.0,
@@ -335,7 +335,7 @@ def test_condensed_conv_skips_emptied_channels_in_both_layouts():
 
 @pytest.mark.parametrize("model_name", ["cnn", "conv1d"])
 def test_ablation_on_convolutions_and_transposed_weights(model_name):
-    from tests.test_patterns import MODELS
+    from tests.functional.test_patterns import MODELS
 
     make, shape = MODELS[model_name]
     torch.manual_seed(0)

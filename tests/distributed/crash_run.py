@@ -1,4 +1,4 @@
-"""Run by tests/test_training.py: a short fit that can be killed (SIGKILL) at a given optimizer step and
+"""Run by tests/.../test_training.py: a short fit that can be killed (SIGKILL) at a given optimizer step and
 resumed from ModelCheckpoint's last.ckpt; saves the final masks and weights.
 
     python tests/crash_run.py --out DIR [--kill-at-step N] [--resume] [--algorithm set]
@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lightning_sparse import SparseTrainingCallback  # noqa: E402
 from tests.helpers import DigitsMLP, resumable_digits_loader  # noqa: E402

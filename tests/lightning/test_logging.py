@@ -9,8 +9,7 @@ import pytest
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_sparse import SparseTrainingCallback
-
-from .helpers import DigitsMLP, digits_loader, trainer
+from tests.helpers import DigitsMLP, digits_loader, trainer
 
 LAYERS = ("net.0.weight", "net.2.weight", "net.4.weight")
 PER_LAYER = [f"sparse/{kind}/{name}" for kind in ("density", "empty_in", "empty_out") for name in LAYERS]

@@ -6,8 +6,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 from lightning_sparse import SparseTrainingCallback
-
-from .helpers import DigitsCNN, DigitsMLP, digits_loader, trainer
+from tests.helpers import DigitsCNN, DigitsMLP, digits_loader, trainer
 
 
 class TwoLayer(DigitsMLP):

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 # The data come from Debian's dataset-fashion-mnist, which .ci/setup installs: a missing file fails the tests.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 
 import fashion_mnist  # noqa: E402
 
@@ -17,7 +17,7 @@ def test_read_idx_shapes():
     assert test.tensors[1].shape == (10000,) and int(test.tensors[1].max()) == 9
 
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 TINY = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1",
         "--trainer.limit_test_batches", "1"]  # fmt: skip
 
@@ -138,7 +138,7 @@ def test_imagenet_slurm_script_parses():
     assert "srun python examples/imagenet.py fit" in text and "--trainer.num_nodes" in text
 
 
-VIT = Path(__file__).resolve().parents[1] / "examples" / "vit_fashion_mnist.py"
+VIT = Path(__file__).resolve().parents[2] / "examples" / "vit_fashion_mnist.py"
 
 
 def test_vit_fashion_mnist_density_groups_run(tmp_path):

@@ -1,4 +1,4 @@
-"""Run by tests/test_distributed.py: short DDP fits (2 CPU processes, gloo) that save, per rank, the masks
+"""Run by tests/.../test_distributed.py: short DDP fits (2 CPU processes, gloo) that save, per rank, the masks
 after every optimizer step and the final weights. Lightning's DDP launcher starts this script again for
 rank 1, so everything below runs in both processes.
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lightning_sparse import SparseTrainingCallback  # noqa: E402
 from tests.helpers import DigitsMLP, digits_loader  # noqa: E402

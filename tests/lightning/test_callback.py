@@ -10,8 +10,7 @@ from torch import nn
 
 from lightning_sparse import SparseTrainingCallback
 from lightning_sparse.functional import cosine_decay, layer_active_counts
-
-from .helpers import (
+from tests.helpers import (
     DigitsCNN,
     DigitsMLP,
     MaskRecorder,

@@ -13,8 +13,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from lightning_sparse import SparseTrainingCallback
 from lightning_sparse.functional import cosine_decay
-
-from .helpers import DigitsMLP, MaskRecorder, digits_loader, trainer
+from tests.helpers import DigitsMLP, MaskRecorder, digits_loader, trainer
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
@@ -74,7 +73,7 @@ def test_epoch_updates_with_max_steps_follow_estimated_stepping_batches():
 
 # ----------------------------------------------------------------------------- crash and resume
 
-CRASH = Path(__file__).with_name("crash_run.py")
+CRASH = Path(__file__).parents[1] / "distributed" / "crash_run.py"
 
 
 def _run(out, *args):

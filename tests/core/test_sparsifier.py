@@ -157,7 +157,7 @@ def test_layers_built_in_configure_model_are_masked_and_one_callback_serves_two_
 @pytest.mark.parametrize("algorithm", ["set", "dst"])
 def test_ddp_spawn_returns_the_trained_sparse_model_and_masks(tmp_path, algorithm):
     out = tmp_path / "result.pt"
-    script = Path(__file__).with_name("spawn_run.py")
+    script = Path(__file__).parents[1] / "distributed" / "spawn_run.py"
     proc = subprocess.run([sys.executable, str(script), "--out", str(out), "--algorithm", algorithm],
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

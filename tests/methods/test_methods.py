@@ -22,8 +22,7 @@ from lightning_sparse.functional.redistribute import adapt_threshold, below_thre
 from lightning_sparse.functional.schedules import cosine_decay, gmp_sparsity
 from lightning_sparse.methods.algorithm import largest_remainder
 from lightning_sparse.methods.dst import LongTailedStep, long_tailed_derivative
-
-from .helpers import DigitsMLP, MaskRecorder, digits, digits_loader, trainer
+from tests.helpers import DigitsMLP, MaskRecorder, digits, digits_loader, trainer
 
 
 class StepMasks(L.Callback):

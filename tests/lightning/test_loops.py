@@ -18,8 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_sparse import SparseTrainingCallback
-
-from .helpers import DigitsMLP, MaskRecorder, digits, digits_loader, trainer
+from tests.helpers import DigitsMLP, MaskRecorder, digits, digits_loader, trainer
 
 BATCHES = 12  # digits_loader(): 600 samples / 50
 TOTAL = 64 * 32 + 32 * 16 + 16 * 10  # masked weights of DigitsMLP

@@ -1,4 +1,4 @@
-"""Run by tests/test_sparsifier.py: a ``ddp_spawn`` fit (2 CPU processes). The main process then checks what came
+"""Run by tests/.../test_sparsifier.py: a ``ddp_spawn`` fit (2 CPU processes). The main process then checks what came
 back: the trained weights and the callback's masks.
 
     python tests/spawn_run.py --out FILE --algorithm set
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lightning_sparse import SparseTrainingCallback  # noqa: E402
 from tests.helpers import DigitsMLP, digits_loader  # noqa: E402

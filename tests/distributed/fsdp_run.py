@@ -1,4 +1,4 @@
-"""Run by tests/test_fsdp.py: short FSDP2 fits (Lightning's ModelParallelStrategy, 2 CPU processes, gloo) that
+"""Run by tests/.../test_fsdp.py: short FSDP2 fits (Lightning's ModelParallelStrategy, 2 CPU processes, gloo) that
 save, per rank, what the test checks. Lightning's launcher starts this script again for rank 1, so everything
 below runs in both processes; several fits run one after the other in the same two processes.
 
@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lightning_sparse import DST, SparseTrainingCallback, attach_dst_thresholds  # noqa: E402
 from tests.helpers import digits_loader  # noqa: E402

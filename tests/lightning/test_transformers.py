@@ -17,8 +17,7 @@ from lightning_sparse.core.layers import find_layers
 from lightning_sparse.core.sparsifier import prepare_model
 from lightning_sparse.functional import layer_active_counts
 from lightning_sparse.methods import dst
-
-from .helpers import trainer
+from tests.helpers import trainer
 
 torch.manual_seed(0)
 TOKENS = torch.randint(0, 50, (64, 8))
