@@ -1,7 +1,7 @@
-"""Run by tests/.../test_training.py: a short fit that can be killed (SIGKILL) at a given optimizer step and
+"""Run by tests/lightning/test_training.py: a short fit that can be killed (SIGKILL) at a given optimizer step and
 resumed from ModelCheckpoint's last.ckpt; saves the final masks and weights.
 
-    python tests/crash_run.py --out DIR [--kill-at-step N] [--resume] [--algorithm set]
+    python tests/distributed/crash_run.py --out DIR [--kill-at-step N] [--resume] [--algorithm set]
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""Run by tests/.../test_distributed.py: short DDP fits (2 CPU processes, gloo) that save, per rank, the masks
+"""Run by tests/distributed/test_distributed.py: short DDP fits (2 CPU processes, gloo) that save, per rank, the masks
 after every optimizer step and the final weights. Lightning's DDP launcher starts this script again for
 rank 1, so everything below runs in both processes.
 
-    python tests/ddp_run.py --out DIR --algorithm set
+    python tests/distributed/ddp_run.py --out DIR --algorithm set
 
 One fit per launch: a second DDP fit in the same script does not start (Lightning launches the processes
 once per script).

@@ -1,9 +1,9 @@
-"""Run by tests/.../test_fsdp.py: short FSDP2 fits (Lightning's ModelParallelStrategy, 2 CPU processes, gloo) that
+"""Run by tests/distributed/test_fsdp.py: short FSDP2 fits (Lightning's ModelParallelStrategy, 2 CPU processes, gloo) that
 save, per rank, what the test checks. Lightning's launcher starts this script again for rank 1, so everything
 below runs in both processes; several fits run one after the other in the same two processes.
 
-    python tests/fsdp_run.py --out DIR --algorithms set rigl
-    python tests/fsdp_run.py --out DIR --resume     # uninterrupted vs checkpoint-and-resume, sparse momentum
+    python tests/distributed/fsdp_run.py --out DIR --algorithms set rigl
+    python tests/distributed/fsdp_run.py --out DIR --resume     # uninterrupted vs checkpoint-and-resume, sparse momentum
 
 The model builds its layers in ``configure_model`` and shards each Linear and the whole network with
 ``fully_shard``, as Lightning's FSDP2 guide does.

@@ -1,7 +1,7 @@
-"""Run by tests/.../test_sparsifier.py: a ``ddp_spawn`` fit (2 CPU processes). The main process then checks what came
+"""Run by tests/core/test_sparsifier.py: a ``ddp_spawn`` fit (2 CPU processes). The main process then checks what came
 back: the trained weights and the callback's masks.
 
-    python tests/spawn_run.py --out FILE --algorithm set
+    python tests/distributed/spawn_run.py --out FILE --algorithm set
 """
 
 from __future__ import annotations
