@@ -5,7 +5,8 @@ from lightning_sparse.core.sparsifier import DSTSparsifier, Sparsifier, UpdateRe
 from lightning_sparse.lightning.callback import SparseTrainingCallback
 from lightning_sparse.methods.algorithm import ALGORITHMS, LayerState, SparseAlgorithm, UpdateContext, UpdateResult
 from lightning_sparse.methods.dst import DST
-from lightning_sparse.options import SparseOptions, UpdateSchedule
+from lightning_sparse.options import SparseOptions
+from lightning_sparse.schedule import UpdateSchedule
 
 __version__ = "0.1.0"
 

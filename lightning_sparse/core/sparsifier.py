@@ -52,7 +52,8 @@ from lightning_sparse.functional.patterns import (
 from lightning_sparse.functional.prune_grow import snip_masks
 from lightning_sparse.methods import dst
 from lightning_sparse.methods.algorithm import LayerState, SparseAlgorithm, UpdateContext, UpdateResult
-from lightning_sparse.options import SparseOptions, check_total_steps
+from lightning_sparse.options import SparseOptions
+from lightning_sparse.schedule import check_total_steps
 
 log = logging.getLogger(__name__)
 
