@@ -71,7 +71,7 @@ class MaskedLayer:
 class FoundLayers:
     """What :func:`find_layers` found: ``masked`` (parameter name → :class:`MaskedLayer`, in module order),
     ``params`` (the same names → the parameters), ``dense`` (large 2-D parameters left dense → why), and
-    ``groups`` (masked name → its density group, filled by :func:`lightning_sparse.core.sparsifier.select_layers`)."""
+    ``groups`` (masked name → its density group, filled by :func:`lightning_sparse.core.selection.select_layers`)."""
 
     masked: dict[str, MaskedLayer] = field(default_factory=dict)
     params: dict[str, Tensor] = field(default_factory=dict)

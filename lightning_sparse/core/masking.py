@@ -12,61 +12,14 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_sparse.core import distributed
 from lightning_sparse.core.distributed import ShardSpec
-from lightning_sparse.core.layers import DEFAULT_LAYER_TYPES, FoundLayers, find_layers
 from lightning_sparse.functional.init import layer_active_counts
 from lightning_sparse.functional.patterns import parse_pattern, pattern_counts, select_per_unit, unit_shape
 from lightning_sparse.functional.selection import hash_scores, select_highest
 from lightning_sparse.kernels import check_mask_kernel, cpu_masked_zero
-
-MASKED_MODULE_TYPES: tuple[type[nn.Module], ...] = DEFAULT_LAYER_TYPES
-
-
-def maskable_parameters(
-    model: nn.Module,
-    dense_layers: Sequence[str] = (),
-    module_types: Sequence[type[nn.Module] | str] | None = None,
-    include_parametrized: Sequence[str] = (),
-    *,
-    include: Sequence[str] = (),
-    mask_embeddings: bool = False,
-) -> dict[str, Tensor]:
-    """The weights that get masks, by the name ``named_parameters()`` gives them (see
-    :func:`lightning_sparse.core.layers.find_layers`): the ``weight`` of every Linear and Conv1d/2d/3d (or of
-    ``module_types``), ``MultiheadAttention``'s input projections and ``transformers``' ``Conv1D``, minus
-    ``dense_layers``.
-
-    Biases and normalization weights are never masked. ``dense_layers`` holds module names, parameter names
-    or ``fnmatch`` glob patterns of either (``"features.0"``, ``"*.downsample.*"``, ``"fc.weight"``); a
-    pattern that matches no maskable weight raises ``ValueError`` listing the names it could match.
-    A weight shared by several modules is masked once. A parametrized weight is refused, unless its module is
-    named in ``include_parametrized`` (DST's thresholds): then its raw weight is returned.
-    """
-    found = find_layers(
-        model,
-        dense_layers=dense_layers,
-        layer_types=module_types,
-        include=include,
-        mask_embeddings=mask_embeddings,
-        include_parametrized=include_parametrized,
-    )
-    check_found(model, found, dense_layers)
-    return dict(found.params)
-
-
-def check_found(model: nn.Module, found: FoundLayers, dense_layers: Sequence[str]) -> None:
-    """Refuse a model in which nothing is left to mask."""
-    if found.masked:
-        return
-    if dense_layers:
-        raise ValueError(f"`dense_layers` {list(dense_layers)} leaves no layer to mask")
-    raise ValueError(
-        f"{type(model).__name__} has no maskable weights: sparse training masks the weights of Linear, Conv1d,"
-        " Conv2d, Conv3d, MultiheadAttention and transformers' Conv1D layers (see `layer_types`, `include`)"
-    )
 
 
 class Masking:

@@ -32,12 +32,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_sparse.core import distributed
-from lightning_sparse.core.sparsifier import Sparsifier, UpdateReport, prepare_model
+from lightning_sparse.core.sparsifier import Sparsifier, UpdateReport
 from lightning_sparse.cost.profiling import InputCapture
 from lightning_sparse.cost.report import TIMINGS, SparsityReport, Stopwatch, TrainFlops, send_figure
 from lightning_sparse.lightning import trainer as trainer_support
 from lightning_sparse.methods import dst
 from lightning_sparse.methods.algorithm import SparseAlgorithm
+from lightning_sparse.methods.dst_sparsifier import prepare_model
 from lightning_sparse.options import SparseOptions
 
 log = logging.getLogger(__name__)

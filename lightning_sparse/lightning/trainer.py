@@ -13,7 +13,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import GradientAccumulationScheduler, StochasticWeightAveraging, WeightAveraging
 
-from lightning_sparse.core.sparsifier import Sparsifier, _dst_modules, select_layers
+from lightning_sparse.core.selection import select_layers
+from lightning_sparse.core.sparsifier import Sparsifier
+from lightning_sparse.methods.dst_sparsifier import dst_modules
 from lightning_sparse.options import SparseOptions
 
 
@@ -104,9 +106,9 @@ def refuse_overlap(options: SparseOptions, others: Sequence[SparseOptions], pl_m
     """Several sparse callbacks must mask disjoint sets of weights; checked before any of them binds."""
     if not others:
         return
-    mine = set(select_layers(pl_module, options, _dst_modules(pl_module)).masked)
+    mine = set(select_layers(pl_module, options, dst_modules(pl_module)).masked)
     for other in others:
-        shared = mine & set(select_layers(pl_module, other, _dst_modules(pl_module)).masked)
+        shared = mine & set(select_layers(pl_module, other, dst_modules(pl_module)).masked)
         if shared:
             raise ValueError(
                 f"two SparseTrainingCallbacks mask the same weights {sorted(shared)}: give each callback its own"

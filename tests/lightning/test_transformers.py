@@ -14,9 +14,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_sparse import SparseOptions, SparseTrainingCallback, Sparsifier
 from lightning_sparse.core.layers import find_layers
-from lightning_sparse.core.sparsifier import prepare_model
 from lightning_sparse.functional import layer_active_counts
 from lightning_sparse.methods import dst
+from lightning_sparse.methods.dst_sparsifier import prepare_model
 from tests.helpers import trainer
 
 torch.manual_seed(0)
