@@ -139,13 +139,13 @@ def test_callback_with_cpp_kernel_that_cannot_build_fails_at_fit_start(monkeypat
 
 def _condensed_case(inputs: int, outputs: int, k: int, seed: int = 0):
     """A constant-fan-in weight, its values and int32 indices packed for the kernel, and a bias."""
-    from lightning_sparse.export import _pack_blocks
+    from lightning_sparse.export._condensed_format import pack_blocks
 
     g = torch.Generator().manual_seed(seed)
     indices = torch.rand(outputs, inputs, generator=g).argsort(1)[:, :k].sort(1).values
     values = torch.randn(outputs, k, generator=g)
     weight = torch.zeros(outputs, inputs).scatter_(1, indices, values)
-    return weight, _pack_blocks(values), _pack_blocks(indices.to(torch.int32)), torch.randn(outputs, generator=g)
+    return weight, pack_blocks(values), pack_blocks(indices.to(torch.int32)), torch.randn(outputs, generator=g)
 
 
 def test_condensed_kernel_equals_the_dense_product():
