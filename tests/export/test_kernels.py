@@ -178,7 +178,7 @@ def test_condensed_kernel_other_instruction_sets(isa):
         "assert kernels.cpu_masked_zero('cpp') is not None\n"
     )
     env = {**os.environ, "LIGHTNING_SPARSE_ISA": isa}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # imports this checkout's package and tests
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # imports this checkout's package and tests
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split()[0] in (isa, "portable")  # "portable" on a CPU without AVX2
