@@ -31,8 +31,8 @@ from torch.nn.utils import parametrize
 
 from lightning_sparse.cost.speedup import AttentionHeads
 
-DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, *CONV_TYPES)
 EMBEDDING_TYPES: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
 ATTENTION_PROJECTIONS = ("q_proj_weight", "k_proj_weight", "v_proj_weight")
 LARGE_DENSE = 4096  # 2-D parameters at least this large that stay dense are listed with the reason
