@@ -17,6 +17,7 @@ from torch.nn.utils import parametrize
 from lightning_sparse.core import distributed
 from lightning_sparse.core.checkpoint import STATE_VERSION
 from lightning_sparse.core.guards import optimized, refuse_fsdp1
+from lightning_sparse.core.layers import has_candidates
 from lightning_sparse.core.selection import select_layers
 from lightning_sparse.core.sparsifier import Sparsifier, UpdateReport
 from lightning_sparse.methods import dst as dst_math
@@ -312,3 +313,5 @@ def attach_dst_thresholds(
 def prepare_model(model: nn.Module, options: SparseOptions) -> None:
     """What a method must do to the model before the optimizer is built (``setup`` in Lightning): DST attaches
     its thresholds, so that ``configure_optimizers`` and DDP see them. Masks need nothing here."""
+    if options.is_dst and has_candidates(model, options.layer_types, options.include, options.mask_embeddings):
+        attach_dst_thresholds(model, options)  # else the layers are built later, in `configure_model`
