@@ -44,8 +44,6 @@ def sparsity_figure(
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
-    from matplotlib.colors import LogNorm
-    from matplotlib.ticker import FuncFormatter
 
     if not history:
         raise ValueError("nothing to plot: no statistics were recorded")
@@ -55,67 +53,86 @@ def sparsity_figure(
     series = {n: [stats[n].density if n in stats else math.nan for _, stats in history] for n in names}
     fig, (ax_total, ax_layers, ax_empty) = plt.subplots(1, 3, figsize=(17, 5), width_ratios=(1, 1.3, 1.2))
     fig.suptitle(title or "sparse training")
-
-    total = [
-        sum(series[n][i] * sizes.get(n, 1) for n in names) / max(sum(sizes.get(n, 1) for n in names), 1)
-        for i in range(len(steps))
-    ]
-    if target is not None:
-        ax_total.axhline(target, linestyle="--", color="tab:red", linewidth=1.5, label=f"target {target:g}")
-    ax_total.step(steps, total, where="post", marker=".", label="density of the masked weights")
-    ax_total.set(xlabel="optimizer step", ylabel="density", title="overall density")
-    ax_total.set_ylim(0, min(1.02, max(max(total), target or 0) * 1.25 + 1e-3))
-    ax_total.legend(fontsize="small")
-
-    finite = [v for values in series.values() for v in values if v > 0 and math.isfinite(v)]
-    spread = max(finite) / min(finite) if finite else 1.0
-    if len(names) <= max_lines:
-        for name in names:
-            ax_layers.step(steps, series[name], where="post", label=name)
-        if spread > 10:
-            ax_layers.set_yscale("log")
-            plain = FuncFormatter(lambda value, _: f"{value:g}")
-            ax_layers.yaxis.set_major_formatter(plain)
-            ax_layers.yaxis.set_minor_formatter(plain)
-        ax_layers.set(xlabel="optimizer step", ylabel="density", title="density per layer")
-        ax_layers.legend(fontsize="x-small")
-    else:
-        grid = [[max(v, 1e-4) if math.isfinite(v) else math.nan for v in series[n]] for n in names]
-        image = ax_layers.imshow(
-            grid, aspect="auto", interpolation="nearest", cmap="viridis",
-            norm=LogNorm(vmin=max(min(finite, default=1e-4), 1e-4), vmax=max(finite, default=1.0)),
-        )  # fmt: skip
-        every = max(1, len(names) // 25)
-        ax_layers.set_yticks(range(0, len(names), every), names[::every], fontsize="xx-small")
-        ticks = list(range(0, len(steps), max(1, len(steps) // 8)))
-        ax_layers.set_xticks(ticks, [str(steps[i]) for i in ticks], fontsize="x-small")
-        ax_layers.set(xlabel="optimizer step (recorded moments)", title=f"density per layer ({len(names)} layers)")
-        fig.colorbar(image, ax=ax_layers, label="density")
-
-    final = history[-1][1]
-    emptied = sorted(
-        (n for n in names if final[n].empty_in > 0 or final[n].empty_out > 0),
-        key=lambda n: -(final[n].empty_in + final[n].empty_out),
-    )[:20]
-    if emptied:
-        x = range(len(emptied))
-        ax_empty.barh([i - 0.2 for i in x], [final[n].empty_in for n in emptied], height=0.4, label="empty in")
-        ax_empty.barh([i + 0.2 for i in x], [final[n].empty_out for n in emptied], height=0.4, label="empty out")
-        ax_empty.set_yticks(list(x), emptied, fontsize="x-small")
-        ax_empty.set_ylim(max(len(emptied), 6) - 0.5, -0.5)  # top to bottom; no giant bars for one layer
-        ax_empty.set(xlabel="fraction of channels", xlim=(0, 1.02))
-        ax_empty.legend(fontsize="small")
-        shown = f"{len(emptied)} of {len(names)} layers" if len(emptied) < len(names) else "every layer"
-        ax_empty.set_title(f"empty channels at step {steps[-1]} ({shown})")
-    else:
-        ax_empty.axis("off")
-        ax_empty.text(0.5, 0.5, f"no empty input or output channels\nin {len(names)} masked layers at step"
-                      f" {steps[-1]}", ha="center", va="center", transform=ax_empty.transAxes)  # fmt: skip
+    _overall_density(ax_total, steps, series, sizes, target)
+    _layer_densities(fig, ax_layers, steps, series, max_lines)
+    _empty_channels(ax_empty, steps[-1], history[-1][1], names)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", dpi=100)
     plt.close(fig)
     return fig
+
+
+def _overall_density(
+    ax: Any, steps: list[int], series: dict[str, list[float]], sizes: Mapping[str, int], target: float | None
+) -> None:
+    """Panel 1: the density of all the masked weights (weighted by ``sizes``) as steps, and the target."""
+    names = list(series)
+    total = [
+        sum(series[n][i] * sizes.get(n, 1) for n in names) / max(sum(sizes.get(n, 1) for n in names), 1)
+        for i in range(len(steps))
+    ]
+    if target is not None:
+        ax.axhline(target, linestyle="--", color="tab:red", linewidth=1.5, label=f"target {target:g}")
+    ax.step(steps, total, where="post", marker=".", label="density of the masked weights")
+    ax.set(xlabel="optimizer step", ylabel="density", title="overall density")
+    ax.set_ylim(0, min(1.02, max(max(total), target or 0) * 1.25 + 1e-3))
+    ax.legend(fontsize="small")
+
+
+def _layer_densities(fig: Any, ax: Any, steps: list[int], series: dict[str, list[float]], max_lines: int) -> None:
+    """Panel 2: one step line per layer (a log scale when they differ by more than 10x), a heat map beyond
+    ``max_lines`` layers."""
+    from matplotlib.colors import LogNorm
+    from matplotlib.ticker import FuncFormatter
+
+    names = list(series)
+    finite = [v for values in series.values() for v in values if v > 0 and math.isfinite(v)]
+    spread = max(finite) / min(finite) if finite else 1.0
+    if len(names) <= max_lines:
+        for name in names:
+            ax.step(steps, series[name], where="post", label=name)
+        if spread > 10:
+            ax.set_yscale("log")
+            plain = FuncFormatter(lambda value, _: f"{value:g}")
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(plain)
+        ax.set(xlabel="optimizer step", ylabel="density", title="density per layer")
+        ax.legend(fontsize="x-small")
+        return
+    grid = [[max(v, 1e-4) if math.isfinite(v) else math.nan for v in series[n]] for n in names]
+    image = ax.imshow(
+        grid, aspect="auto", interpolation="nearest", cmap="viridis",
+        norm=LogNorm(vmin=max(min(finite, default=1e-4), 1e-4), vmax=max(finite, default=1.0)),
+    )  # fmt: skip
+    every = max(1, len(names) // 25)
+    ax.set_yticks(range(0, len(names), every), names[::every], fontsize="xx-small")
+    ticks = list(range(0, len(steps), max(1, len(steps) // 8)))
+    ax.set_xticks(ticks, [str(steps[i]) for i in ticks], fontsize="x-small")
+    ax.set(xlabel="optimizer step (recorded moments)", title=f"density per layer ({len(names)} layers)")
+    fig.colorbar(image, ax=ax, label="density")
+
+
+def _empty_channels(ax: Any, step: int, final: Mapping[str, LayerChannelStats], names: list[str]) -> None:
+    """Panel 3: the final empty input/output channels of the (up to 20) layers with most, or a note."""
+    emptied = sorted(
+        (n for n in names if final[n].empty_in > 0 or final[n].empty_out > 0),
+        key=lambda n: -(final[n].empty_in + final[n].empty_out),
+    )[:20]
+    if not emptied:
+        ax.axis("off")
+        ax.text(0.5, 0.5, f"no empty input or output channels\nin {len(names)} masked layers at step {step}",
+                ha="center", va="center", transform=ax.transAxes)  # fmt: skip
+        return
+    x = range(len(emptied))
+    ax.barh([i - 0.2 for i in x], [final[n].empty_in for n in emptied], height=0.4, label="empty in")
+    ax.barh([i + 0.2 for i in x], [final[n].empty_out for n in emptied], height=0.4, label="empty out")
+    ax.set_yticks(list(x), emptied, fontsize="x-small")
+    ax.set_ylim(max(len(emptied), 6) - 0.5, -0.5)  # top to bottom; no giant bars for one layer
+    ax.set(xlabel="fraction of channels", xlim=(0, 1.02))
+    ax.legend(fontsize="small")
+    shown = f"{len(emptied)} of {len(names)} layers" if len(emptied) < len(names) else "every layer"
+    ax.set_title(f"empty channels at step {step} ({shown})")
 
 
 def send_figure(loggers: Iterable[Any], figure: Any, path: str, step: int, key: str = "sparse/summary") -> list[str]:
