@@ -1,7 +1,14 @@
 """How the layers feed each other: :func:`chain_links` traces a model with ``torch.fx`` and finds, for each layer,
 the single layer feeding it through channel-preserving ops (:class:`ChainLink`), so that an output channel emptied
 in one layer idles the input channel(s) it feeds in the next (see
-:func:`~lightning_sparse.cost.channels.channel_stats`)."""
+:func:`~lightning_sparse.cost.channels.channel_stats`).
+
+Example:
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 3 * 3, 5))
+    >>> chain_links(model, torch.randn(1, 3, 8, 8), ["0.weight", "4.weight"])
+    {'4.weight': ChainLink(source='0.weight', repeat=9)}
+"""
 
 from __future__ import annotations
 

@@ -3,8 +3,8 @@
 The costed layers are the module types of :data:`~lightning_sparse.core.layers.DEFAULT_LAYER_TYPES`
 (``nn.Linear``, ``nn.Conv1d/2d/3d``), ``transformers``' ``Conv1D`` and the input projections of
 ``nn.MultiheadAttention``, named by their parameter paths (``"features.0.weight"``,
-``"attn.in_proj_weight"``); module names (``"features.0"``) are accepted too. Every module on a path counts, a
-module reachable under two paths twice: a shared layer runs (and costs) once per call.
+``"attn.in_proj_weight"``); module names (``"features.0"``) are accepted too. A module reachable under several
+paths is named by its first (``named_modules()``).
 """
 
 from __future__ import annotations

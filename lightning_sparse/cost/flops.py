@@ -7,6 +7,17 @@ An ``nn.MultiheadAttention`` runs its projections itself, so their FLOPs come fr
 ``2 · tokens · E · E`` for each of Q, K and V on the query, key and value tokens (``2 · tokens · 3E · E`` for
 self-attention), and ``2 · query tokens · E · E`` for its ``out_proj`` (a Linear the module never calls); the
 attention core (``Q K^T`` and the weighted sum of ``V``) is no layer's cost.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from lightning_sparse.cost.calls import layer_calls
+    >>> model = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 5))
+    >>> x, names = torch.randn(1, 10), ["0.weight", "2.weight"]
+    >>> layer_flops(model, x, names)  # forward FLOPs of batch x: 2 * in * out per linear
+    {'0.weight': 400, '2.weight': 200}
+    >>> flops_from_calls(model, layer_calls(model, x, names))  # the same, from the shapes
+    {'0.weight': 400, '2.weight': 200}
 """
 
 from __future__ import annotations
