@@ -7,7 +7,7 @@ error on Fashion-MNIST LeNets.
 (a) Inference FLOPs of torchvision's ResNet-50 (random init, 224x224 input) at 80/90/95 % sparsity, ERK and
     uniform with a dense first conv, relative to dense, against the RigL README's tables
     (google-research/rigl: ERK 0.42x / 0.24x / 0.12x, uniform 0.23x / 0.13x / 0.08x). Each layer's dense forward
-    FLOPs come from the library's cost model (``lightning_sparse.cost.profiling.CostModel``: ``torch.utils.flop_counter``,
+    FLOPs come from the library's cost model (``lightning_sparse.cost.CostModel``: ``torch.utils.flop_counter``,
     ``2 · MACs`` of every Conv2d and Linear, biases not counted); a sparse layer costs ``density × dense``, with
     the densities of ``lightning_sparse.functional.init.layer_active_counts``. Counted: the 53 convolutions and the
     fc layer, nothing else, as RigL does (``rigl/sparse_utils.py: get_stats`` counts only Conv2D/Dense layers with
@@ -15,7 +15,7 @@ error on Fashion-MNIST LeNets.
     such layer (dense, whatever the sparsity); the second column adds those (from the layers' output shapes).
     Not counted by either: batch norm, pooling, the residual additions, the other ReLUs.
 (b) Training FLOPs relative to dense over RigL's ResNet-50 ImageNet schedule (100 epochs, batch 4096, 32000
-    steps, 320 a "epoch"), with ``lightning_sparse.cost.report.TrainFlops`` (what the callback logs as
+    steps, 320 a "epoch"), with ``lightning_sparse.cost.TrainFlops`` (what the callback logs as
     ``sparse/train_flops_ratio``) driven as ``SparseTrainingCallback`` drives it, by a ``Sparsifier`` bound to a
     real ResNet-50 (ERK masks) whose schedule says when updates run, without training: RigL (an update every 100
     steps until 75 % of training, each update step with dense weight gradients) and sparse momentum (dense
@@ -50,8 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from fashion_mnist import MODELS, FashionMNIST  # noqa: E402
 
 from lightning_sparse import Sparsifier  # noqa: E402
-from lightning_sparse.cost.profiling import CostModel, layer_calls  # noqa: E402
-from lightning_sparse.cost.report import TrainFlops  # noqa: E402
+from lightning_sparse.cost import CostModel, TrainFlops, layer_calls  # noqa: E402
 from lightning_sparse.functional.init import layer_active_counts  # noqa: E402
 
 # ----------------------------------------------------------------------------- published figures
@@ -150,19 +149,14 @@ def simulate_train_flops(
                             total_steps=SCHEDULE_STEPS, mask_kernel="torch", stop_at=stop_at)  # fmt: skip
     train_flops = TrainFlops()
     densities = sparsifier.densities()
-
-    def set_step_flops() -> None:  # SparseTrainingCallback._set_step_flops
-        train_flops.set_step_flops(flops, densities, sparsifier.needs_dense_gradients)
+    dense_gradients, gradient_growth = sparsifier.needs_dense_gradients, sparsifier.uses_gradient_growth
 
     def log_update() -> None:  # SparseTrainingCallback._log_update (the update itself keeps every layer's count)
-        if sparsifier.uses_gradient_growth:
-            train_flops.add_dense_weight_gradients()
-        set_step_flops()
-        train_flops.advance(step)
+        train_flops.mask_update(step, flops, densities, dense_gradients, gradient_growth)
 
     schedule, last, updates = sparsifier.schedule, -1, 0
     per_epoch = SCHEDULE_STEPS // SCHEDULE_EPOCHS
-    set_step_flops()  # after the first batch, when the cost model exists
+    train_flops.set_step_flops(flops, densities, dense_gradients)  # after the first batch, when the cost model exists
     step = 0
     for _ in range(SCHEDULE_EPOCHS):
         pending = step > 0  # the previous epoch's end update runs at this epoch's first step

@@ -55,8 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from fashion_mnist import DATA_DIR, Classifier, EpochTimer, FashionMNIST, load_fashion_mnist  # noqa: E402
 
 from lightning_sparse import SparseAlgorithm, SparseTrainingCallback  # noqa: E402
-from lightning_sparse.cost.profiling import LAYER_TYPES, layer_times  # noqa: E402
-from lightning_sparse.cost.report import CostModel, SparsityReport  # noqa: E402
+from lightning_sparse.cost import LAYER_TYPES, CostModel, SparsityReport, layer_times  # noqa: E402
 from lightning_sparse.export import compact, compaction_report  # noqa: E402
 
 GROWTH: dict[str, Any] = {

@@ -33,8 +33,7 @@ from torch import Tensor
 
 from lightning_sparse.core import distributed
 from lightning_sparse.core.sparsifier import Sparsifier, UpdateReport
-from lightning_sparse.cost.profiling import InputCapture
-from lightning_sparse.cost.report import TIMINGS, SparsityReport, Stopwatch, TrainFlops, send_figure
+from lightning_sparse.cost import TIMINGS, InputCapture, SparsityReport, Stopwatch, TrainFlops, send_figure
 from lightning_sparse.lightning import trainer as trainer_support
 from lightning_sparse.methods import dst
 from lightning_sparse.methods.algorithm import SparseAlgorithm

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from lightning_sparse.cost.report import Stopwatch, TrainFlops
+from lightning_sparse.cost import Stopwatch, TrainFlops
 
 FLOPS = {"a": 1000.0, "b": 200.0}  # forward FLOPs per layer: f_D = 1200
 

@@ -1,31 +1,29 @@
 """Attention statistics (empty heads) and the channel axes of transposed (``transformers`` ``Conv1D``) weights:
 the pure functions on hand-made masks, their layout in real modules, the cost model of attention projections
-and Conv1D layers, row shards over 2 CPU processes, and the callback's logged metrics."""
+and Conv1D layers, and the callback's logged metrics (row shards over 2 CPU processes: test_sharded_stats.py)."""
 
 from __future__ import annotations
 
-import math
-import socket
 import warnings
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_sparse import SparseTrainingCallback, Sparsifier
 from lightning_sparse.core.layers import find_attention
-from lightning_sparse.cost.profiling import CostModel, InputCapture, LayerCall, call_flops
-from lightning_sparse.cost.report import SparsityReport
-from lightning_sparse.cost.speedup import (
+from lightning_sparse.cost import (
     AttentionHeads,
     ChainLink,
+    CostModel,
+    InputCapture,
+    LayerCall,
+    SparsityReport,
     attention_empty_heads,
+    call_flops,
     channel_stats,
     empty_heads,
 )
@@ -312,95 +310,6 @@ def test_empty_rows_of_an_attention_projection_reduce_its_cost():
     expected = total / (total - flops["layers.0.self_attn.in_proj_weight"] * 8 / 48)
     assert report.speedups(stats)["speedup_dense_conv"] == pytest.approx(expected)
     assert flops["layers.0.self_attn.in_proj_weight"] == 2 * tokens * 3 * e * e
-
-
-# ----------------------------------------------------------------------------- row shards (FSDP2's layout)
-
-WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _sharded_case() -> dict[str, Any]:
-    g = torch.Generator().manual_seed(3)
-    in_proj = torch.rand(24, 8, generator=g) < 0.6  # [3E, E], E = 8, 4 heads; rows 0-11 | 12-23
-    in_proj[10:12] = False  # K of head 1 (K is rows 8-15, 2 per head), on rank 0
-    in_proj[20:22] = False  # V of head 2, on rank 1
-    c_attn = torch.rand(8, 24, generator=g) < 0.6  # [E in, 3E out], stored rows (inputs) 0-3 | 4-7
-    c_attn[:4, 4:8] = False  # Q columns of head 1: empty on rank 0's rows ...
-    c_attn[4:, 4:8] = False  # ... and on rank 1's: empty only in total
-    c_attn[:4, 16:20] = False  # V columns of head 0 half emptied: not empty
-    c_attn[6] = False  # an empty input channel
-    c_fc = torch.rand(8, 12, generator=g) < 0.5  # [in, out] feeding `fed` (12 inputs)
-    c_fc[:, 5] = False
-    fed = torch.rand(3, 12, generator=g) < 0.9
-    whole = torch.rand(12, 4, generator=g) < 0.5  # a weight held whole by every process, [out, in]
-    whole[0:2] = False
-    names = ["in_proj", "c_attn", "c_fc", "fed", "whole"]
-    return {
-        "names": names,
-        "masks": [in_proj, c_attn, c_fc, fed, whole],
-        "transposed": {"c_attn", "c_fc"},
-        "links": {"fed": ChainLink("c_fc")},
-        "attention": {
-            "mha": AttentionHeads(("in_proj",), 4),
-            "gpt": AttentionHeads(("c_attn",), 2),
-            "held": AttentionHeads(("whole",), 2),
-        },
-        "whole": {"whole"},
-    }
-
-
-def _shard(case: dict[str, Any], rank: int) -> tuple[list[torch.Tensor], dict[str, int], dict[str, int]]:
-    local, offsets, rows = [], {}, {}
-    for name, mask in zip(case["names"], case["masks"]):
-        if name in case["whole"]:
-            local.append(mask)
-            continue
-        chunk = math.ceil(mask.shape[0] / WORLD)
-        start, stop = min(mask.shape[0], rank * chunk), min(mask.shape[0], (rank + 1) * chunk)
-        local.append(mask[start:stop])
-        offsets[name], rows[name] = start, mask.shape[0]
-    return local, offsets, rows
-
-
-def _worker(rank: int, port: int, out_dir: str, case: dict[str, Any]) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    try:
-        local, offsets, rows = _shard(case, rank)
-        layers = dict(zip(case["names"], local))
-        kwargs = dict(row_offsets=offsets, out_channels=rows, group=dist.group.WORLD, transposed=case["transposed"])
-        heads = attention_empty_heads(case["attention"], layers, **kwargs)
-        stats = channel_stats(case["names"], local, case["links"], **kwargs)
-        report = SparsityReport()
-        measured = report.measure(0, layers, attention=case["attention"], **kwargs)
-        torch.save(
-            {"heads": heads, "stats": stats, "report": dict(measured), "report_heads": measured.empty_heads},
-            Path(out_dir) / f"rank{rank}.pt",
-        )
-    finally:
-        dist.destroy_process_group()
-
-
-def test_row_shards_give_the_full_masks_statistics(tmp_path):
-    case = _sharded_case()
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path), case), nprocs=WORLD, join=True)
-    layers = dict(zip(case["names"], case["masks"]))
-    expected_heads = attention_empty_heads(case["attention"], layers, transposed=case["transposed"])
-    expected_stats = channel_stats(case["names"], case["masks"], case["links"], transposed=case["transposed"])
-    assert expected_heads == {"mha": 0.5, "gpt": 0.5, "held": empty_heads(case["masks"][4], 2)}
-    assert expected_stats["c_attn"].empty_in == 1 / 8
-    assert expected_stats["fed"].empty_in >= 1 / 12  # idled by c_fc's empty column 5
-    for rank in range(WORLD):
-        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
-        assert got["heads"] == expected_heads
-        assert got["report_heads"] == expected_heads
-        assert got["stats"] == expected_stats
-        assert got["report"] == channel_stats(case["names"], case["masks"], transposed=case["transposed"])
 
 
 # ----------------------------------------------------------------------------- the callback

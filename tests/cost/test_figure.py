@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from lightning_sparse.cost.report import SparsityReport, send_figure
-from lightning_sparse.cost.speedup import LayerChannelStats
+from lightning_sparse.cost import LayerChannelStats, SparsityReport, send_figure
 
 pytest.importorskip("matplotlib")
 

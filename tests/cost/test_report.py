@@ -1,5 +1,5 @@
 """Channel statistics, speedup estimates, training FLOPs and overhead logged by the callback; the end-of-fit
-table and figure."""
+table and figure. The CNN tests share one fit (``cnn_fit``)."""
 
 import pytest
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -66,9 +66,19 @@ def test_rigl_counts_the_dense_gradient_of_update_steps():
     assert t.callback_metrics["sparse/train_flops_ratio"].item() == pytest.approx(expected, rel=1e-6)
 
 
-def test_conv_layers_channel_metrics_and_unmasked_layers_counted(tmp_path):
-    cb = SparseTrainingCallback(density=0.2, dense_layers=["net.0"], seed=0)
-    t = _fit(cb, DigitsCNN(), max_epochs=2)
+@pytest.fixture(scope="module")
+def cnn_fit(tmp_path_factory):
+    """One fit shared by the tests of the callback's report on a CNN: density 0.2, ``net.0`` dense (counted but not
+    masked), measured layer times, 2 epochs, a TensorBoard logger."""
+    root = tmp_path_factory.mktemp("cnn")
+    cb = SparseTrainingCallback(density=0.2, dense_layers=["net.0"], speedup_timing="measure", seed=0)
+    logger = TensorBoardLogger(root, name="tb")
+    t = _fit(cb, DigitsCNN(), max_epochs=2, logger=logger, default_root_dir=root)
+    return cb, t, root
+
+
+def test_conv_layers_channel_metrics_and_unmasked_layers_counted(cnn_fit):
+    _, t, _ = cnn_fit
     m = t.callback_metrics
     for name in ("net.0.weight", "net.3.weight", "net.7.weight"):  # net.0 is dense but counted
         assert f"sparse/empty_in/{name}" in m and f"sparse/empty_out/{name}" in m
@@ -76,9 +86,8 @@ def test_conv_layers_channel_metrics_and_unmasked_layers_counted(tmp_path):
     assert m["sparse/speedup_sparse_conv"].item() > 1.0
 
 
-def test_measured_timing_gives_speedups():
-    cb = SparseTrainingCallback(density=0.2, speedup_timing="measure", seed=0)
-    t = _fit(cb, DigitsCNN(), max_epochs=1)
+def test_measured_timing_gives_speedups(cnn_fit):
+    cb, t, _ = cnn_fit
     assert cb._report.cost_model.times is not None
     assert all(v > 0 for v in cb._report.cost_model.times.values())
     assert t.callback_metrics["sparse/speedup_sparse_conv"].item() > 1.0
@@ -89,10 +98,8 @@ def test_bad_timing_value():
         SparseTrainingCallback(density=0.2, speedup_timing="clock")
 
 
-def test_figure_is_a_png_and_tensorboard_gets_it(tmp_path):
-    cb = SparseTrainingCallback(density=0.2, seed=0)
-    logger = TensorBoardLogger(tmp_path, name="tb")
-    _fit(cb, DigitsCNN(), max_epochs=2, logger=logger, default_root_dir=tmp_path)
+def test_figure_is_a_png_and_tensorboard_gets_it(cnn_fit):
+    _, _, tmp_path = cnn_fit
     png = tmp_path / "tb" / "version_0" / "sparsity.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from PIL import Image
@@ -110,9 +117,8 @@ def test_no_figure_when_disabled(tmp_path):
     assert not list(tmp_path.rglob("sparsity.png"))
 
 
-def test_summary_table_has_channels_and_flops_share():
-    cb = SparseTrainingCallback(density=0.2, seed=0)
-    _fit(cb, DigitsCNN(), max_epochs=1)
+def test_summary_table_has_channels_and_flops_share(cnn_fit):
+    cb, _, _ = cnn_fit
     table = cb.summary()
     assert "empty in" in table and "FLOPs share" in table and "estimated speedup" in table
     for name in cb.masks:

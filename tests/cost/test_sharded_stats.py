@@ -1,5 +1,6 @@
-"""Channel statistics of masks sharded by rows over 2 CPU processes (gloo), as FSDP2's ``Shard(0)`` places them,
-equal the statistics of the full masks exactly."""
+"""Channel statistics and empty attention heads of masks sharded by rows over 2 CPU processes (gloo), as FSDP2's
+``Shard(0)`` places them, equal the statistics of the full masks exactly. One process launch for the file
+(``shard_dir``): each process computes every case, the tests compare."""
 
 from __future__ import annotations
 
@@ -14,9 +15,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lightning_sparse.cost.profiling import CostModel
-from lightning_sparse.cost.report import SparsityReport
-from lightning_sparse.cost.speedup import ChainLink, channel_stats
+from lightning_sparse.cost import (
+    AttentionHeads,
+    ChainLink,
+    CostModel,
+    SparsityReport,
+    attention_empty_heads,
+    channel_stats,
+    empty_heads,
+)
 
 WORLD = 2
 
@@ -85,13 +92,59 @@ def _shard(case: dict[str, Any], rank: int, world: int):
     return local, offsets, out_channels
 
 
+def _attention_case() -> dict[str, Any]:
+    g = torch.Generator().manual_seed(3)
+    in_proj = torch.rand(24, 8, generator=g) < 0.6  # [3E, E], E = 8, 4 heads; rows 0-11 | 12-23
+    in_proj[10:12] = False  # K of head 1 (K is rows 8-15, 2 per head), on rank 0
+    in_proj[20:22] = False  # V of head 2, on rank 1
+    c_attn = torch.rand(8, 24, generator=g) < 0.6  # [E in, 3E out], stored rows (inputs) 0-3 | 4-7
+    c_attn[:4, 4:8] = False  # Q columns of head 1: empty on rank 0's rows ...
+    c_attn[4:, 4:8] = False  # ... and on rank 1's: empty only in total
+    c_attn[:4, 16:20] = False  # V columns of head 0 half emptied: not empty
+    c_attn[6] = False  # an empty input channel
+    c_fc = torch.rand(8, 12, generator=g) < 0.5  # [in, out] feeding `fed` (12 inputs)
+    c_fc[:, 5] = False
+    fed = torch.rand(3, 12, generator=g) < 0.9
+    whole = torch.rand(12, 4, generator=g) < 0.5  # a weight held whole by every process, [out, in]
+    whole[0:2] = False
+    names = ["in_proj", "c_attn", "c_fc", "fed", "whole"]
+    return {
+        "names": names,
+        "masks": [in_proj, c_attn, c_fc, fed, whole],
+        "transposed": {"c_attn", "c_fc"},
+        "links": {"fed": ChainLink("c_fc")},
+        "attention": {
+            "mha": AttentionHeads(("in_proj",), 4),
+            "gpt": AttentionHeads(("c_attn",), 2),
+            "held": AttentionHeads(("whole",), 2),
+        },
+        "whole": {"whole"},
+    }
+
+
+def _attention_shard(case: dict[str, Any], rank: int) -> tuple[list[torch.Tensor], dict[str, int], dict[str, int]]:
+    local, offsets, rows = [], {}, {}
+    for name, mask in zip(case["names"], case["masks"]):
+        if name in case["whole"]:
+            local.append(mask)
+            continue
+        chunk = math.ceil(mask.shape[0] / WORLD)
+        start, stop = min(mask.shape[0], rank * chunk), min(mask.shape[0], (rank + 1) * chunk)
+        local.append(mask[start:stop])
+        offsets[name], rows[name] = start, mask.shape[0]
+    return local, offsets, rows
+
+
 def _as_tuples(stats) -> dict[str, tuple[float, float, float]]:
     return {name: astuple(s) for name, s in stats.items()}
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str, cases: list[dict[str, Any]]) -> None:
+def _worker(
+    rank: int, world: int, port: int, out_dir: str, cases: list[dict[str, Any]], attention: dict[str, Any]
+) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
+        _attention_work(rank, out_dir, attention)
         group = dist.group.WORLD
         results: dict[str, Any] = {"cases": []}
         for case in cases:
@@ -131,10 +184,31 @@ def _worker(rank: int, world: int, port: int, out_dir: str, cases: list[dict[str
         dist.destroy_process_group()
 
 
-def test_sharded_channel_stats_equal_the_full_masks_stats_exactly(tmp_path):
+def _attention_work(rank: int, out_dir: str, case: dict[str, Any]) -> None:
+    local, offsets, rows = _attention_shard(case, rank)
+    layers = dict(zip(case["names"], local))
+    kwargs = dict(row_offsets=offsets, out_channels=rows, group=dist.group.WORLD, transposed=case["transposed"])
+    heads = attention_empty_heads(case["attention"], layers, **kwargs)
+    stats = channel_stats(case["names"], local, case["links"], **kwargs)
+    report = SparsityReport()
+    measured = report.measure(0, layers, attention=case["attention"], **kwargs)
+    torch.save(
+        {"heads": heads, "stats": stats, "report": dict(measured), "report_heads": measured.empty_heads},
+        Path(out_dir) / f"attention{rank}.pt",
+    )
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory) -> Path:
+    """The output folder of one launch of 2 processes that compute every case of this file."""
+    out = tmp_path_factory.mktemp("shards")
+    mp.spawn(_worker, args=(WORLD, _free_port(), str(out), _cases(), _attention_case()), nprocs=WORLD, join=True)
+    return out
+
+
+def test_sharded_channel_stats_equal_the_full_masks_stats_exactly(shard_dir):
     cases = _cases()
-    mp.spawn(_worker, args=(WORLD, _free_port(), str(tmp_path), cases), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    ranks = [torch.load(shard_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
     assert ranks[1]["cases"][0]["local_rows"] == {
         "conv.weight": 3,
@@ -162,6 +236,22 @@ def test_sharded_channel_stats_equal_the_full_masks_stats_exactly(tmp_path):
     for rank in ranks:
         assert "6 output channels x repeat 3 = 18 inputs, but 'head.weight' has 24" in rank["error"]
         assert rank["after_error"] == _as_tuples(channel_stats(["conv.weight"], cases[0]["masks"][:1]))
+
+
+def test_row_shards_give_the_full_masks_statistics(shard_dir):
+    case = _attention_case()
+    layers = dict(zip(case["names"], case["masks"]))
+    expected_heads = attention_empty_heads(case["attention"], layers, transposed=case["transposed"])
+    expected_stats = channel_stats(case["names"], case["masks"], case["links"], transposed=case["transposed"])
+    assert expected_heads == {"mha": 0.5, "gpt": 0.5, "held": empty_heads(case["masks"][4], 2)}
+    assert expected_stats["c_attn"].empty_in == 1 / 8
+    assert expected_stats["fed"].empty_in >= 1 / 12  # idled by c_fc's empty column 5
+    for rank in range(WORLD):
+        got = torch.load(shard_dir / f"attention{rank}.pt", weights_only=False)
+        assert got["heads"] == expected_heads
+        assert got["report_heads"] == expected_heads
+        assert got["stats"] == expected_stats
+        assert got["report"] == channel_stats(case["names"], case["masks"], transposed=case["transposed"])
 
 
 def test_row_blocks_without_a_process_group_must_be_the_full_masks():
