@@ -29,13 +29,32 @@ from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 
-from lightning_sparse.cost.heads import AttentionHeads
-
 CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, *CONV_TYPES)
 EMBEDDING_TYPES: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
 ATTENTION_PROJECTIONS = ("q_proj_weight", "k_proj_weight", "v_proj_weight")
 LARGE_DENSE = 4096  # 2-D parameters at least this large that stay dense are listed with the reason
+
+
+@dataclass(frozen=True)
+class AttentionHeads:
+    """Where the heads of one attention module lie along the output channels of its projection weight(s).
+
+    Attributes:
+        layers: names of the projection weight(s) whose output channels, concatenated in this order, are the
+            ``parts`` stacked projections (Q | K | V), each ``heads`` consecutive blocks of ``head_dim`` channels:
+            one packed weight (``nn.MultiheadAttention``'s ``in_proj_weight``, timm's ``qkv``, GPT-2's
+            ``c_attn``), or one per part (``q_proj_weight``, ``k_proj_weight``, ``v_proj_weight``).
+        heads: number of heads.
+        parts: number of stacked projections over all ``layers`` (3: Q, K and V).
+
+    Found in a model by :func:`lightning_sparse.core.layers.find_attention`.
+    """
+
+    layers: tuple[str, ...]
+    heads: int
+    parts: int = 3
+
 
 
 @dataclass(frozen=True)
@@ -99,8 +118,8 @@ def is_hf_conv1d(module: nn.Module | None) -> bool:
 
 
 def find_attention(model: nn.Module) -> dict[str, AttentionHeads]:
-    """The attention modules of ``model`` whose heads :func:`~lightning_sparse.cost.speedup.empty_heads`
-    can count: module name → :class:`~lightning_sparse.cost.speedup.AttentionHeads` (the parameter names of
+    """The attention modules of ``model`` whose heads :func:`~lightning_sparse.cost.heads.empty_heads`
+    can count: module name → :class:`~AttentionHeads` (the parameter names of
     its Q | K | V projections, as ``named_parameters()`` gives them, its heads, 3 parts), in module order.
 
     Recognized, without importing their libraries:

@@ -13,44 +13,22 @@
 * :mod:`~lightning_sparse.cost.accounting`: :class:`TrainFlops`, training FLOPs so far;
 * :mod:`~lightning_sparse.cost.report`: :class:`SparsityReport`, statistics over training, metrics, table;
 * :mod:`~lightning_sparse.cost.figure`: the end-of-fit figure and the loggers that take it.
-
-The names below are imported from their modules on first use: :mod:`lightning_sparse.core.layers` needs
-:class:`AttentionHeads` while some of these modules need :mod:`~lightning_sparse.core.layers`.
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import TYPE_CHECKING, Any
-
-_EXPORTS = {
-    "CostModel": "model",
-    "TIMINGS": "model",
-    "conv_groups": "model",
-    "InputCapture": "capture",
-    "LayerCall": "flops",
-    "call_flops": "flops",
-    "flops_from_calls": "flops",
-    "layer_flops": "flops",
-    "layer_calls": "calls",
-    "Stopwatch": "timing",
-    "layer_times": "timing",
-    "ChainLink": "chains",
-    "chain_links": "chains",
-    "LayerChannelStats": "channels",
-    "channel_stats": "channels",
-    "AttentionHeads": "heads",
-    "attention_empty_heads": "heads",
-    "empty_heads": "heads",
-    "speedup_dense_conv": "speedup",
-    "speedup_sparse_conv": "speedup",
-    "training_step_flops": "speedup",
-    "TrainFlops": "accounting",
-    "MeasuredStats": "report",
-    "SparsityReport": "report",
-    "send_figure": "figure",
-    "sparsity_figure": "figure",
-}
+from lightning_sparse.core.layers import DEFAULT_LAYER_TYPES as LAYER_TYPES
+from lightning_sparse.core.layers import AttentionHeads
+from lightning_sparse.cost.accounting import TrainFlops
+from lightning_sparse.cost.calls import layer_calls
+from lightning_sparse.cost.capture import InputCapture
+from lightning_sparse.cost.chains import ChainLink, chain_links
+from lightning_sparse.cost.channels import LayerChannelStats, channel_stats
+from lightning_sparse.cost.figure import send_figure, sparsity_figure
+from lightning_sparse.cost.flops import LayerCall, call_flops, flops_from_calls, layer_flops
+from lightning_sparse.cost.heads import attention_empty_heads, empty_heads
+from lightning_sparse.cost.model import TIMINGS, CostModel, conv_groups
+from lightning_sparse.cost.report import MeasuredStats, SparsityReport
+from lightning_sparse.cost.speedup import speedup_dense_conv, speedup_sparse_conv, training_step_flops
+from lightning_sparse.cost.timing import Stopwatch, layer_times
 
 __all__ = [
     "AttentionHeads",
@@ -81,31 +59,3 @@ __all__ = [
     "speedup_sparse_conv",
     "training_step_flops",
 ]
-
-if TYPE_CHECKING:
-    from lightning_sparse.core.layers import DEFAULT_LAYER_TYPES as LAYER_TYPES
-    from lightning_sparse.cost.accounting import TrainFlops
-    from lightning_sparse.cost.calls import layer_calls
-    from lightning_sparse.cost.capture import InputCapture
-    from lightning_sparse.cost.chains import ChainLink, chain_links
-    from lightning_sparse.cost.channels import LayerChannelStats, channel_stats
-    from lightning_sparse.cost.figure import send_figure, sparsity_figure
-    from lightning_sparse.cost.flops import LayerCall, call_flops, flops_from_calls, layer_flops
-    from lightning_sparse.cost.heads import AttentionHeads, attention_empty_heads, empty_heads
-    from lightning_sparse.cost.model import TIMINGS, CostModel, conv_groups
-    from lightning_sparse.cost.report import MeasuredStats, SparsityReport
-    from lightning_sparse.cost.speedup import speedup_dense_conv, speedup_sparse_conv, training_step_flops
-    from lightning_sparse.cost.timing import Stopwatch, layer_times
-
-
-def __getattr__(name: str) -> Any:
-    if name == "LAYER_TYPES":  # the costed module types: core.layers' tuple, not a copy
-        return importlib.import_module("lightning_sparse.core.layers").DEFAULT_LAYER_TYPES
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])

@@ -5,36 +5,17 @@ also from row shards of the masks spread over processes (FSDP2). Pure tensor mat
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from lightning_sparse.core.layers import AttentionHeads
+
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
 __all__ = ["AttentionHeads", "attention_empty_heads", "empty_heads"]
-
-
-@dataclass(frozen=True)
-class AttentionHeads:
-    """Where the heads of one attention module lie along the output channels of its projection weight(s).
-
-    Attributes:
-        layers: names of the projection weight(s) whose output channels, concatenated in this order, are the
-            ``parts`` stacked projections (Q | K | V), each ``heads`` consecutive blocks of ``head_dim`` channels:
-            one packed weight (``nn.MultiheadAttention``'s ``in_proj_weight``, timm's ``qkv``, GPT-2's
-            ``c_attn``), or one per part (``q_proj_weight``, ``k_proj_weight``, ``v_proj_weight``).
-        heads: number of heads.
-        parts: number of stacked projections over all ``layers`` (3: Q, K and V).
-
-    Found in a model by :func:`lightning_sparse.core.layers.find_attention`.
-    """
-
-    layers: tuple[str, ...]
-    heads: int
-    parts: int = 3
 
 
 def empty_heads(mask: Tensor | Sequence[Tensor], heads: int, parts: int = 3, out_dim: int = 0) -> float:

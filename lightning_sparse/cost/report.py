@@ -26,9 +26,10 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
+from lightning_sparse.core.layers import AttentionHeads
 from lightning_sparse.cost.channels import LayerChannelStats, channel_stats
 from lightning_sparse.cost.figure import sparsity_figure
-from lightning_sparse.cost.heads import AttentionHeads, attention_empty_heads
+from lightning_sparse.cost.heads import attention_empty_heads
 from lightning_sparse.cost.model import CostModel
 from lightning_sparse.cost.speedup import speedup_dense_conv, speedup_sparse_conv
 
