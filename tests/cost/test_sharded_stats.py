@@ -206,6 +206,7 @@ def shard_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_sharded_channel_stats_equal_the_full_masks_stats_exactly(shard_dir):
     cases = _cases()
     ranks = [torch.load(shard_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
@@ -238,6 +239,7 @@ def test_sharded_channel_stats_equal_the_full_masks_stats_exactly(shard_dir):
         assert rank["after_error"] == _as_tuples(channel_stats(["conv.weight"], cases[0]["masks"][:1]))
 
 
+@pytest.mark.slow
 def test_row_shards_give_the_full_masks_statistics(shard_dir):
     case = _attention_case()
     layers = dict(zip(case["names"], case["masks"]))

@@ -99,6 +99,7 @@ def test_failed_build_auto_warns_once_and_falls_back_cpp_raises(monkeypatch):
     _masking([(4,)], torch.float32, "torch")[0].apply_()  # nothing to build, nothing raised
 
 
+@pytest.mark.slow
 def test_build_without_a_compiler_reports_why(tmp_path):
     # a real failed build, in a fresh process so that this one keeps its loaded kernel
     env = {**os.environ, "CXX": "/bin/false", "TORCH_EXTENSIONS_DIR": str(tmp_path)}
@@ -166,6 +167,7 @@ def test_condensed_kernel_equals_the_dense_product():
             torch.testing.assert_close(result, expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("isa", ["avx2", "portable"])
 def test_condensed_kernel_other_instruction_sets(isa):
     # this machine may run AVX-512: cap the variant in a fresh process (it is chosen when the library loads).
