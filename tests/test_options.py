@@ -1,6 +1,7 @@
-"""Every argument problem is refused early, with an error that names the argument and what is allowed (issue 11,
-item 7). Argument errors are ``ValueError`` throughout, also for wrong types."""
+"""SparseOptions: every argument problem is refused early, with an error that names the argument and what is allowed.
+Argument errors are ``ValueError`` throughout, also for wrong types."""
 
+import dataclasses
 import re
 import warnings
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_sparse import DST, DSTSparsifier, SparseTrainingCallback, Sparsifier
+from lightning_sparse import ALGORITHMS, DST, DSTSparsifier, SparseOptions, SparseTrainingCallback, Sparsifier
 
 REAL = r"a real number \(int, float, numpy scalar or one-element tensor; not a bool\)"
 INTEGER = r"an integer \(int, numpy integer or one-element integer tensor; not a bool or float\)"
@@ -271,3 +272,31 @@ def test_dst_state_records_its_algorithm():
         Sparsifier(model2, optimizer2, density=0.2, algorithm="set", state={**state, "masks": {}})
     model3, _ = _tiny()
     Sparsifier(model3, torch.optim.Adam(model3.parameters()), algorithm=DST(), state=state)  # 'DST' is 'dst'
+
+
+# ----------------------------------------------------------------------------- one list of options
+
+
+def test_options_fill_in_the_algorithm_defaults_and_checking_again_changes_nothing():
+    options = SparseOptions(density={"0.*": 0.5, "*": 0.1}, algorithm="rigl", seed=np.int64(3))
+    assert options.algorithm is ALGORITHMS["rigl"] and options.algorithm_name == "rigl"
+    assert (options.prune_rate, options.prune_rate_schedule, options.update_interval) == (0.3, "cosine", 100)
+    assert (options.init, options.stop_at, options.seed, options.dense_layers) == ("erk", 0.75, 3, ())
+    assert options.schedule.interval == 100 and options.groups == [("0.*", 0.5), ("*", 0.1)]
+    again = SparseOptions(**{f.name: getattr(options, f.name) for f in dataclasses.fields(SparseOptions)})
+    assert again == options
+    assert SparseOptions.resolve(0.1, "set") == SparseOptions(density=0.1, algorithm="set")
+    epoch = SparseOptions(density=0.1)  # sparse momentum updates at epoch ends
+    assert epoch.update_interval == "epoch" and epoch.schedule.interval is None
+    assert dataclasses.replace(epoch, density=0.2).schedule.interval is None
+
+
+def test_sparsifier_takes_options_or_keywords_not_both():
+    model, opt = _tiny()
+    options = SparseOptions(density=0.5, algorithm="set", seed=0)
+    assert Sparsifier(model, opt, options=options).options is options
+    assert Sparsifier(*_tiny(), density=0.5, algorithm="set", seed=0).options == options
+    with pytest.raises(ValueError, match=r"give either `options` or the options as keyword arguments, not both \(got \['density'\]\)"):
+        Sparsifier(model, opt, options=options, density=0.5)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'densty'"):
+        Sparsifier(model, opt, densty=0.5)
