@@ -3,7 +3,7 @@
 from lightning_sparse.core.masking import Masking, maskable_parameters
 from lightning_sparse.core.sparsifier import DSTSparsifier, Sparsifier, UpdateReport, attach_dst_thresholds
 from lightning_sparse.lightning.callback import SparseTrainingCallback
-from lightning_sparse.methods.algorithm import ALGORITHMS, LayerState, SparseAlgorithm, UpdateContext, UpdateResult
+from lightning_sparse.methods import ALGORITHMS, LayerState, SparseAlgorithm, UpdateContext, UpdateResult
 from lightning_sparse.methods.dst import DST
 from lightning_sparse.options import SparseOptions, UpdateSchedule
 

@@ -20,7 +20,7 @@ from lightning_sparse.functional.init import INIT_METHODS
 from lightning_sparse.functional.patterns import Pattern, parse_pattern
 from lightning_sparse.functional.schedules import PRUNE_RATE_SCHEDULES
 from lightning_sparse.kernels import check_mask_kernel
-from lightning_sparse.methods.algorithm import SparseAlgorithm, check_ablation, get_algorithm, window_progress
+from lightning_sparse.methods import SparseAlgorithm, check_ablation, get_algorithm, window_progress
 from lightning_sparse.methods.dst import DST
 
 REAL = "a real number (int, float, numpy scalar or one-element tensor; not a bool)"

@@ -50,8 +50,7 @@ from lightning_sparse.functional.patterns import (
     unit_shape,
 )
 from lightning_sparse.functional.prune_grow import snip_masks
-from lightning_sparse.methods import dst
-from lightning_sparse.methods.algorithm import LayerState, SparseAlgorithm, UpdateContext, UpdateResult
+from lightning_sparse.methods import LayerState, SparseAlgorithm, UpdateContext, UpdateResult, dst
 from lightning_sparse.options import SparseOptions, check_total_steps
 
 log = logging.getLogger(__name__)

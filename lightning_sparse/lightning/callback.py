@@ -36,8 +36,7 @@ from lightning_sparse.core.sparsifier import Sparsifier, UpdateReport, prepare_m
 from lightning_sparse.cost.profiling import InputCapture
 from lightning_sparse.cost.report import TIMINGS, SparsityReport, Stopwatch, TrainFlops, send_figure
 from lightning_sparse.lightning import trainer as trainer_support
-from lightning_sparse.methods import dst
-from lightning_sparse.methods.algorithm import SparseAlgorithm
+from lightning_sparse.methods import SparseAlgorithm, dst
 from lightning_sparse.options import SparseOptions
 
 log = logging.getLogger(__name__)

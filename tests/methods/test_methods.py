@@ -20,7 +20,7 @@ from lightning_sparse.functional import layer_active_counts
 from lightning_sparse.functional.prune_grow import set_prune, snip_masks
 from lightning_sparse.functional.redistribute import adapt_threshold, below_threshold_counts
 from lightning_sparse.functional.schedules import cosine_decay, gmp_sparsity
-from lightning_sparse.methods.algorithm import largest_remainder
+from lightning_sparse.methods import largest_remainder
 from lightning_sparse.methods.dst import LongTailedStep, long_tailed_derivative
 from tests.helpers import DigitsMLP, MaskRecorder, digits, digits_loader, trainer
 
