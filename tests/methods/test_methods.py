@@ -44,6 +44,30 @@ def _fit(cb, model=None, epochs=2, **kwargs):
     return t, model, spy
 
 
+def _train(epochs=2, check=None, **kwargs):
+    """A plain loop over the digits (12 steps per epoch) with a ``Sparsifier``: ``check(sparsifier, optimizer,
+    before)`` after every step (``before``: the masks before it); returns the sparsifier and, per step, the step
+    number and a copy of the masks after it."""
+    torch.manual_seed(0)
+    model = DigitsMLP()
+    optimizer = model.configure_optimizers()
+    loader = digits_loader()
+    sparsifier = Sparsifier(model, optimizer, total_steps=epochs * len(loader), **kwargs)
+    history = []
+    for _ in range(epochs):
+        for x, y in loader:
+            before = {k: v.clone() for k, v in sparsifier.masks.items()}
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            sparsifier.step()
+            if check is not None:
+                check(sparsifier, optimizer, before)
+            optimizer.zero_grad()
+            history.append((sparsifier.step_count, {k: v.clone() for k, v in sparsifier.masks.items()}))
+        sparsifier.epoch_end()
+    return sparsifier, history
+
+
 def _changed_steps(history):
     steps, previous = [], None
     for step, masks in history:
@@ -67,14 +91,13 @@ def test_rigl_unit_drops_smallest_grows_largest_gradient_keeps_count():
     assert result.masks[0].tolist() == [True, False, True, False, True, False, True, False, True, False]
 
 
-def test_rigl_trainer_updates_only_on_interval_steps_before_stop_and_keeps_layer_counts():
-    cb = SparseTrainingCallback(density=0.2, algorithm="rigl", update_interval=3, seed=0)
-    _, _, spy = _fit(cb, epochs=2)  # 24 steps; window ends at 0.75 * 24 = 18
-    changed = _changed_steps(spy.history)
+def test_rigl_updates_only_on_interval_steps_before_stop_and_keeps_layer_counts():
+    cb, history = _train(density=0.2, algorithm="rigl", update_interval=3, seed=0)  # 24 steps; window ends at 18
+    changed = _changed_steps(history)
     assert changed and set(changed) <= {3, 6, 9, 12, 15}
     assert len(changed) >= 4
     counts = layer_active_counts([tuple(m.shape) for m in cb.masks.values()], 0.2, "erk")
-    for _, masks in spy.history:
+    for _, masks in history:
         assert [int(m.sum()) for m in masks.values()] == counts
     state = cb.state_dict()
     assert state["last_update_step"] == 18 and state["prune_rate"] == 0.0  # the update at the window's end
@@ -84,25 +107,18 @@ def test_rigl_trainer_updates_only_on_interval_steps_before_stop_and_keeps_layer
 def test_rigl_zeroes_grown_weights_and_their_momentum():
     grown_checked = []
 
-    class Check(L.Callback):
-        def __init__(self):
-            self.before = None
+    def check(sparsifier, optimizer, before):
+        if sparsifier.step_count % 3:
+            return
+        params = dict(sparsifier.model.named_parameters())
+        for name, mask in sparsifier.masks.items():
+            grown = mask & ~before[name]
+            if grown.any():
+                assert torch.all(params[name][grown] == 0)
+                assert torch.all(optimizer.state[params[name]]["momentum_buffer"][grown] == 0)
+                grown_checked.append(int(grown.sum()))
 
-        def on_train_batch_end(self, trainer, pl_module, *args):
-            masks = {k: v.clone() for k, v in cb.masks.items()}
-            if self.before is not None and trainer.global_step % 3 == 0:
-                params = dict(pl_module.named_parameters())
-                for name, mask in masks.items():
-                    grown = mask & ~self.before[name]
-                    if grown.any():
-                        assert torch.all(params[name][grown] == 0)
-                        buf = trainer.optimizers[0].state[params[name]]["momentum_buffer"]
-                        assert torch.all(buf[grown] == 0)
-                        grown_checked.append(int(grown.sum()))
-            self.before = masks
-
-    cb = SparseTrainingCallback(density=0.2, algorithm="rigl", update_interval=3, seed=0)
-    trainer(callbacks=[cb, Check()], max_epochs=1).fit(DigitsMLP(), digits_loader())
+    _train(epochs=1, check=check, density=0.2, algorithm="rigl", update_interval=3, seed=0)
     assert sum(grown_checked) > 0
 
 
@@ -164,9 +180,8 @@ def test_dsr_update_regrows_in_proportion_to_survivors_and_adapts_threshold():
     assert ctx.state["dsr_threshold"] == 0.002
 
 
-def test_dsr_trainer_threshold_is_checkpointed_and_adapts():
-    cb = SparseTrainingCallback(density=0.2, algorithm="dsr", update_interval=4, seed=0)
-    _fit(cb, epochs=2)
+def test_dsr_threshold_is_checkpointed_and_adapts():
+    cb, _ = _train(density=0.2, algorithm="dsr", update_interval=4, seed=0)
     threshold = cb.state_dict()["algorithm_state"]["dsr_threshold"]
     assert threshold != 1e-3 and math.log2(threshold / 1e-3).is_integer()
     assert sum(int(m.sum()) for m in cb.masks.values()) == sum(
@@ -210,11 +225,10 @@ def test_gmp_schedule_values():
     assert gmp_sparsity(2.0, 0.9) == pytest.approx(0.9)
 
 
-def test_gmp_trainer_follows_cubic_schedule_and_ends_at_density():
-    cb = SparseTrainingCallback(density=0.1, algorithm="gmp", update_interval=2, seed=0)
-    _, _, spy = _fit(cb, epochs=2)
+def test_gmp_follows_cubic_schedule_and_ends_at_density():
+    cb, history = _train(density=0.1, algorithm="gmp", update_interval=2, seed=0)
     sizes = [m.numel() for m in cb.masks.values()]
-    for step, masks in spy.history:
+    for step, masks in history:
         if step % 2:
             continue
         sparsity = gmp_sparsity(min(step / 18, 1.0), 0.9)  # window: 0.75 * 24 steps
