@@ -335,7 +335,7 @@ def test_condensed_conv_skips_emptied_channels_in_both_layouts():
 
 @pytest.mark.parametrize("model_name", ["cnn", "conv1d"])
 def test_ablation_on_convolutions_and_transposed_weights(model_name):
-    from tests.functional.test_patterns import MODELS
+    from tests.methods.test_targets import MODELS
 
     make, shape = MODELS[model_name]
     torch.manual_seed(0)
