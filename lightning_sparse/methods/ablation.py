@@ -38,7 +38,7 @@ from lightning_sparse.functional.patterns import (
     unit_counts,
     unit_shape,
 )
-from lightning_sparse.methods.base import LayerState, UpdateContext, layer_counts
+from lightning_sparse.methods.base import LayerState, UpdateContext, layer_counts, shard_reducer
 from lightning_sparse.methods.rules import SurvivorShares
 from lightning_sparse.methods.targets import Plan, Target, check_units
 
@@ -83,7 +83,7 @@ class Ablation(Target):
         self.gamma = float(context.ablation)  # type: ignore[arg-type]
         shapes = [unit_shape(layer.spec.shape, self.pattern, layer.transposed) for layer in layers]
         self.rows, self.fan_in = [r for r, _ in shapes], [f for _, f in shapes]
-        self.reducer  # noqa: B018 (the shard group is checked before anything is counted)
+        self.reducer = shard_reducer(layers)  # now: weights sharded over several groups are refused first
         self.stored = context.state.setdefault(ABLATION_BUDGETS, {})
         self.budgets = [int(self.stored.get(layer.name, a)) for layer, a in zip(layers, active)]
         self.moves = algorithm.redistributes

@@ -124,7 +124,7 @@ class Units(Target):
 
     def __init__(self, layers: Sequence[LayerState], pattern: Pattern, active: Sequence[int], redistributes: bool) -> None:
         super().__init__(layers)
-        self.reducer  # the shard group is checked before anything is counted
+        self.reducer = shard_reducer(layers)  # now: weights sharded over several groups are refused first
         self.pattern = pattern
         self.moves = pattern.kind == "fan_in" and redistributes
         shapes = [unit_shape(layer.spec.shape, pattern, layer.transposed) for layer in layers]
