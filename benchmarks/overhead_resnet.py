@@ -15,15 +15,16 @@ Sections (``--sections``, default all):
   masks (torch's ``_foreach_mul_`` with the bool masks, with float masks; their bytes per weight are printed)
   and the read+write of the weights alone, the floor of any kernel that runs after the optimizer.
 * ``update``: one sparse momentum update and one RigL update (with its optimizer-state reset) on ResNet-50,
-  Lightning-free (``ALGORITHMS[...].update`` + ``Masking.set_masks`` + ``apply_``), alternating; host
-  synchronizations per update; peak extra memory (resident set) during an update.
+  Lightning-free (``Sparsifier.update()``, one sparsifier per method), alternating; host synchronizations per
+  update; peak extra memory (resident set) during an update.
 * ``callback``: a short real ``Trainer`` fit of ResNet-50 (small images) with ``SparseTrainingCallback``:
   tensor bytes the callback holds, host synchronizations of its step hook with and without an update.
 * ``throughput``: ``Trainer`` fits with and without the callback, alternating in this process: ResNet-50 at
   224x224, batch 16 (per-step times; one mask update per fit, amortized over ``--amortize`` steps), and
   LeNet-5 on Fashion-MNIST, batch 100 (epochs of ``--lenet-steps`` steps, a mask update at every epoch end;
   also fits with a callback that does nothing, for what Lightning's calls of one more callback's hooks cost).
-* ``scaling``: sparse momentum and RigL update times on ResNet-18/34/50/101 against their masked weights.
+* ``scaling``: sparse momentum and RigL ``Sparsifier.update()`` times on ResNet-18/34/50/101 against their masked
+  weights.
 
 Times are medians over alternating repetitions. Nothing is asserted. On a shared machine, PyTorch's
 multi-threaded kernels can stall for whole scheduler slices when another process holds a core (a 10 ms
@@ -56,8 +57,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_sparse import ALGORITHMS, LayerState, Masking, SparseTrainingCallback, UpdateContext, maskable_parameters
-from lightning_sparse.core.optimizer import optimizer_momentum
+from lightning_sparse import SparseTrainingCallback, Sparsifier
 from lightning_sparse.kernels import cpu_masked_zero
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -87,52 +87,34 @@ def sgd(model: nn.Module) -> torch.optim.SGD:
 
 
 class SparseSetup:
-    """A model, its masks at ``density`` (uniform), SGD with momentum, and real dense gradients and momentum
-    buffers from two small training steps (112x112 images, batch 4)."""
+    """A model sparsified by the library: a ``Sparsifier`` of ``method`` (initial pruning rate ``rate``) at
+    ``density`` (uniform), SGD with momentum, and real dense gradients and momentum buffers from two small training
+    steps (112x112 images, batch 4)."""
 
-    def __init__(self, arch: str, density: float, seed: int) -> None:
+    def __init__(self, arch: str, density: float, seed: int, method: str = "sparse_momentum", rate: float = 0.5) -> None:
         self.arch = arch
         self.density = density
         self.model = build_model(arch, seed)
-        self.masking = Masking.random(
-            maskable_parameters(self.model), density, "uniform", torch.Generator().manual_seed(seed)
-        )
-        self.masking.apply_()
         self.optimizer = sgd(self.model)
+        self.sparsifier = Sparsifier(
+            self.model, self.optimizer, density=density, algorithm=method, prune_rate=rate, init="uniform", seed=seed
+        )
+        self.masking = self.sparsifier.masking
         x, y = torch.randn(4, 3, 112, 112), torch.randint(0, 1000, (4,))
         for _ in range(2):
             self.optimizer.zero_grad()
             nn.functional.cross_entropy(self.model(x), y).backward()
             self.optimizer.step()
-            self.masking.apply_()
-        self.generator = torch.Generator().manual_seed(seed)
+            self.sparsifier.step()
 
     @property
     def masked_weights(self) -> int:
         return sum(self.masking.sizes)
 
-    def layers(self) -> list[LayerState]:
-        """As ``SparseTrainingCallback._update_masks`` builds them: momentum from the optimizer, dense gradient."""
-        masking = self.masking
-        return [
-            LayerState(name, w, mask, partial(optimizer_momentum, self.optimizer, w), partial(getattr, w, "grad"))
-            for name, w, mask in zip(masking.names, masking.weights, masking.masks)
-        ]
-
-    def update(self, method: str, rate: float) -> dict[str, float]:
-        """One update as the callback does it; seconds per phase."""
-        algorithm = ALGORITHMS[method]
-        context = UpdateContext(rate=rate, progress=0.5, density=self.density, generator=self.generator)
-        t0 = time.perf_counter()
-        result = algorithm.update(self.layers(), self.masking.active, context)
-        t1 = time.perf_counter()
-        before = list(self.masking.masks)
-        self.masking.set_masks(result.masks, result.active)
-        self.masking.apply_()
-        t2 = time.perf_counter()
-        algorithm.start_grown_(self.masking.weights, before, result, self.optimizer)  # as Sparsifier.update
-        t3 = time.perf_counter()
-        return {"update": t1 - t0, "install": t2 - t1, "reset": t3 - t2, "total": t3 - t0}
+    def update(self) -> float:
+        """Seconds of one ``Sparsifier.update()`` (the method's update, installing and applying the masks, the
+        grown weights' start and optimizer-state reset, and its checks)."""
+        return timed(self.sparsifier.update)
 
     def train_step(self) -> None:
         """Move the state on between updates (the gradients stay those of the last backward)."""
@@ -322,40 +304,35 @@ def section_apply(args: argparse.Namespace) -> None:
 
 # ----------------------------------------------------------------------------- update
 def section_update(args: argparse.Namespace) -> None:
-    s = SparseSetup(args.model, args.density, args.seed)
-    phases: dict[str, list[dict[str, float]]] = {method: [] for method, _ in UPDATES}
+    setups = {method: SparseSetup(args.model, args.density, args.seed, method, rate) for method, rate in UPDATES}
+    times: dict[str, list[float]] = {method: [] for method, _ in UPDATES}
     for _ in range(args.update_repeats):
-        for method, rate in UPDATES:
+        for method, s in setups.items():
             s.train_step()
-            phases[method].append(s.update(method, rate))
+            times[method].append(s.update())
+    s = setups[UPDATES[0][0]]
     header(
         f"update: {args.model}, {s.masked_weights / 1e6:.1f}M masked weights at density {args.density},"
-        f" {args.update_repeats} alternating repetitions (Lightning-free)"
+        f" {args.update_repeats} alternating repetitions of Sparsifier.update() (Lightning-free)"
     )
-    print(
-        f"  {'method (rate)':<22} {'total s':>8} {'update':>8} {'set+apply':>10} {'reset':>8}"
-        f"  {'host syncs (GPU)':<28} peak extra memory"
-    )
+    print(f"  {'method (rate)':<22} {'total s':>8}  {'host syncs (GPU)':<28} peak extra memory")
     for method, rate in UPDATES:
-        p = {k: median([r[k] for r in phases[method]]) for k in ("total", "update", "install", "reset")}
+        s = setups[method]
         s.train_step()
         with SyncCounter() as counter:
-            s.update(method, rate)
+            s.update()
         s.train_step()
-        peak = peak_extra_memory(lambda: s.update(method, rate))
+        peak = peak_extra_memory(s.update)
         peak_text = "n/a" if peak is None else f"{fmt_bytes(peak)} ({peak / s.masked_weights:.2f} B/weight)"
-        print(
-            f"  {method + f' ({rate})':<22} {p['total']:>8.3f} {p['update']:>8.3f} {p['install']:>10.3f}"
-            f" {p['reset']:>8.3f}  {counter.summary:<28} {peak_text}"
-        )
+        print(f"  {method + f' ({rate})':<22} {median(times[method]):>8.3f}  {counter.summary:<28} {peak_text}")
         print(f"  {'':<22} syncs: {counter.describe()}")
     if args.profile:
         from torch.profiler import profile
 
-        for method, rate in UPDATES:
+        for method, s in setups.items():
             s.train_step()
             with profile() as prof:
-                s.update(method, rate)
+                s.update()
             print(f"\n  profile of one {method} update (top operators by self time):")
             table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8)
             print("\n".join("    " + line for line in table.splitlines()))
@@ -644,13 +621,16 @@ def lenet_throughput(args: argparse.Namespace, root: str) -> None:
 
 # ----------------------------------------------------------------------------- scaling
 def section_scaling(args: argparse.Namespace) -> None:
-    setups = [SparseSetup(arch, args.density, args.seed) for arch in args.models]
-    times: dict[tuple[str, str], list[float]] = {}
+    setups = {
+        (arch, method): SparseSetup(arch, args.density, args.seed, method, rate)
+        for arch in args.models
+        for method, rate in UPDATES
+    }
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in setups}
     for _ in range(args.scaling_repeats):
-        for s in setups:
-            for method, rate in UPDATES:
-                s.train_step()
-                times.setdefault((s.arch, method), []).append(s.update(method, rate)["total"])
+        for key, s in setups.items():
+            s.train_step()
+            times[key].append(s.update())
     header(
         f"scaling: update time against masked weights, density {args.density},"
         f" {args.scaling_repeats} alternating repetitions (Lightning-free)"
@@ -659,8 +639,9 @@ def section_scaling(args: argparse.Namespace) -> None:
         f"  {'model':<11} {'masked weights':>15} {'layers':>7} {'sparse momentum s':>18} {'RigL s':>8}"
         f" {'SM ms/M':>8} {'RigL ms/M':>10}"
     )
-    for s in setups:
-        sm, rigl = median(times[(s.arch, "sparse_momentum")]), median(times[(s.arch, "rigl")])
+    for arch in args.models:
+        s = setups[(arch, "sparse_momentum")]
+        sm, rigl = median(times[(arch, "sparse_momentum")]), median(times[(arch, "rigl")])
         m = s.masked_weights / 1e6
         print(
             f"  {s.arch:<11} {s.masked_weights:>15} {len(s.masking.names):>7} {sm:>18.3f} {rigl:>8.3f}"

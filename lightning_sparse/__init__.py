@@ -4,7 +4,7 @@ from lightning_sparse.core.masking import Masking
 from lightning_sparse.core.selection import maskable_parameters
 from lightning_sparse.core.sparsifier import Sparsifier, UpdateReport
 from lightning_sparse.lightning.callback import SparseTrainingCallback
-from lightning_sparse.methods.algorithm import ALGORITHMS, LayerState, SparseAlgorithm, UpdateContext, UpdateResult
+from lightning_sparse.methods import ALGORITHMS, LayerState, SparseAlgorithm, UpdateContext, UpdateResult
 from lightning_sparse.methods.dst import DST
 from lightning_sparse.methods.dst_sparsifier import DSTSparsifier, attach_dst_thresholds
 from lightning_sparse.options import SparseOptions

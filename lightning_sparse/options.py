@@ -17,7 +17,7 @@ from lightning_sparse.functional.init import INIT_METHODS
 from lightning_sparse.functional.patterns import Pattern, parse_pattern
 from lightning_sparse.functional.schedules import PRUNE_RATE_SCHEDULES
 from lightning_sparse.kernels import check_mask_kernel
-from lightning_sparse.methods.algorithm import SparseAlgorithm, check_ablation, get_algorithm
+from lightning_sparse.methods import SparseAlgorithm, check_ablation, get_algorithm
 from lightning_sparse.methods.dst import DST
 from lightning_sparse.schedule import UpdateSchedule, checked_rate
 
@@ -309,7 +309,7 @@ def _pattern_density(pattern: Pattern, density: Any, resolved: SparseAlgorithm |
             f"algorithm {algorithm!r} learns per-neuron thresholds, so its masks cannot keep a pattern: `pattern`"
             f" must be 'unstructured' for DST, got {str(pattern)!r}"
         )
-    if resolved.dynamic and resolved.grow == "none" and resolved.count != "gmp":
+    if resolved.dynamic and not resolved.grows and not resolved.prunes_to_schedule:
         raise ValueError(
             f"pattern={str(pattern)!r} needs a method that regrows what it prunes (or GMP's count='gmp'): the"
             " growth rule refills every unit of the pattern; this algorithm has grow='none'"

@@ -16,7 +16,7 @@ from lightning_sparse.core.distributed import ShardSpec
 from lightning_sparse.core.layers import MaskedLayer
 from lightning_sparse.core.optimizer import check_momentum_optimizer
 from lightning_sparse.functional.patterns import Pattern, input_size
-from lightning_sparse.methods.algorithm import LayerState
+from lightning_sparse.methods.base import LayerState
 
 
 def refuse_fsdp1(model: nn.Module) -> None:

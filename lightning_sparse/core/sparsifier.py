@@ -52,7 +52,7 @@ from lightning_sparse.core.report_inputs import report_inputs
 from lightning_sparse.core.selection import select_layers
 from lightning_sparse.functional.init import layer_active_counts
 from lightning_sparse.functional.patterns import pattern_counts
-from lightning_sparse.methods.algorithm import LayerState, SparseAlgorithm, UpdateContext, UpdateResult
+from lightning_sparse.methods import LayerState, SparseAlgorithm, UpdateContext, UpdateResult
 from lightning_sparse.methods.dst import DST
 from lightning_sparse.methods.groups import update_groups
 from lightning_sparse.methods.snip import snip_scores, top_scores_per_group, top_scores_per_unit
@@ -235,7 +235,7 @@ class Sparsifier:
     def _to_target(self) -> bool:
         """GMP prunes towards its target density: the end of its window is always an update."""
         algorithm = self.options.algorithm
-        return isinstance(algorithm, SparseAlgorithm) and algorithm.count == "gmp"
+        return isinstance(algorithm, SparseAlgorithm) and algorithm.prunes_to_schedule
 
     def _warn_if_no_updates(self) -> None:
         updates = self.schedule.count_updates(self._total_steps)
@@ -266,7 +266,7 @@ class Sparsifier:
     @property
     def uses_gradient_growth(self) -> bool:
         """Whether updates read this step's dense gradients (RigL)."""
-        return isinstance(self.options.algorithm, SparseAlgorithm) and self.options.algorithm.grow == "gradient"
+        return isinstance(self.options.algorithm, SparseAlgorithm) and self.options.algorithm.needs_gradient
 
     @property
     def sharded(self) -> bool:

@@ -35,8 +35,7 @@ from lightning_sparse.core import distributed
 from lightning_sparse.core.sparsifier import Sparsifier, UpdateReport
 from lightning_sparse.cost import TIMINGS, InputCapture, SparsityReport, Stopwatch, TrainFlops, send_figure
 from lightning_sparse.lightning import trainer as trainer_support
-from lightning_sparse.methods import dst
-from lightning_sparse.methods.algorithm import SparseAlgorithm
+from lightning_sparse.methods import SparseAlgorithm, dst
 from lightning_sparse.methods.dst_sparsifier import prepare_model
 from lightning_sparse.options import SparseOptions
 

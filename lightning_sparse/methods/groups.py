@@ -7,7 +7,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 from torch import Tensor
 
-from lightning_sparse.methods.algorithm import LayerState, SparseAlgorithm, UpdateContext, UpdateResult
+from lightning_sparse.methods.base import LayerState, UpdateContext, UpdateResult
+from lightning_sparse.methods.sparse_algorithm import SparseAlgorithm
 
 
 def update_groups(

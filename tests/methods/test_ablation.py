@@ -12,7 +12,7 @@ from torch import nn
 from lightning_sparse import ALGORITHMS, SparseAlgorithm, SparseTrainingCallback, Sparsifier
 from lightning_sparse.export import CondensedLinear, to_condensed
 from lightning_sparse.functional.patterns import ablation_cutoff, check_pattern, fill_units, trim_units, unit_counts
-from lightning_sparse.methods.algorithm import ABLATION_BUDGETS, LayerState, UpdateContext
+from lightning_sparse.methods import ABLATION_BUDGETS, LayerState, UpdateContext
 
 # ----------------------------------------------------------------------------- tensor math
 
@@ -335,7 +335,7 @@ def test_condensed_conv_skips_emptied_channels_in_both_layouts():
 
 @pytest.mark.parametrize("model_name", ["cnn", "conv1d"])
 def test_ablation_on_convolutions_and_transposed_weights(model_name):
-    from tests.functional.test_patterns import MODELS
+    from tests.methods.test_targets import MODELS
 
     make, shape = MODELS[model_name]
     torch.manual_seed(0)

@@ -1,7 +1,7 @@
-"""Each published method's defining behaviour, on small tensors and in a short Trainer run."""
+"""Each published method's defining behaviour (RigL, SET, DSR, SNIP, GMP), on small tensors and in a short
+training loop (a Trainer where the callback's wiring is what is checked)."""
 
 import math
-import warnings
 
 import lightning as L
 import pytest
@@ -9,7 +9,6 @@ import torch
 
 from lightning_sparse import (
     ALGORITHMS,
-    DST,
     LayerState,
     SparseAlgorithm,
     SparseTrainingCallback,
@@ -20,8 +19,7 @@ from lightning_sparse.functional import layer_active_counts
 from lightning_sparse.functional.prune_grow import set_prune, snip_masks
 from lightning_sparse.functional.redistribute import adapt_threshold, below_threshold_counts
 from lightning_sparse.functional.schedules import cosine_decay, gmp_sparsity
-from lightning_sparse.methods.algorithm import largest_remainder
-from lightning_sparse.methods.dst import LongTailedStep, long_tailed_derivative
+from lightning_sparse.methods import largest_remainder
 from tests.helpers import DigitsMLP, MaskRecorder, digits, digits_loader, trainer
 
 
@@ -42,6 +40,30 @@ def _fit(cb, model=None, epochs=2, **kwargs):
     model = model or DigitsMLP()
     t.fit(model, digits_loader())
     return t, model, spy
+
+
+def _train(epochs=2, check=None, **kwargs):
+    """A plain loop over the digits (12 steps per epoch) with a ``Sparsifier``: ``check(sparsifier, optimizer,
+    before)`` after every step (``before``: the masks before it); returns the sparsifier and, per step, the step
+    number and a copy of the masks after it."""
+    torch.manual_seed(0)
+    model = DigitsMLP()
+    optimizer = model.configure_optimizers()
+    loader = digits_loader()
+    sparsifier = Sparsifier(model, optimizer, total_steps=epochs * len(loader), **kwargs)
+    history = []
+    for _ in range(epochs):
+        for x, y in loader:
+            before = {k: v.clone() for k, v in sparsifier.masks.items()}
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            sparsifier.step()
+            if check is not None:
+                check(sparsifier, optimizer, before)
+            optimizer.zero_grad()
+            history.append((sparsifier.step_count, {k: v.clone() for k, v in sparsifier.masks.items()}))
+        sparsifier.epoch_end()
+    return sparsifier, history
 
 
 def _changed_steps(history):
@@ -67,14 +89,13 @@ def test_rigl_unit_drops_smallest_grows_largest_gradient_keeps_count():
     assert result.masks[0].tolist() == [True, False, True, False, True, False, True, False, True, False]
 
 
-def test_rigl_trainer_updates_only_on_interval_steps_before_stop_and_keeps_layer_counts():
-    cb = SparseTrainingCallback(density=0.2, algorithm="rigl", update_interval=3, seed=0)
-    _, _, spy = _fit(cb, epochs=2)  # 24 steps; window ends at 0.75 * 24 = 18
-    changed = _changed_steps(spy.history)
+def test_rigl_updates_only_on_interval_steps_before_stop_and_keeps_layer_counts():
+    cb, history = _train(density=0.2, algorithm="rigl", update_interval=3, seed=0)  # 24 steps; window ends at 18
+    changed = _changed_steps(history)
     assert changed and set(changed) <= {3, 6, 9, 12, 15}
     assert len(changed) >= 4
     counts = layer_active_counts([tuple(m.shape) for m in cb.masks.values()], 0.2, "erk")
-    for _, masks in spy.history:
+    for _, masks in history:
         assert [int(m.sum()) for m in masks.values()] == counts
     state = cb.state_dict()
     assert state["last_update_step"] == 18 and state["prune_rate"] == 0.0  # the update at the window's end
@@ -84,25 +105,18 @@ def test_rigl_trainer_updates_only_on_interval_steps_before_stop_and_keeps_layer
 def test_rigl_zeroes_grown_weights_and_their_momentum():
     grown_checked = []
 
-    class Check(L.Callback):
-        def __init__(self):
-            self.before = None
+    def check(sparsifier, optimizer, before):
+        if sparsifier.step_count % 3:
+            return
+        params = dict(sparsifier.model.named_parameters())
+        for name, mask in sparsifier.masks.items():
+            grown = mask & ~before[name]
+            if grown.any():
+                assert torch.all(params[name][grown] == 0)
+                assert torch.all(optimizer.state[params[name]]["momentum_buffer"][grown] == 0)
+                grown_checked.append(int(grown.sum()))
 
-        def on_train_batch_end(self, trainer, pl_module, *args):
-            masks = {k: v.clone() for k, v in cb.masks.items()}
-            if self.before is not None and trainer.global_step % 3 == 0:
-                params = dict(pl_module.named_parameters())
-                for name, mask in masks.items():
-                    grown = mask & ~self.before[name]
-                    if grown.any():
-                        assert torch.all(params[name][grown] == 0)
-                        buf = trainer.optimizers[0].state[params[name]]["momentum_buffer"]
-                        assert torch.all(buf[grown] == 0)
-                        grown_checked.append(int(grown.sum()))
-            self.before = masks
-
-    cb = SparseTrainingCallback(density=0.2, algorithm="rigl", update_interval=3, seed=0)
-    trainer(callbacks=[cb, Check()], max_epochs=1).fit(DigitsMLP(), digits_loader())
+    _train(epochs=1, check=check, density=0.2, algorithm="rigl", update_interval=3, seed=0)
     assert sum(grown_checked) > 0
 
 
@@ -164,9 +178,8 @@ def test_dsr_update_regrows_in_proportion_to_survivors_and_adapts_threshold():
     assert ctx.state["dsr_threshold"] == 0.002
 
 
-def test_dsr_trainer_threshold_is_checkpointed_and_adapts():
-    cb = SparseTrainingCallback(density=0.2, algorithm="dsr", update_interval=4, seed=0)
-    _fit(cb, epochs=2)
+def test_dsr_threshold_is_checkpointed_and_adapts():
+    cb, _ = _train(density=0.2, algorithm="dsr", update_interval=4, seed=0)
     threshold = cb.state_dict()["algorithm_state"]["dsr_threshold"]
     assert threshold != 1e-3 and math.log2(threshold / 1e-3).is_integer()
     assert sum(int(m.sum()) for m in cb.masks.values()) == sum(
@@ -210,11 +223,10 @@ def test_gmp_schedule_values():
     assert gmp_sparsity(2.0, 0.9) == pytest.approx(0.9)
 
 
-def test_gmp_trainer_follows_cubic_schedule_and_ends_at_density():
-    cb = SparseTrainingCallback(density=0.1, algorithm="gmp", update_interval=2, seed=0)
-    _, _, spy = _fit(cb, epochs=2)
+def test_gmp_follows_cubic_schedule_and_ends_at_density():
+    cb, history = _train(density=0.1, algorithm="gmp", update_interval=2, seed=0)
     sizes = [m.numel() for m in cb.masks.values()]
-    for step, masks in spy.history:
+    for step, masks in history:
         if step % 2:
             continue
         sparsity = gmp_sparsity(min(step / 18, 1.0), 0.9)  # window: 0.75 * 24 steps
@@ -222,123 +234,6 @@ def test_gmp_trainer_follows_cubic_schedule_and_ends_at_density():
         assert [int(m.sum()) for m in masks.values()] == expected, step
     assert sum(int(m.sum()) for m in cb.masks.values()) == round(0.1 * sum(sizes))
     assert cb.state_dict()["last_update_step"] == 18
-
-
-# ----------------------------------------------------------------------------- DST
-
-
-def test_long_tailed_estimator_values():
-    x = torch.tensor([-1.5, -0.7, -0.4, -0.1, 0.0, 0.25, 0.4, 0.5, 1.0, 1.01], requires_grad=True)
-    y = LongTailedStep.apply(x)
-    assert y.tolist() == [0, 0, 0, 0, 0, 1, 1, 1, 1, 1]
-    y.sum().backward()
-    assert x.grad.tolist() == pytest.approx([0.0, 0.4, 0.4, 1.6, 2.0, 1.0, 0.4, 0.4, 0.4, 0.0])
-    assert long_tailed_derivative(torch.tensor([0.3])).item() == pytest.approx(0.8)
-
-
-def test_dst_thresholds_get_gradients_and_sparsity_rises():
-    densities = []
-
-    class Spy(L.Callback):
-        def on_train_epoch_end(self, trainer, pl_module):
-            densities.append(trainer.callback_metrics["sparse/density"].item())
-
-    grads = []
-
-    class GradSpy(L.Callback):
-        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            grads.append([m.threshold.grad.abs().sum().item() for m in cb.sparsifier.thresholds.values()])
-
-    L.seed_everything(0)
-    cb = SparseTrainingCallback(algorithm=DST(alpha=5e-4), seed=0)  # the paper's LeNet value
-    model = DigitsMLP()  # SGD, momentum 0.9, lr 0.1
-    t = trainer(callbacks=[cb, GradSpy(), Spy()], max_epochs=8)
-    t.fit(model, digits_loader(1200))
-    names = [n for n, _ in model.named_parameters()]
-    assert set(names) == {f"net.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")}  # thresholds folded at fit end
-    assert all(g > 0 for step in grads for g in step)
-    assert densities[0] < 1.0 and densities[-1] < densities[0] - 0.1  # sparsity rises: seen 0.96 -> 0.70
-    assert all(later <= earlier + 0.01 for earlier, later in zip(densities, densities[1:]))
-    # the forward uses the masked weight: entries under the threshold are exactly zero
-    assert set(cb.masks) == {"net.0.weight", "net.2.weight", "net.4.weight"}  # the masks at the end of fit
-    for name, mask in cb.masks.items():
-        module = model.get_submodule(name.rsplit(".", 1)[0])
-        assert torch.all(module.weight[~mask] == 0)
-    val = (model(digits()[0][1200:]).argmax(1) == digits()[1][1200:]).float().mean().item()
-    assert val > 0.8
-
-
-def test_dst_thresholds_are_checkpointed(tmp_path):
-    cb = SparseTrainingCallback(algorithm="dst", seed=0)
-    model = DigitsMLP(optimizer="adam", lr=1.0)
-
-    class Save(L.Callback):
-        def on_train_epoch_end(self, trainer, pl_module):
-            trainer.save_checkpoint(tmp_path / "during.ckpt")
-
-    t = trainer(callbacks=[cb, Save()], max_epochs=1, enable_checkpointing=False)
-    t.fit(model, digits_loader())
-    during = torch.load(tmp_path / "during.ckpt", weights_only=True)
-    state = during["state_dict"]  # plain also during training: the masked weights, no thresholds
-    assert set(state) == {f"net.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")}
-    DigitsMLP().load_state_dict(state)
-    dst_state = during["callbacks"][cb.state_key]["dst"]  # thresholds and raw weights, for resume
-    assert set(dst_state["thresholds"]) == set(dst_state["raw"]) == {"net.0.weight", "net.2.weight", "net.4.weight"}
-    assert all(bool((t != 0).any()) for t in dst_state["thresholds"].values())  # trained
-    t.save_checkpoint(tmp_path / "after.ckpt")
-    after = torch.load(tmp_path / "after.ckpt", weights_only=True)["state_dict"]
-    assert set(after) == {f"net.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")}  # plain after fit
-    DigitsMLP().load_state_dict(after)  # loads into the model without the callback
-
-
-def test_dst_collapse_resets_thresholds():
-    cb = SparseTrainingCallback(algorithm=DST(alpha=0.0, collapse_density=0.5), seed=0)
-    model = DigitsMLP(optimizer="adam", lr=1.0)
-
-    class Collapse(L.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if batch_idx == 2:
-                with torch.no_grad():
-                    cb.sparsifier.thresholds["net.2.weight"].threshold.fill_(100.0)  # nothing passes: density 0
-
-    seen = []
-
-    class After(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, *args):
-            if trainer.global_step == 3:
-                seen.append(cb.sparsifier.thresholds["net.2.weight"].threshold.abs().max().item())
-
-    trainer(callbacks=[Collapse(), cb, After()], max_epochs=1).fit(model, digits_loader())
-    assert seen == [0.0]
-
-
-def test_dst_warns_once_when_a_layer_keeps_collapsing():
-    """Each collapse resets the layer's thresholds; the third one of a layer warns, naming it and the advice
-    (a learning rate too large for the thresholds), once."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
-    sparsifier = Sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1), algorithm="dst")
-
-    def collapse(name: str) -> None:
-        with torch.no_grad():
-            sparsifier.thresholds[name].threshold.fill_(100.0)  # nothing passes: density 0
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no warning on the first two collapses
-        for _ in range(2):
-            collapse("2.weight")
-            sparsifier.step()
-    assert sparsifier.collapses == {"2.weight": 2}
-    collapse("2.weight")
-    collapse("0.weight")
-    with pytest.warns(UserWarning, match=r"DST: the layer\(s\) \['2.weight'\] collapsed 3 times by step 3 .*lr 0.01"):
-        sparsifier.step()
-    assert sparsifier.collapses == {"2.weight": 3, "0.weight": 1}
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # once per layer
-        collapse("2.weight")
-        sparsifier.step()
-    assert sparsifier.collapses["2.weight"] == 4
 
 
 # ----------------------------------------------------------------------------- composition

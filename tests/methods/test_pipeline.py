@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lightning_sparse import ALGORITHMS, LayerState, SparseAlgorithm, UpdateContext
-from lightning_sparse.methods.algorithm import get_algorithm
+from lightning_sparse.methods import get_algorithm
 
 
 def _layer(name, weight, mask, momentum):
