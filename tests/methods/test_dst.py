@@ -55,7 +55,7 @@ def test_dst_default_alpha_rule():
 def test_dst_sparsifier_uses_the_alpha_for_the_network(out_features, algorithm, expected, caplog):
     model = nn.Linear(1000, out_features, bias=False)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    with caplog.at_level(logging.INFO, logger="lightning_sparse.core.sparsifier"):
+    with caplog.at_level(logging.INFO, logger="lightning_sparse.methods.dst_sparsifier"):
         sparsifier = Sparsifier(model, opt, algorithm=algorithm)
     assert sparsifier.alpha == expected
     chosen = [r.getMessage() for r in caplog.records if "DST: alpha" in r.getMessage()]
