@@ -22,11 +22,11 @@ def report_inputs(
     names: Iterable[str],
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The (local) ``masks``, plus the (local) weights of the other layers in ``names``, and the layout: the
-    shard layout (FSDP2: ``layout`` holds the masks' ``row_offsets``, ``out_channels`` and ``group``, extended here),
+    shard layout (FSDP2: ``layout`` holds the masks' ``specs`` and ``group``, extended here),
     ``transposed`` (the layers stored ``[in, out]``, ``transformers``' ``Conv1D``, whose columns are their output
     channels) and ``attention`` (the modules of ``attention`` whose projections are all among the layers, for
-    their empty heads). Under FSDP2 a layer that every process holds whole is counted from the first process
-    only; a ``Conv1D`` weight is sharded by its stored rows (input channels), which the report's all-reduced
+    their empty heads). Under FSDP2 a layer that every process holds whole has no spec (the report counts it
+    on the first process only); a ``Conv1D`` weight is sharded by its stored rows (input channels), which the report's all-reduced
     counts handle (each process passes its row block as stored, not transposed)."""
     result: dict[str, Tensor] = dict(masks)
     params = dict(model.named_parameters())
@@ -34,13 +34,9 @@ def report_inputs(
         if name in result or name not in params:
             continue
         spec = distributed.shard_spec(params[name], name)
-        value = distributed.local(params[name])
-        if layout and not spec.sharded and distributed.rank(layout["group"]) != 0:
-            value = value[:0]
-        result[name] = value
-        if layout:
-            layout["row_offsets"][name] = spec.row_offset
-            layout["out_channels"][name] = spec.shape[0]
+        result[name] = distributed.local(params[name])
+        if layout and spec.sharded:  # a weight every process holds whole is counted once by the report
+            layout["specs"][name] = spec
     transposed = [name for name in result if _transposed(model, layers, name)]
     if transposed:
         layout["transposed"] = transposed

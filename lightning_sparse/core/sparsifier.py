@@ -277,11 +277,8 @@ class Sparsifier:
         """Keyword arguments for :meth:`~lightning_sparse.cost.report.SparsityReport.measure` under FSDP2."""
         if not self.sharded:
             return {}
-        return {
-            "row_offsets": {n: s.row_offset for n, s in zip(self.masking.names, self.masking.specs)},
-            "out_channels": {n: s.shape[0] for n, s in zip(self.masking.names, self.masking.specs)},
-            "group": self.masking.group,
-        }
+        specs = {n: s for n, s in zip(self.masking.names, self.masking.specs) if s.sharded}  # whole: counted once
+        return {"specs": specs, "group": self.masking.group}
 
     def report_layers(self, names: Iterable[str]) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """What :meth:`~lightning_sparse.cost.report.SparsityReport.measure` takes (see

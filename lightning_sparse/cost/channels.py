@@ -36,7 +36,7 @@ from lightning_sparse.cost.chains import ChainLink
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
-__all__ = ["LayerChannelStats", "channel_stats"]
+__all__ = ["LayerChannelStats", "block_layout", "channel_stats"]
 
 
 @dataclass(frozen=True)
@@ -62,8 +62,7 @@ def channel_stats(
     links: Mapping[str, ChainLink] | None = None,
     groups: Mapping[str, int] | None = None,
     *,
-    row_offsets: Mapping[str, int] | None = None,
-    out_channels: Mapping[str, int] | None = None,
+    specs: Mapping[str, ShardSpec] | None = None,
     group: ProcessGroup | None = None,
     transposed: Collection[str] = (),
 ) -> dict[str, LayerChannelStats]:
@@ -81,25 +80,24 @@ def channel_stats(
             channel ``i`` of group ``k`` is empty when its weights in that group's output channels are all zero,
             so ``empty_in`` is a fraction of the ``in`` real input channels. Without it, the input index of a
             grouped conv's weight is read as one channel (empty in every group at once).
-        row_offsets: with ``group``: the global index of the first row (output channel) of each layer's local
-            block, as FSDP2's ``Shard(0)`` places it.
-        out_channels: with ``group``: the number of rows (output channels) of each layer's full weight.
+        specs: with ``group``: the :class:`~lightning_sparse.core.distributed.ShardSpec` of each sharded layer's
+            local block (its full ``shape``, ``row_offset`` and ``rows``), as FSDP2's ``Shard(0)`` places it.
         group: a process group over which the masks are sharded by rows: each process passes the same names,
             in the same order, and for each layer its local row block ``[row_offset, row_offset + rows)`` of
-            the full mask (``rows`` may be 0; the other dimensions are the full ones). A layer named in neither
-            ``row_offsets`` nor ``out_channels`` is held whole, the same, by every process (only the group's
+            the full mask (``rows`` may be 0; the other dimensions are the full ones). A layer without a spec
+            is held whole, the same, by every process (only the group's
             first process's copy is counted). The per-layer counts are summed with one ``all_reduce`` over
             ``group`` (no mask is gathered), and every process gets the statistics of the full masks, exactly
             as this function returns them for the full masks without ``group``. Arguments are checked before
             the ``all_reduce``, but only against the local block: blocks that overlap or leave rows out across
             the processes go unnoticed, and a check failing on some processes only leaves the others waiting
-            in the collective. ``None``, or a group of one process: the masks are the full weights
-            (``row_offsets`` must then be 0 and ``out_channels`` the masks' rows, where given).
+            in the collective. ``None``, or a group of one process: the masks are the full weights (their
+            specs, where given, must say so).
         transposed: names of 2-D layers whose masks are stored ``[in, out]`` (``transformers``' ``Conv1D``):
             their columns are the output channels and their rows the input channels, and the statistics are
             those of the ``[out, in]`` layer. With ``group``, such a mask is still sharded by its stored rows
-            (FSDP2's ``Shard(0)`` of the ``[in, out]`` weight: blocks of input channels), and ``row_offsets`` /
-            ``out_channels`` give its stored rows (``out_channels`` is then its number of *input* channels).
+            (FSDP2's ``Shard(0)`` of the ``[in, out]`` weight: blocks of input channels), and its spec gives its
+            stored rows (input channels).
             They have 1 group.
 
     Returns:
@@ -117,8 +115,7 @@ def channel_stats(
         raise ValueError(f"got {len(names)} names but {len(masks)} masks; they must be aligned")
     links = dict(links or {})
     groups = dict(groups or {})
-    row_offsets = dict(row_offsets or {})
-    out_channels = dict(out_channels or {})
+    specs = dict(specs or {})
     if isinstance(transposed, str):
         raise ValueError(f"`transposed` must be a collection of layer names, got the string {transposed!r}")
     transposed = set(transposed)
@@ -126,8 +123,7 @@ def channel_stats(
     for what, keys in (
         ("links", list(links)),
         ("groups", list(groups)),
-        ("row_offsets", list(row_offsets)),
-        ("out_channels", list(out_channels)),
+        ("specs", list(specs)),
         ("transposed", sorted(transposed)),
     ):
         unknown = [k for k in keys if k not in known]
@@ -136,9 +132,6 @@ def channel_stats(
     bad_sources = {k: link.source for k, link in links.items() if link.source not in known}
     if bad_sources:
         raise ValueError(f"`links` sources that are not in `names`: {bad_sources}; the layers are {names}")
-    unpaired = sorted(set(row_offsets) ^ set(out_channels))
-    if unpaired:
-        raise ValueError(f"`row_offsets` and `out_channels` must name the same layers; only one names {unpaired}")
     for name, mask in zip(names, masks):
         if name in transposed and (mask.dim() != 2 or groups.get(name, 1) != 1):
             raise ValueError(
@@ -148,17 +141,20 @@ def channel_stats(
     if not names:
         return {}
     # Every check comes before the collective: a process that raises must not leave the others waiting in it.
-    if group is not None and torch.distributed.get_world_size(group) > 1:
-        rank = torch.distributed.get_rank(group)
-        specs = [_row_block(name, mask, row_offsets, out_channels, rank, group) for name, mask in zip(names, masks)]
-    else:
+    if group is not None and torch.distributed.get_world_size(group) <= 1:
         group = None
-        specs = _whole_masks(names, masks, row_offsets, out_channels)
-    active = {
-        name: (mask if mask.dtype == torch.bool else mask != 0)[: spec.rows]
-        for name, mask, spec in zip(names, masks, specs)
-    }
-    layouts = dict(zip(names, specs))
+    for name, mask in zip(names, masks):
+        if group is None and (mask.dim() < 2 or mask.numel() == 0):
+            raise ValueError(
+                f"mask {name!r} must be a non-empty weight mask [out, in, *kernel], got shape {tuple(mask.shape)}"
+            )
+        if group is not None and (mask.dim() < 2 or math.prod(mask.shape[1:]) == 0):
+            raise ValueError(
+                f"mask {name!r} must be a row block of a non-empty weight mask [out, in, *kernel], got shape"
+                f" {tuple(mask.shape)}"
+            )
+    layouts = {name: block_layout(name, mask, specs.get(name), group) for name, mask in zip(names, masks)}
+    active = {name: (mask if mask.dtype == torch.bool else mask != 0)[: layouts[name].rows] for name, mask in zip(names, masks)}
     for name in names:
         g = groups.get(name, 1)
         n_out = layouts[name].shape[0]
@@ -185,54 +181,28 @@ def channel_stats(
     return _counted_stats(names, active, layouts, links, groups, transposed, channels, group, masks[0].device)
 
 
-def _whole_masks(
-    names: list[str], masks: list[Tensor], row_offsets: dict[str, int], out_channels: dict[str, int]
-) -> list[ShardSpec]:
-    """The layouts of full masks (no process group of several processes), checked against ``row_offsets`` and
-    ``out_channels`` where they name a layer."""
-    for name, mask in zip(names, masks):
-        if name in out_channels and (row_offsets[name] != 0 or out_channels[name] != mask.shape[0]):
-            raise ValueError(
-                f"mask {name!r}: without a process group of several processes each mask is the full weight, but"
-                f" `row_offsets` gives {row_offsets[name]!r} and `out_channels` {out_channels[name]!r} for a mask"
-                f" of {mask.shape[0] if mask.dim() else 0} rows"
-            )
-    for name, mask in zip(names, masks):
-        if mask.dim() < 2 or mask.numel() == 0:
-            raise ValueError(
-                f"mask {name!r} must be a non-empty weight mask [out, in, *kernel], got shape {tuple(mask.shape)}"
-            )
-    return [ShardSpec(tuple(mask.shape), 0, mask.shape[0]) for mask in masks]
-
-
-def _row_block(
-    name: str,
-    mask: Tensor,
-    row_offsets: dict[str, int],
-    out_channels: dict[str, int],
-    rank: int,
-    group: ProcessGroup,
-) -> ShardSpec:
-    """The layout of this process's row block of a sharded mask; a mask held whole by every process counts on
-    the group's first process only (0 rows elsewhere)."""
-    if mask.dim() < 2 or math.prod(mask.shape[1:]) == 0:
+def block_layout(name: str, mask: Tensor, spec: ShardSpec | None, group: ProcessGroup | None) -> ShardSpec:
+    """What this process holds of layer ``name`` (``mask``): the row block that ``spec`` places, checked against
+    the mask; without a spec, the whole mask, which every process of ``group`` holds the same and which is
+    counted on the group's first process only (0 rows elsewhere). Without ``group`` every mask is whole."""
+    rows = mask.shape[0] if mask.dim() else 0
+    if spec is None:
+        if rows == 0:
+            raise ValueError(f"mask {name!r} is empty, and no spec names it as a row block")
+        first = group is None or torch.distributed.get_rank(group) == 0
+        return ShardSpec(tuple(mask.shape), 0, rows if first else 0, group)
+    shape = tuple(spec.shape)
+    if shape[1:] != tuple(mask.shape[1:]) or spec.rows != rows or spec.row_offset < 0 or spec.row_offset + rows > shape[0]:
         raise ValueError(
-            f"mask {name!r} must be a row block of a non-empty weight mask [out, in, *kernel], got shape"
-            f" {tuple(mask.shape)}"
+            f"mask {name!r} of shape {tuple(mask.shape)} is not the block of rows [{spec.row_offset},"
+            f" {spec.row_offset + spec.rows}) of a weight of shape {shape} that its spec gives"
         )
-    if name not in out_channels:  # held whole by every process: counted once
-        if mask.shape[0] == 0:
-            raise ValueError(f"mask {name!r} is empty, and `out_channels` does not name it as a row block")
-        return ShardSpec(tuple(mask.shape), 0, mask.shape[0] if rank == 0 else 0, group)
-    n_out, offset = out_channels[name], row_offsets[name]
-    if not isinstance(n_out, int) or not isinstance(offset, int) or n_out < 1 or offset < 0:
+    if group is None and shape[0] != rows:
         raise ValueError(
-            f"`out_channels[{name!r}]` must be a positive integer and `row_offsets[{name!r}]` a"
-            f" non-negative one, got {n_out!r} and {offset!r}"
+            f"mask {name!r}: without a process group of several processes each mask is the full weight, but its"
+            f" spec gives rows [{spec.row_offset}, {spec.row_offset + rows}) of a weight of {shape[0]} rows"
         )
-    if offset + mask.shape[0] > n_out:
-        raise ValueError(f"mask {name!r}: rows [{offset}, {offset + mask.shape[0]}) of a weight of {n_out} rows")
-    return ShardSpec((n_out, *mask.shape[1:]), offset, mask.shape[0], group)
+    return ShardSpec(shape, spec.row_offset, rows, group)
 
 
 def _counted_stats(

@@ -10,7 +10,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from lightning_sparse.core.distributed import ShardSpec
 from lightning_sparse.core.layers import AttentionHeads
+from lightning_sparse.cost.channels import block_layout
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -83,8 +85,7 @@ def attention_empty_heads(
     layers: Mapping[str, Tensor],
     *,
     transposed: Collection[str] = (),
-    row_offsets: Mapping[str, int] | None = None,
-    out_channels: Mapping[str, int] | None = None,
+    specs: Mapping[str, ShardSpec] | None = None,
     group: ProcessGroup | None = None,
 ) -> dict[str, float]:
     """:func:`empty_heads` of every attention module, from the masks of its projections, also sharded.
@@ -93,11 +94,11 @@ def attention_empty_heads(
         attention: attention module name → :class:`AttentionHeads`; every layer it names must be in ``layers``.
         layers: layer name → mask (``torch.bool``, or a weight: non-zero is active), ``[out, in]``, or
             ``[in, out]`` for the names in ``transposed``.
-        transposed, row_offsets, out_channels, group: as for
+        transposed, specs, group: as for
             :func:`~lightning_sparse.cost.channels.channel_stats`: with ``group``, a layer
-            named in ``row_offsets``/``out_channels`` is this process's block of stored rows (output channels, or
-            input channels of a ``transposed`` layer), and a layer named in neither is held whole by every
-            process (counted from the group's first process only). The active weights of every output channel
+            with a spec is this process's block of stored rows (output channels, or input channels of a
+            ``transposed`` layer), and a layer without one is held whole by every process (counted from the
+            group's first process only). The active weights of every output channel
             are counted locally and summed with one ``all_reduce`` over ``group`` (no mask is gathered), so every
             process gets the fractions of the full masks. Every process must pass the same modules and layer
             names, in the same order; arguments are checked before the collective.
@@ -107,15 +108,14 @@ def attention_empty_heads(
         synchronization.
     """
     attention = dict(attention)
-    row_offsets = dict(row_offsets or {})
-    out_channels = dict(out_channels or {})
+    specs = dict(specs or {})
     if isinstance(transposed, str):
         raise ValueError(f"`transposed` must be a collection of layer names, got the string {transposed!r}")
     transposed = set(transposed)
     if not attention:
         return {}
-    sharded = group is not None and torch.distributed.get_world_size(group) > 1
-    first = not sharded or torch.distributed.get_rank(group) == 0
+    if group is not None and torch.distributed.get_world_size(group) <= 1:
+        group = None
     names: list[str] = []
     for module, spec in attention.items():
         if not isinstance(spec, AttentionHeads) or not spec.layers:
@@ -132,33 +132,19 @@ def attention_empty_heads(
         if mask.dim() < 2 or (name in transposed and mask.dim() != 2):
             raise ValueError(f"mask {name!r} must be a 2-D (or [out, in, *kernel]) mask, got shape {tuple(mask.shape)}")
         active = mask if mask.dtype == torch.bool else mask != 0
-        if name in out_channels or name in row_offsets:
-            if name not in out_channels or name not in row_offsets:
-                raise ValueError(f"`row_offsets` and `out_channels` must both name {name!r}, or neither")
-            n_rows, offset = out_channels[name], row_offsets[name]
-            if not sharded and (offset != 0 or n_rows != active.shape[0]):
-                raise ValueError(
-                    f"mask {name!r}: without a process group of several processes each mask is the full weight,"
-                    f" but `row_offsets` gives {offset!r} and `out_channels` {n_rows!r} for {active.shape[0]} rows"
-                )
-            if offset < 0 or offset + active.shape[0] > n_rows:
-                raise ValueError(f"mask {name!r}: rows [{offset}, {offset + active.shape[0]}) of a weight of {n_rows}")
-            held_whole = False
-        else:
-            n_rows, offset, held_whole = active.shape[0], 0, True
+        layout = block_layout(name, active, specs.get(name), group)
+        active = active[: layout.rows]  # a whole mask counts on the group's first process only
         if name in transposed:  # [in, out] block of input rows: per-column counts, summed over the blocks
             per_channel = active.sum(dim=0, dtype=torch.int64)
         else:
-            per_channel = torch.zeros(n_rows, dtype=torch.int64, device=active.device)
-            per_channel[offset : offset + active.shape[0]] = active.flatten(1).sum(dim=1)
-        if held_whole and not first:
-            per_channel = torch.zeros_like(per_channel)
+            per_channel = torch.zeros(layout.shape[0], dtype=torch.int64, device=active.device)
+            per_channel[layout.row_offset : layout.row_offset + layout.rows] = active.flatten(1).sum(dim=1)
         counts[name] = per_channel.to(device)
     for module, spec in attention.items():
         _check_heads(f"attention[{module!r}]", sum(counts[n].numel() for n in spec.layers), spec.heads, spec.parts)
     sizes = [counts[n].numel() for n in names]
     totals = torch.cat([counts[n] for n in names])
-    if sharded:
+    if group is not None:
         torch.distributed.all_reduce(totals, op=torch.distributed.ReduceOp.SUM, group=group)
     used = dict(zip(names, (totals > 0).split(sizes)))
     empty = torch.stack(

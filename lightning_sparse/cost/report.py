@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
+from lightning_sparse.core.distributed import ShardSpec
 from lightning_sparse.core.layers import AttentionHeads
 from lightning_sparse.cost.channels import LayerChannelStats, channel_stats
 from lightning_sparse.cost.figure import sparsity_figure
@@ -69,8 +70,7 @@ class SparsityReport:
         step: int,
         layers: Mapping[str, Tensor],
         *,
-        row_offsets: Mapping[str, int] | None = None,
-        out_channels: Mapping[str, int] | None = None,
+        specs: Mapping[str, ShardSpec] | None = None,
         group: ProcessGroup | None = None,
         transposed: Collection[str] = (),
         attention: Mapping[str, AttentionHeads] | None = None,
@@ -86,10 +86,10 @@ class SparsityReport:
         are left out.
 
         With ``group``, ``layers`` are the local row blocks of masks sharded over its processes (FSDP2's
-        ``Shard(0)``), placed by ``row_offsets`` and ``out_channels``, and the statistics are those of the full
+        ``Shard(0)``), placed by their ``specs``, and the statistics are those of the full
         masks, with one ``all_reduce`` (see :func:`~lightning_sparse.cost.channels.channel_stats`); every
         process of ``group`` must call this with the same layer names in the same order. The recorded
-        shapes are the full ones, ``(out_channels, *local.shape[1:])``.
+        shapes are the full ones (the specs' shapes).
         """
         names = list(layers)
         links = {}
@@ -102,19 +102,18 @@ class SparsityReport:
             [layers[n] for n in names],
             links,
             groups,
-            row_offsets=row_offsets,
-            out_channels=out_channels,
+            specs=specs,
             group=group,
             transposed=transposed,
         )
         modules = {m: a for m, a in (attention or {}).items() if all(n in layers for n in a.layers)}
         empty_heads = attention_empty_heads(
-            modules, layers, transposed=transposed, row_offsets=row_offsets, out_channels=out_channels, group=group
+            modules, layers, transposed=transposed, specs=specs, group=group
         )
         self.heads.update({m: a.heads for m, a in modules.items()})
         measured = MeasuredStats(stats, empty_heads)
-        rows = dict(out_channels or {})
-        self.shapes.update({n: (rows[n], *t.shape[1:]) if n in rows else tuple(t.shape) for n, t in layers.items()})
+        specs = dict(specs or {})
+        self.shapes.update({n: tuple(specs[n].shape) if n in specs else tuple(t.shape) for n, t in layers.items()})
         self.history.append((step, measured))
         return measured
 

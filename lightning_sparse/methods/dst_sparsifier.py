@@ -127,11 +127,7 @@ class DSTSparsifier(Sparsifier):
     def shard_layout(self) -> dict[str, Any]:
         if not self.sharded:
             return {}
-        return {
-            "row_offsets": {n: s.row_offset for n, s in zip(self.names, self._specs)},
-            "out_channels": {n: s.shape[0] for n, s in zip(self.names, self._specs)},
-            "group": self._group,
-        }
+        return {"specs": {n: s for n, s in zip(self.names, self._specs) if s.sharded}, "group": self._group}
 
     @property
     def learns_every_step(self) -> bool:

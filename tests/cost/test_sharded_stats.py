@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from lightning_sparse.core.distributed import ShardSpec
 from lightning_sparse.cost import (
     AttentionHeads,
     ChainLink,
@@ -80,16 +81,17 @@ def _cases() -> list[dict[str, Any]]:
     return [dict(case, whole={"dense.weight"}) for case in (first, second, third)]
 
 
-def _shard(case: dict[str, Any], rank: int, world: int):
-    offsets, out_channels, local = {}, {}, []
+def _shard(case: dict[str, Any], rank: int, world: int) -> tuple[list[torch.Tensor], dict[str, ShardSpec]]:
+    """This rank's row blocks, and their specs (the layers in ``case["whole"]`` are held whole: no spec)."""
+    specs, local = {}, []
     for name, mask in zip(case["names"], case["masks"]):
         if name in case["whole"]:
             local.append(mask)
             continue
         start, stop = _rows(mask.shape[0], rank, world)
         local.append(mask[start:stop])
-        offsets[name], out_channels[name] = start, mask.shape[0]
-    return local, offsets, out_channels
+        specs[name] = ShardSpec(tuple(mask.shape), start, stop - start, dist.group.WORLD)
+    return local, specs
 
 
 def _attention_case() -> dict[str, Any]:
@@ -122,8 +124,8 @@ def _attention_case() -> dict[str, Any]:
     }
 
 
-def _attention_shard(case: dict[str, Any], rank: int) -> tuple[list[torch.Tensor], dict[str, int], dict[str, int]]:
-    local, offsets, rows = [], {}, {}
+def _attention_shard(case: dict[str, Any], rank: int) -> tuple[list[torch.Tensor], dict[str, ShardSpec]]:
+    local, specs = [], {}
     for name, mask in zip(case["names"], case["masks"]):
         if name in case["whole"]:
             local.append(mask)
@@ -131,8 +133,8 @@ def _attention_shard(case: dict[str, Any], rank: int) -> tuple[list[torch.Tensor
         chunk = math.ceil(mask.shape[0] / WORLD)
         start, stop = min(mask.shape[0], rank * chunk), min(mask.shape[0], (rank + 1) * chunk)
         local.append(mask[start:stop])
-        offsets[name], rows[name] = start, mask.shape[0]
-    return local, offsets, rows
+        specs[name] = ShardSpec(tuple(mask.shape), start, stop - start, dist.group.WORLD)
+    return local, specs
 
 
 def _as_tuples(stats) -> dict[str, tuple[float, float, float]]:
@@ -148,17 +150,13 @@ def _worker(
         group = dist.group.WORLD
         results: dict[str, Any] = {"cases": []}
         for case in cases:
-            local, offsets, out_channels = _shard(case, rank, world)
+            local, specs = _shard(case, rank, world)
             names = case["names"]
-            stats = channel_stats(
-                names, local, case["links"], case["groups"], row_offsets=offsets, out_channels=out_channels, group=group
-            )
+            stats = channel_stats(names, local, case["links"], case["groups"], specs=specs, group=group)
             report = SparsityReport(
                 cost_model=CostModel(flops={}, times=None, links=case["links"], groups=case["groups"])
             )
-            measured = report.measure(
-                3, dict(zip(names, local)), row_offsets=offsets, out_channels=out_channels, group=group
-            )
+            measured = report.measure(3, dict(zip(names, local)), specs=specs, group=group)
             results["cases"].append(
                 {
                     "stats": _as_tuples(stats),
@@ -169,15 +167,14 @@ def _worker(
             )
         # a bad argument seen by every process is refused before the all_reduce: no process waits in it
         case = cases[0]
-        local, offsets, out_channels = _shard(case, rank, world)
+        local, specs = _shard(case, rank, world)
         bad_links = {"head.weight": ChainLink("conv.weight", 3)}
         try:
-            channel_stats(case["names"], local, bad_links, row_offsets=offsets, out_channels=out_channels, group=group)
+            channel_stats(case["names"], local, bad_links, specs=specs, group=group)
         except ValueError as exc:
             results["error"] = str(exc)
         results["after_error"] = _as_tuples(
-            channel_stats(case["names"][:1], local[:1], row_offsets={"conv.weight": offsets["conv.weight"]},
-                          out_channels={"conv.weight": 6}, group=group)
+            channel_stats(case["names"][:1], local[:1], specs={"conv.weight": specs["conv.weight"]}, group=group)
         )  # fmt: skip
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
@@ -185,9 +182,9 @@ def _worker(
 
 
 def _attention_work(rank: int, out_dir: str, case: dict[str, Any]) -> None:
-    local, offsets, rows = _attention_shard(case, rank)
+    local, specs = _attention_shard(case, rank)
     layers = dict(zip(case["names"], local))
-    kwargs = dict(row_offsets=offsets, out_channels=rows, group=dist.group.WORLD, transposed=case["transposed"])
+    kwargs = dict(specs=specs, group=dist.group.WORLD, transposed=case["transposed"])
     heads = attention_empty_heads(case["attention"], layers, **kwargs)
     stats = channel_stats(case["names"], local, case["links"], **kwargs)
     report = SparsityReport()
@@ -260,13 +257,16 @@ def test_row_blocks_without_a_process_group_must_be_the_full_masks():
     mask = torch.ones(4, 3, dtype=torch.bool)
     mask[1] = False
     plain = channel_stats(["a"], [mask])
-    assert channel_stats(["a"], [mask], row_offsets={"a": 0}, out_channels={"a": 4}) == plain
-    with pytest.raises(ValueError, match="each mask is the full weight"):
-        channel_stats(["a"], [mask[2:]], row_offsets={"a": 2}, out_channels={"a": 4})
-    with pytest.raises(ValueError, match="must name the same layers"):
-        channel_stats(["a"], [mask], row_offsets={"a": 0})
-    with pytest.raises(ValueError, match="`row_offsets` names layers that are not in `names`"):
-        channel_stats(["a"], [mask], row_offsets={"b": 0}, out_channels={"b": 4})
+    whole = ShardSpec((4, 3), 0, 4)
+    assert channel_stats(["a"], [mask], specs={"a": whole}) == plain
+    with pytest.raises(ValueError, match=r"each mask is the full weight, but its spec gives rows \[2, 4\) of a weight of 4"):
+        channel_stats(["a"], [mask[2:]], specs={"a": ShardSpec((4, 3), 2, 2)})
+    with pytest.raises(ValueError, match=r"mask 'a' of shape \(4, 3\) is not the block of rows \[2, 4\) of a weight"):
+        channel_stats(["a"], [mask], specs={"a": ShardSpec((4, 3), 2, 2)})
+    with pytest.raises(ValueError, match="`specs` names layers that are not in `names`"):
+        channel_stats(["a"], [mask], specs={"b": whole})
+    with pytest.raises(ValueError, match=r"mask 'a' of shape \(4, 3\) is not the block"):
+        attention_empty_heads({"m": AttentionHeads(("a",), 1, 1)}, {"a": mask}, specs={"a": ShardSpec((4, 2), 0, 4)})
     report = SparsityReport()
-    assert report.measure(0, {"a": mask}, row_offsets={"a": 0}, out_channels={"a": 4}) == plain
+    assert report.measure(0, {"a": mask}, specs={"a": whole}) == plain
     assert report.shapes == {"a": (4, 3)}
