@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
-from lightning_sparse import SparseTrainingCallback
+from lightning_sparse import SparseTrainingCallback, Sparsifier
 from lightning_sparse.functional import cosine_decay, layer_active_counts
 from tests.helpers import (
     DigitsCNN,
@@ -104,20 +104,41 @@ def test_step_updates_happen_every_interval():
     assert cb.state_dict()["num_updates"] == 4
 
 
+def _plain_epochs(sparsifier, model, optimizer, epochs):
+    """The callback's calls in a plain loop over ``digits_loader()``; checks after every step that masked-out
+    weights are zero (as MaskRecorder does) and returns the masks at each epoch's end."""
+    step, epoch_masks = 0, []
+    for _ in range(epochs):
+        for x, y in digits_loader():
+            nn.functional.cross_entropy(model(x), y).backward()
+            sparsifier.before_optimizer_step()
+            optimizer.step()
+            step += 1
+            sparsifier.step(step)
+            optimizer.zero_grad()
+            params = dict(model.named_parameters())
+            assert all(torch.all(params[n].detach()[~m] == 0) for n, m in sparsifier.masks.items())
+        epoch_masks.append({k: v.clone() for k, v in sparsifier.masks.items()})
+        sparsifier.epoch_end(step)
+    return epoch_masks
+
+
 def test_static_masks_never_change():
-    cb = SparseTrainingCallback(density=0.2, algorithm="static", seed=0, figure=False)
-    _, _, rec = _fit(cb, model=DigitsMLP(optimizer="plain_sgd"), max_epochs=3)
-    assert all(torch.equal(rec.epoch_masks[0][k], rec.epoch_masks[-1][k]) for k in cb.masks)
+    model = DigitsMLP(optimizer="plain_sgd")
+    optimizer = model.configure_optimizers()
+    sparsifier = Sparsifier(model, optimizer, density=0.2, algorithm="static", seed=0, total_steps=3 * BATCHES)
+    epoch_masks = _plain_epochs(sparsifier, model, optimizer, epochs=3)
+    assert all(torch.equal(epoch_masks[0][k], epoch_masks[-1][k]) for k in sparsifier.masks)
 
 
 def test_same_seed_same_masks_other_seed_other_masks():
-    a = SparseTrainingCallback(density=0.2, seed=7, figure=False)
-    b = SparseTrainingCallback(density=0.2, seed=7, figure=False)
-    c = SparseTrainingCallback(density=0.2, seed=8, figure=False)
-    for cb in (a, b, c):
-        _fit(cb, max_epochs=1, recorder=False)
-    assert all(torch.equal(a.masks[k], b.masks[k]) for k in a.masks)
-    assert any(not torch.equal(a.masks[k], c.masks[k]) for k in a.masks)
+    def masks(seed):
+        model = DigitsMLP()
+        return Sparsifier(model, model.configure_optimizers(), density=0.2, seed=seed).masks
+
+    a, b, c = masks(7), masks(7), masks(8)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
 def test_dense_layers_are_not_masked():
@@ -341,10 +362,11 @@ def test_callable_schedule_is_used():
 
 
 def test_gradients_and_momentum_of_missing_weights_stay_dense():
-    cb = SparseTrainingCallback(density=0.1, seed=0, figure=False)
-    t, model, _ = _fit(cb, max_epochs=1, recorder=False)
-    optimizer = t.optimizers[0]
+    model = DigitsMLP()
+    optimizer = model.configure_optimizers()
+    sparsifier = Sparsifier(model, optimizer, density=0.1, seed=0, total_steps=BATCHES)
+    _plain_epochs(sparsifier, model, optimizer, epochs=1)
     for name, param in model.named_parameters():
-        if name in cb.masks:
+        if name in sparsifier.masks:
             buffer = optimizer.state[param]["momentum_buffer"]
-            assert torch.count_nonzero(buffer[~cb.masks[name]]) > 0, name
+            assert torch.count_nonzero(buffer[~sparsifier.masks[name]]) > 0, name

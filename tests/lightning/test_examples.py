@@ -71,6 +71,7 @@ def test_fashion_mnist_run_function(tmp_path):  # the benchmarks' entry point
 IMAGENET = EXAMPLES / "imagenet.py"
 
 
+@pytest.mark.slow  # two launches of a 2-process DDP run (the resume is a second command)
 def test_imagenet_fake_data_runs_under_ddp_and_resumes(tmp_path):
     import re
     import subprocess
@@ -141,6 +142,7 @@ def test_imagenet_slurm_script_parses():
 VIT = Path(__file__).resolve().parents[2] / "examples" / "vit_fashion_mnist.py"
 
 
+@pytest.mark.slow  # a process training three ViTs
 def test_vit_fashion_mnist_density_groups_run(tmp_path):
     import re
     import subprocess
