@@ -2,7 +2,8 @@
 
 A thin shell of Lightning hooks over :class:`~lightning_sparse.Sparsifier` (the method); what it logs is in
 :mod:`~lightning_sparse.lightning.loggers`, what it needs from the trainer in
-:mod:`~lightning_sparse.lightning.trainer`, the ``ddp_spawn`` hand-off in :mod:`~lightning_sparse.lightning.spawn`. The hooks, in the order Lightning calls them:
+:mod:`~lightning_sparse.lightning.trainer`, the ``ddp_spawn`` hand-off in :mod:`~lightning_sparse.lightning.spawn`.
+The hooks, in the order Lightning calls them:
 
 * ``setup``: what a method must do before the optimizer exists (DST attaches its thresholds);
 * ``on_fit_start``: exactly one optimizer;
@@ -38,9 +39,10 @@ from lightning_sparse.options import SparseOptions
 
 
 class SparseTrainingCallback(Callback):
-    """Keep a network sparse during the whole of training, updating which weights are active.
+    """Keep a network sparse during the whole of training, updating which weights are active. The README's
+    "SparseTrainingCallback arguments" holds the details of every argument.
 
-    Args (the README's "SparseTrainingCallback arguments" holds the details):
+    Args:
         density: fraction of the masked weights that are active, in (0, 1], or density groups ``{name glob:
             density}`` (first match wins; layers no glob matches stay dense). Required except for ``"dst"``, which
             learns it and refuses it (and the schedule options). Numbers may be Python, numpy or one-element tensors.
