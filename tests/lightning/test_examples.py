@@ -22,6 +22,7 @@ TINY = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--tr
         "--trainer.limit_test_batches", "1"]  # fmt: skip
 
 
+@pytest.mark.slow  # the paper-parity configs on Fashion-MNIST, three runs
 @pytest.mark.parametrize("net", ["lenet300", "lenet5"])
 def test_fashion_mnist_sparse_runs(net, tmp_path, capsys, monkeypatch):
     import yaml
@@ -62,6 +63,7 @@ def test_fashion_mnist_dense_runs(tmp_path, monkeypatch):
     assert any(row["val/acc"] for row in rows) and any(row["test/acc"] for row in rows)
 
 
+@pytest.mark.slow  # a Fashion-MNIST run
 def test_fashion_mnist_run_function(tmp_path):  # the benchmarks' entry point
     result = fashion_mnist.run(model="lenet5", epochs=2, limit_train_batches=3, limit_val_batches=1,
                                limit_test_batches=1, default_root_dir=tmp_path)  # fmt: skip
