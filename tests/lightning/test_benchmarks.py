@@ -3,7 +3,6 @@
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
@@ -31,7 +30,6 @@ def test_structured_compares_n_m_with_unstructured_runs_of_the_same_layers():
     assert structured.run_options("lenet5", "unstructured", 0.5, ["unstructured-0.5"])["dense_layers"] == []
 
 
-@pytest.mark.slow  # two epochs of LeNet-300-100 with a fan-in pattern
 def test_paper_parity_loop_trains_with_a_pattern_and_reports_the_density():
     g = torch.Generator().manual_seed(0)
     data = (torch.randn(300, 1, 28, 28, generator=g), torch.randint(0, 10, (300,), generator=g),
