@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -220,33 +218,3 @@ def ensure_masks_agree(names: Sequence[str], masks: Sequence[Tensor]) -> list[st
     for mask in masks:
         dist.broadcast(mask.view(torch.uint8), src=0)
     return differing
-
-
-class SpawnHandoff:
-    """Hands rank zero's final state back to the main process of a ``ddp_spawn`` run through a temporary file:
-    the spawned processes work on pickled copies, so nothing they keep in memory reaches the caller.
-
-    :meth:`prepare` (when pickled) names the file, :meth:`write` (rank zero, end of ``fit``) fills it,
-    :meth:`read` (main process) loads it once and deletes it.
-    """
-
-    def __init__(self) -> None:
-        self.path: str | None = None
-        self._received: dict | None = None
-
-    def prepare(self) -> None:
-        if self.path is None:
-            fd, self.path = tempfile.mkstemp(prefix="lightning-sparse-", suffix=".pt")
-            os.close(fd)
-
-    def write(self, state: dict) -> None:
-        if self.path is not None and os.path.exists(self.path):
-            torch.save(state, self.path)
-
-    def read(self) -> dict | None:
-        if self._received is None and self.path is not None and os.path.exists(self.path):
-            if os.path.getsize(self.path) > 0:
-                self._received = torch.load(self.path, weights_only=True)
-                os.remove(self.path)
-                self.path = None
-        return self._received

@@ -1,5 +1,6 @@
 """The Lightning side of :class:`~lightning_sparse.SparseTrainingCallback`: what it needs from the trainer and
-the other callbacks (the length of training, weight averaging, SNIP's first batch, several sparse callbacks).
+the other callbacks (the length of training, weight averaging, SNIP's first batch, several sparse callbacks,
+checkpoint keys).
 The method itself is in :mod:`lightning_sparse.core.sparsifier`, which has no Lightning import."""
 
 from __future__ import annotations
@@ -114,3 +115,20 @@ def refuse_overlap(options: SparseOptions, others: Sequence[SparseOptions], pl_m
                 f"two SparseTrainingCallbacks mask the same weights {sorted(shared)}: give each callback its own"
                 " layers (`density` groups without a '*' entry, `dense_layers`)"
             )
+
+
+def claim_checkpoint_state(states: dict[str, Any], key: str, sparse_callbacks: int) -> None:
+    """Make ``states[key]`` the sparse state of a checkpoint written under another key (0.1's
+    ``"SparseTrainingCallback"``, or other options: refused with both values when the state is loaded) when it is
+    the only sparse state and ``sparse_callbacks``, the trainer's count, is 1; refuse several states none of which
+    is ``key``'s."""
+    if key in states:
+        return
+    ours = [k for k in states if isinstance(k, str) and k.startswith("SparseTrainingCallback")]
+    if len(ours) == 1 and sparse_callbacks == 1:
+        states[key] = states[ours[0]]
+    elif ours:
+        raise ValueError(
+            f"the checkpoint holds the sparse states {ours}, none of them for this callback ({key}):"
+            " resume with the callbacks' original options"
+        )

@@ -1,16 +1,20 @@
 """Run by tests/distributed/test_distributed.py: short DDP fits (2 CPU processes, gloo) that save, per rank, the masks
-after every optimizer step and the final weights. Lightning's DDP launcher starts this script again for
-rank 1, so everything below runs in both processes.
+after every optimizer step, the final weights and the warnings of ``lightning_sparse``. Lightning's DDP launcher
+starts this script again for rank 1, so everything below runs in both processes; the fits run one after the other
+in the same two processes.
 
-    python tests/distributed/ddp_run.py --out DIR --algorithm set
+    python tests/distributed/ddp_run.py --out DIR --runs set rigl:ablation sparse_momentum:diverge
 
-One fit per launch: a second DDP fit in the same script does not start (Lightning launches the processes
-once per script).
+A run is ``ALGORITHM`` or ``ALGORITHM:VARIANT``: ``ablation`` (``pattern="fan_in"``, ``neuron_ablation=1.0``) or
+``diverge`` (rank 1 moves one weight of its masks at the start of epoch 1). Each saves ``<tag>_rank<r>.pt``, the
+tag being ``ALGORITHM`` or ``ALGORITHM_VARIANT``.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from pathlib import Path
 
@@ -51,17 +55,20 @@ class Snapshots(L.Callback):
         self._take()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--algorithm", default="sparse_momentum")
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--diverge", action="store_true", help="rank 1 moves one weight of its masks")
-    parser.add_argument("--ablation", action="store_true", help="pattern='fan_in' with neuron_ablation=1.0")
-    args = parser.parse_args()
-    algorithm = args.algorithm
+class Warnings(logging.Handler):
+    """The warnings ``lightning_sparse`` logs during one fit."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def run(out: Path, algorithm: str, variant: str, epochs: int) -> None:
     L.seed_everything(1234)
-    structured = {"pattern": "fan_in", "neuron_ablation": 1.0} if args.ablation else {}
+    structured = {"pattern": "fan_in", "neuron_ablation": 1.0} if variant == "ablation" else {}
     sparse = SparseTrainingCallback(
         density=None if algorithm == "dst" else 0.2,
         algorithm=algorithm,
@@ -69,20 +76,38 @@ def main() -> None:
         seed=None,  # drawn on rank zero and broadcast
         **structured,
     )
-    snapshots = Snapshots(sparse, args.diverge)
+    snapshots = Snapshots(sparse, variant == "diverge")
     trainer = quiet_trainer(
-        devices=2, strategy="ddp", max_epochs=args.epochs, callbacks=[sparse, snapshots], default_root_dir=args.out
+        devices=2, strategy="ddp", max_epochs=epochs, callbacks=[sparse, snapshots], default_root_dir=out
     )
     model = DigitsMLP(optimizer="adam" if algorithm == "dst" else "sgd")
-    trainer.fit(model, digits_loader())
+    warnings = Warnings()
+    logging.getLogger("lightning_sparse").addHandler(warnings)
+    try:
+        trainer.fit(model, digits_loader())
+    finally:
+        logging.getLogger("lightning_sparse").removeHandler(warnings)
     state = {
         "masks": snapshots.masks,
         "weights": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "num_updates": sparse.state_dict()["num_updates"],
         "world_size": trainer.world_size,
+        "warnings": warnings.messages,
     }
-    tag = f"{algorithm}_ablation" if args.ablation else algorithm
-    torch.save(state, args.out / f"{tag}_rank{trainer.global_rank}.pt")
+    tag = f"{algorithm}_{variant}" if variant else algorithm
+    torch.save(state, out / f"{tag}_rank{trainer.global_rank}.pt")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--runs", nargs="+", default=["sparse_momentum"])
+    parser.add_argument("--epochs", type=int, default=3)
+    args = parser.parse_args()
+    for spec in args.runs:
+        algorithm, _, variant = spec.partition(":")
+        run(args.out, algorithm, variant, args.epochs)
+        os.environ["LOCAL_RANK"] = os.environ.get("LOCAL_RANK", "0")  # later fits run in these two processes
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""DDP with 2 CPU processes (gloo), the code path Lightning uses on GPUs: masks agree on every process."""
+"""DDP with 2 CPU processes (gloo), the code path Lightning uses on GPUs: masks agree on every process.
+
+One launch of ``ddp_run.py`` runs every fit of this file (module-scoped); the tests read its outputs."""
 
 import subprocess
 import sys
@@ -7,22 +9,29 @@ from pathlib import Path
 import pytest
 import torch
 
+from lightning_sparse.functional.patterns import check_pattern, unit_counts
+
 SCRIPT = Path(__file__).with_name("ddp_run.py")
+ALGORITHMS = ["sparse_momentum", "rigl", "set", "dsr", "snip"]
+RUNS = [*ALGORITHMS, "rigl:ablation", "sparse_momentum:diverge"]
+
+pytestmark = pytest.mark.slow
 
 
-def _launch(tmp_path, *args):
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--out", str(tmp_path), *args], capture_output=True, text=True, timeout=300
+        [sys.executable, str(SCRIPT), "--out", str(out), "--runs", *RUNS], capture_output=True, text=True, timeout=900
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+    tags = [run.replace(":", "_") for run in RUNS]
+    return {tag: [torch.load(out / f"{tag}_rank{r}.pt", weights_only=True) for r in (0, 1)] for tag in tags}
 
 
-@pytest.mark.parametrize("algorithm", ["sparse_momentum", "rigl", "set", "dsr", "snip"])
-def test_masks_identical_on_both_ranks_after_every_update(tmp_path, algorithm):
-    _launch(tmp_path, "--algorithm", algorithm)
-    rank0 = torch.load(tmp_path / f"{algorithm}_rank0.pt", weights_only=True)
-    rank1 = torch.load(tmp_path / f"{algorithm}_rank1.pt", weights_only=True)
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_masks_identical_on_both_ranks_after_every_update(runs, algorithm):
+    rank0, rank1 = runs[algorithm]
     assert rank0["world_size"] == 2
     assert len(rank0["masks"]) == len(rank1["masks"]) == 3 * (6 + 1)  # 3 epochs x (6 steps + epoch end)
     for step, (a, b) in enumerate(zip(rank0["masks"], rank1["masks"])):
@@ -37,13 +46,9 @@ def test_masks_identical_on_both_ranks_after_every_update(tmp_path, algorithm):
         assert torch.equal(value, rank1["weights"][name]), name
 
 
-def test_neuron_ablation_under_ddp_gives_the_same_masks_on_both_ranks(tmp_path):
-    from lightning_sparse.functional.patterns import check_pattern, unit_counts
-
-    proc = _launch(tmp_path, "--algorithm", "rigl", "--ablation")
-    assert "differ across processes" not in proc.stderr + proc.stdout
-    rank0 = torch.load(tmp_path / "rigl_ablation_rank0.pt", weights_only=True)
-    rank1 = torch.load(tmp_path / "rigl_ablation_rank1.pt", weights_only=True)
+def test_neuron_ablation_under_ddp_gives_the_same_masks_on_both_ranks(runs):
+    rank0, rank1 = runs["rigl_ablation"]
+    assert not any("differ across processes" in w for w in rank0["warnings"] + rank1["warnings"])
     assert rank0["num_updates"] >= 2
     emptied = 0
     for a, b in zip(rank0["masks"], rank1["masks"]):
@@ -56,10 +61,8 @@ def test_neuron_ablation_under_ddp_gives_the_same_masks_on_both_ranks(tmp_path):
         assert torch.equal(value, rank1["weights"][name]), name
 
 
-def test_diverging_masks_are_replaced_by_rank_zeros(tmp_path):
-    proc = _launch(tmp_path, "--algorithm", "sparse_momentum", "--diverge")
-    rank0 = torch.load(tmp_path / "sparse_momentum_rank0.pt", weights_only=True)
-    rank1 = torch.load(tmp_path / "sparse_momentum_rank1.pt", weights_only=True)
-    assert "differ across processes; taking rank zero's" in proc.stderr + proc.stdout
+def test_diverging_masks_are_replaced_by_rank_zeros(runs):
+    rank0, rank1 = runs["sparse_momentum_diverge"]
+    assert any("differ across processes; taking rank zero's" in w for w in rank0["warnings"] + rank1["warnings"])
     last0, last1 = rank0["masks"][-1], rank1["masks"][-1]
     assert all(torch.equal(last0[k], last1[k]) for k in last0)

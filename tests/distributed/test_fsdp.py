@@ -1,5 +1,7 @@
 """FSDP2 (Lightning's ModelParallelStrategy over 2 CPU processes, gloo): masks sharded like their weights, updates
-computed on the shards, never a full tensor; and a world-size-1 FSDP2 model in this process."""
+computed on the shards, never a full tensor; and a world-size-1 FSDP2 model in this process.
+
+One launch of ``fsdp_run.py`` runs every two-process fit of this file (module-scoped); the tests read its outputs."""
 
 import subprocess
 import sys
@@ -19,19 +21,14 @@ ROWS = {"net.0.weight": 31, "net.2.weight": 16, "net.4.weight": 10}
 TOTAL = 31 * 64 + 16 * 31 + 10 * 16  # masked weights of the 64-31-16-10 MLP
 
 
-def _launch(tmp_path, *args):
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--out", str(tmp_path), *args], capture_output=True, text=True, timeout=500
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    _launch(out, "--algorithms", *ALGORITHMS, "dst")
-    return {a: [torch.load(out / f"{a}_rank{r}.pt", weights_only=True) for r in (0, 1)] for a in [*ALGORITHMS, "dst"]}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--algorithms", *ALGORITHMS, "dst",
+                           "--resume"], capture_output=True, text=True, timeout=1200)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    runs = {a: [torch.load(out / f"{a}_rank{r}.pt", weights_only=True) for r in (0, 1)] for a in [*ALGORITHMS, "dst"]}
+    return {**runs, "resume": torch.load(out / "resume_rank0.pt", weights_only=True)}
 
 
 @pytest.mark.slow
@@ -105,10 +102,8 @@ def test_sharded_random_masks_equal_the_single_process_ones(runs):
 
 
 @pytest.mark.slow
-def test_resume_under_fsdp2_continues_like_the_uninterrupted_run(tmp_path):
-    _launch(tmp_path, "--resume")
-    result = torch.load(tmp_path / "resume_rank0.pt", weights_only=True)
-    full, resumed = result["full"], result["resumed"]
+def test_resume_under_fsdp2_continues_like_the_uninterrupted_run(runs):
+    full, resumed = runs["resume"]["full"], runs["resume"]["resumed"]
     assert full["state"]["num_updates"] == resumed["state"]["num_updates"] == 2
     for name, mask in full["state"]["masks"].items():
         assert torch.equal(mask, resumed["state"]["masks"][name]), name

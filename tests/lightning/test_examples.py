@@ -22,6 +22,7 @@ TINY = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--tr
         "--trainer.limit_test_batches", "1"]  # fmt: skip
 
 
+@pytest.mark.slow  # the paper-parity configs on Fashion-MNIST, three runs
 @pytest.mark.parametrize("net", ["lenet300", "lenet5"])
 def test_fashion_mnist_sparse_runs(net, tmp_path, capsys, monkeypatch):
     import yaml
@@ -62,6 +63,7 @@ def test_fashion_mnist_dense_runs(tmp_path, monkeypatch):
     assert any(row["val/acc"] for row in rows) and any(row["test/acc"] for row in rows)
 
 
+@pytest.mark.slow  # a Fashion-MNIST run
 def test_fashion_mnist_run_function(tmp_path):  # the benchmarks' entry point
     result = fashion_mnist.run(model="lenet5", epochs=2, limit_train_batches=3, limit_val_batches=1,
                                limit_test_batches=1, default_root_dir=tmp_path)  # fmt: skip
@@ -71,6 +73,7 @@ def test_fashion_mnist_run_function(tmp_path):  # the benchmarks' entry point
 IMAGENET = EXAMPLES / "imagenet.py"
 
 
+@pytest.mark.slow  # two launches of a 2-process DDP run (the resume is a second command)
 def test_imagenet_fake_data_runs_under_ddp_and_resumes(tmp_path):
     import re
     import subprocess
@@ -141,6 +144,7 @@ def test_imagenet_slurm_script_parses():
 VIT = Path(__file__).resolve().parents[2] / "examples" / "vit_fashion_mnist.py"
 
 
+@pytest.mark.slow  # a process training three ViTs
 def test_vit_fashion_mnist_density_groups_run(tmp_path):
     import re
     import subprocess

@@ -46,7 +46,7 @@ def _active_and_nonzero(cb: SparseTrainingCallback, model: nn.Module) -> tuple[i
 
 def test_early_stopping_gets_no_update_after_the_last_epoch():
     val = digits_loader(200, offset=1500, batch_size=200)
-    cb = SparseTrainingCallback(density=0.2, seed=0)
+    cb = SparseTrainingCallback(density=0.2, seed=0, figure=False)
     stop = EarlyStopping(monitor="val_loss", patience=0, min_delta=10.0)  # stops after the second epoch
     rec = MaskRecorder(cb)
     t = trainer(max_epochs=6, callbacks=[cb, rec, stop])
@@ -61,7 +61,7 @@ def test_early_stopping_gets_no_update_after_the_last_epoch():
 
 def test_monitored_checkpoint_score_describes_its_weights(tmp_path):
     val = digits_loader(200, offset=1500, batch_size=200)
-    cb = SparseTrainingCallback(density=0.2, seed=0)
+    cb = SparseTrainingCallback(density=0.2, seed=0, figure=False)
     ckpt = ModelCheckpoint(dirpath=tmp_path, monitor="val_loss", save_top_k=-1, filename="{epoch}")
     t = trainer(max_epochs=3, callbacks=[cb, ckpt], enable_checkpointing=True)
     t.fit(DigitsMLP(), digits_loader(), val_dataloaders=val)
@@ -74,7 +74,7 @@ def test_monitored_checkpoint_score_describes_its_weights(tmp_path):
 
 
 def test_gradient_accumulation_scheduler_counts_the_steps_taken():
-    cb = SparseTrainingCallback(density=0.2, seed=0)
+    cb = SparseTrainingCallback(density=0.2, seed=0, figure=False)
     accumulate = GradientAccumulationScheduler({0: 1, 1: 4})
     t = trainer(max_epochs=2, callbacks=[cb, accumulate])
     model = DigitsMLP()
@@ -89,7 +89,7 @@ def test_gradient_accumulation_scheduler_counts_the_steps_taken():
 
 @pytest.mark.parametrize("order", ["sparse_first", "averaging_first"])
 def test_ema_weight_averaging_keeps_the_masks(order):
-    cb = SparseTrainingCallback(density=0.2, update_interval=4, seed=0)
+    cb = SparseTrainingCallback(density=0.2, update_interval=4, seed=0, figure=False)
     ema = EMAWeightAveraging(decay=0.9)
     callbacks = [cb, ema] if order == "sparse_first" else [ema, cb]
     model = DigitsMLP()
@@ -102,7 +102,7 @@ def test_ema_weight_averaging_keeps_the_masks(order):
 
 
 def test_stochastic_weight_averaging_keeps_the_masks():
-    cb = SparseTrainingCallback(density=0.2, seed=0)
+    cb = SparseTrainingCallback(density=0.2, seed=0, figure=False)
     swa = StochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=1)
     model = DigitsMLP()
     trainer(max_epochs=4, callbacks=[cb, swa]).fit(model, digits_loader())
@@ -121,14 +121,14 @@ class _Unsized(IterableDataset):
 def test_unknown_length_is_refused_before_any_weight_changes():
     model = DigitsMLP()
     before = _weights(model)
-    cb = SparseTrainingCallback(density=0.2, algorithm="rigl", seed=0)
+    cb = SparseTrainingCallback(density=0.2, algorithm="rigl", seed=0, figure=False)
     with pytest.raises(ValueError, match=r"needs? the length of training.*`max_steps`.*`__len__`"):
         trainer(max_epochs=2, callbacks=[cb]).fit(model, DataLoader(_Unsized(), batch_size=None))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_unknown_length_with_max_steps_works():
-    cb = SparseTrainingCallback(density=0.2, algorithm="rigl", update_interval=3, seed=0)
+    cb = SparseTrainingCallback(density=0.2, algorithm="rigl", update_interval=3, seed=0, figure=False)
     model = DigitsMLP()
     trainer(max_steps=10, max_epochs=-1, callbacks=[cb]).fit(model, DataLoader(_Unsized(), batch_size=None))
     state = cb.state_dict()  # updates at 3, 6 and 9: the first at or past the window end (7.5) is the last
@@ -137,7 +137,7 @@ def test_unknown_length_with_max_steps_works():
 
 @pytest.mark.parametrize("interval, batches", [(None, 8), (5, 8), (3, 12), (None, 12)])
 def test_gmp_reaches_its_target_exactly(interval, batches):
-    cb = SparseTrainingCallback(density=0.2, algorithm="gmp", update_interval=interval, seed=0)
+    cb = SparseTrainingCallback(density=0.2, algorithm="gmp", update_interval=interval, seed=0, figure=False)
     model = DigitsMLP()
     trainer(max_epochs=1, limit_train_batches=batches, callbacks=[cb]).fit(model, digits_loader())
     active, _, outside = _active_and_nonzero(cb, model)
@@ -146,7 +146,7 @@ def test_gmp_reaches_its_target_exactly(interval, batches):
 
 
 def test_a_run_too_short_for_any_update_is_warned_about():
-    cb = SparseTrainingCallback(density=0.2, algorithm="dsr", seed=0)  # DSR: every 200 steps by default
+    cb = SparseTrainingCallback(density=0.2, algorithm="dsr", seed=0, figure=False)  # DSR: every 200 steps by default
     with pytest.warns(UserWarning, match=r"'dsr' updates its masks every 200 steps.*no mask update"):
         trainer(max_epochs=1, limit_train_batches=10, callbacks=[cb]).fit(DigitsMLP(optimizer="adam"), digits_loader())
 
@@ -176,13 +176,14 @@ class _MissesALayer(DigitsMLP):
 def test_refusals_leave_the_weights_untouched(model, error, match):
     before = _weights(model)
     with pytest.raises(error, match=match):
-        trainer(max_epochs=1, callbacks=[SparseTrainingCallback(density=0.2, seed=0)]).fit(model, digits_loader())
+        cb = SparseTrainingCallback(density=0.2, seed=0, figure=False)
+        trainer(max_epochs=1, callbacks=[cb]).fit(model, digits_loader())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_dst_checkpoints_are_plain_and_a_dst_run_resumes_exactly(tmp_path):
     def fit(root, epochs, ckpt_path=None):
-        cb = SparseTrainingCallback(algorithm="dst", seed=0)
+        cb = SparseTrainingCallback(algorithm="dst", seed=0, figure=False)
         checkpoint = ModelCheckpoint(dirpath=root, save_top_k=-1, filename="{epoch}")
         model = DigitsMLP(optimizer="adam", lr=1.0)
         L.seed_everything(0)
@@ -217,7 +218,7 @@ class _FrozenFirst(DigitsMLP):
 def test_frozen_layers_stay_dense_by_default(caplog):
     model = _FrozenFirst()
     frozen = model.net[0].weight.detach().clone()
-    cb = SparseTrainingCallback(density=0.2, seed=0)
+    cb = SparseTrainingCallback(density=0.2, seed=0, figure=False)
     with caplog.at_level("INFO", logger="lightning_sparse"):
         trainer(max_epochs=2, callbacks=[cb]).fit(model, digits_loader())
     assert set(cb.masks) == {"net.2.weight", "net.4.weight"}
@@ -229,7 +230,7 @@ def test_frozen_layers_stay_dense_by_default(caplog):
 def test_mask_frozen_masks_frozen_layers_and_keeps_their_masks():
     model = _FrozenFirst()
     model.configure_optimizers = lambda: torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    cb = SparseTrainingCallback(density=0.2, seed=0, mask_frozen=True, update_interval=4)
+    cb = SparseTrainingCallback(density=0.2, seed=0, mask_frozen=True, update_interval=4, figure=False)
     rec = MaskRecorder(cb)
     trainer(max_epochs=2, callbacks=[cb, rec]).fit(model, digits_loader())
     assert set(cb.masks) == {"net.0.weight", "net.2.weight", "net.4.weight"} and rec.steps_checked == 2 * BATCHES
@@ -245,7 +246,7 @@ def test_all_frozen_is_refused():
     model.requires_grad_(False)
     model.net[4].bias.requires_grad_(True)
     with pytest.raises(ValueError, match=r"every maskable weight of DigitsMLP is frozen.*`mask_frozen=True`"):
-        trainer(max_epochs=1, callbacks=[SparseTrainingCallback(density=0.2)]).fit(model, digits_loader())
+        trainer(max_epochs=1, callbacks=[SparseTrainingCallback(density=0.2, figure=False)]).fit(model, digits_loader())
 
 
 def test_ema_keeps_the_masks_of_every_sparse_callback():

@@ -1,9 +1,5 @@
-"""Long-run concerns: mixed precision, gradient accumulation, clipping, max_steps, crash and resume,
-LightningCLI."""
-
-import subprocess
-import sys
-from pathlib import Path
+"""Long-run concerns: mixed precision, gradient accumulation, clipping, max_steps, LightningCLI (crash and resume:
+tests/distributed/test_crash.py)."""
 
 import lightning as L
 import pytest
@@ -18,7 +14,7 @@ from tests.helpers import DigitsMLP, MaskRecorder, digits_loader, trainer
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
 def test_mixed_precision_keeps_masked_weights_zero(precision):
-    cb = SparseTrainingCallback(density=0.2, algorithm="rigl", update_interval=3, seed=0)
+    cb = SparseTrainingCallback(density=0.2, algorithm="rigl", update_interval=3, seed=0, figure=False)
     rec = MaskRecorder(cb)
     model = DigitsMLP()
     trainer(callbacks=[cb, rec], max_epochs=2, precision=precision).fit(model, digits_loader())
@@ -38,7 +34,7 @@ def test_accumulation_counts_optimizer_steps():
             applied.append(trainer.global_step)
             updates.append(cb.state_dict()["last_update_step"])
 
-    cb = SparseTrainingCallback(density=0.2, update_interval=2, prune_rate_schedule="linear", seed=0)
+    cb = SparseTrainingCallback(density=0.2, update_interval=2, prune_rate_schedule="linear", seed=0, figure=False)
     t = trainer(callbacks=[cb, MaskRecorder(cb), Spy()], max_epochs=2, accumulate_grad_batches=4)
     t.fit(DigitsMLP(), digits_loader())  # 12 batches an epoch: 3 optimizer steps an epoch, 6 in all
     assert t.global_step == 6 and t.estimated_stepping_batches == 6
@@ -50,7 +46,7 @@ def test_accumulation_counts_optimizer_steps():
 
 
 def test_gradient_clipping_and_max_steps():
-    cb = SparseTrainingCallback(density=0.2, algorithm="rigl", update_interval=5, seed=0)
+    cb = SparseTrainingCallback(density=0.2, algorithm="rigl", update_interval=5, seed=0, figure=False)
     rec = MaskRecorder(cb)
     t = trainer(callbacks=[cb, rec], max_epochs=-1, max_steps=30, gradient_clip_val=0.5)
     t.fit(DigitsMLP(), digits_loader())
@@ -62,43 +58,13 @@ def test_gradient_clipping_and_max_steps():
 
 
 def test_epoch_updates_with_max_steps_follow_estimated_stepping_batches():
-    cb = SparseTrainingCallback(density=0.2, seed=0)
+    cb = SparseTrainingCallback(density=0.2, seed=0, figure=False)
     t = trainer(callbacks=[cb], max_epochs=10, max_steps=30)  # 12 steps an epoch: stops in epoch 2
     t.fit(DigitsMLP(), digits_loader())
     assert t.estimated_stepping_batches == 30
     state = cb.state_dict()
     assert state["num_updates"] == 2 and state["last_update_step"] == 24
     assert cb.current_prune_rate == pytest.approx(cosine_decay(24 / 30, 0.5))
-
-
-# ----------------------------------------------------------------------------- crash and resume
-
-CRASH = Path(__file__).parents[1] / "distributed" / "crash_run.py"
-
-
-def _run(out, *args):
-    return subprocess.run([sys.executable, str(CRASH), "--out", str(out), *args], capture_output=True, text=True, timeout=300)
-
-
-@pytest.mark.parametrize("algorithm", ["sparse_momentum", "set"])
-def test_killed_mid_epoch_and_resumed_ends_like_the_uninterrupted_run(tmp_path, algorithm):
-    full = _run(tmp_path / "full", "--algorithm", algorithm)
-    assert full.returncode == 0, full.stderr[-2000:]
-    killed = _run(tmp_path / "crash", "--algorithm", algorithm, "--kill-at-step", "18")  # epoch 1, 6 of 12
-    assert killed.returncode == -9  # SIGKILL: nothing ran after the kill
-    assert (tmp_path / "crash" / "checkpoints" / "last.ckpt").exists()
-    assert not (tmp_path / "crash" / "result.pt").exists()
-    resumed = _run(tmp_path / "crash", "--algorithm", algorithm, "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a = torch.load(tmp_path / "full" / "result.pt", weights_only=True)
-    b = torch.load(tmp_path / "crash" / "result.pt", weights_only=True)
-    for name in a["masks"]:
-        assert torch.equal(a["masks"][name], b["masks"][name]), name
-    for name in a["weights"]:
-        assert torch.equal(a["weights"][name], b["weights"][name]), name
-    for key in ("prune_rate", "last_update_step", "num_updates"):
-        assert a["state"][key] == b["state"][key], key
-    assert torch.equal(a["state"]["generator_state"], b["state"]["generator_state"])
 
 
 # ----------------------------------------------------------------------------- LightningCLI
@@ -118,6 +84,7 @@ def test_cli_command_line_adds_the_callback(tmp_path):
         "--trainer.callbacks+=lightning_sparse.SparseTrainingCallback",
         "--trainer.callbacks.density=0.1",
         "--trainer.callbacks.algorithm=set",
+        "--trainer.callbacks.figure=false",
         f"--trainer.default_root_dir={tmp_path}",
         "--trainer.max_epochs=2",
         "--trainer.logger=false",
@@ -145,6 +112,7 @@ def test_cli_yaml_config(tmp_path):
                         "dense_layers": ["net.0"],
                         "update_interval": 3,
                         "seed": 5,
+                        "figure": False,
                     },
                 }
             ],
