@@ -89,9 +89,9 @@ class SparseMetrics:
     def log_update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, sparsifier: Sparsifier,
                    update: UpdateReport) -> None:  # fmt: skip
         """One row for a mask update: densities measured just before it, its rate, the costs after it."""
-        if sparsifier.uses_gradient_growth:  # this step's weight gradients were dense (RigL)
-            self.flops.add_dense_weight_gradients()
-        self.set_step_flops(sparsifier)
+        flops = self.report.cost_model.flops if self.report.cost_model is not None else None
+        self.flops.mask_update(trainer.global_step, flops, sparsifier.densities(), sparsifier.needs_dense_gradients,
+                               gradient_growth=sparsifier.uses_gradient_growth)  # fmt: skip
         sizes = dict(zip(sparsifier.names, sparsifier.sizes))
         density = self.density_metrics(sparsifier, {n: c / sizes[n] for n, c in update.nonzero_before.items()})
         costs = self.cost_metrics(trainer, sparsifier)
