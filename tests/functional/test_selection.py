@@ -390,6 +390,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_sharded_selection_equals_full_selection(tmp_path):
     cases = _distributed_cases()
     torch.save(cases, tmp_path / "cases.pt")
