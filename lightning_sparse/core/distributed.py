@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_sparse.functional.shards import Shards
+
 log = logging.getLogger(__name__)
 
 try:  # torch >= 2.4
@@ -122,6 +124,25 @@ def all_reduce_sum_(tensor: Tensor, group: dist.ProcessGroup | None) -> Tensor:
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
+
+
+def shards_of(group: dist.ProcessGroup | None) -> Shards | None:
+    """The :class:`~lightning_sparse.functional.shards.Shards` of ``group`` for the functional code (its sums are
+    ``all_reduce``\ s, on the backend's device: NCCL's CUDA device for CPU tensors); ``None`` for no group or a group
+    of one process."""
+    if group is None or dist.get_world_size(group) == 1:
+        return None
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
+
+    def sum_(tensor: Tensor) -> Tensor:
+        if device is None or tensor.device == device:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+            return tensor
+        moved = tensor.to(device)
+        dist.all_reduce(moved, op=dist.ReduceOp.SUM, group=group)
+        return tensor.copy_(moved)
+
+    return Shards(dist.get_rank(group), dist.get_world_size(group), sum_)
 
 
 def common_group(specs: Sequence[ShardSpec]) -> dist.ProcessGroup | None:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from lightning_sparse.core import distributed
-from lightning_sparse.core.distributed import ShardSpec
+from lightning_sparse.core.distributed import ShardSpec, shards_of
 from lightning_sparse.functional.init import layer_active_counts
 from lightning_sparse.functional.patterns import parse_pattern, pattern_counts, select_per_unit, unit_shape
 from lightning_sparse.functional.selection import hash_scores, select_highest
@@ -129,7 +129,7 @@ class Masking:
             if k is not None:  # the highest hashes of every unit: local to each row shard
                 local_masks.append(select_per_unit(scores, everywhere, k, parsed, t))
                 continue
-            local_masks.append(select_highest(scores, everywhere, n, offset=spec.offset, group=spec.group))
+            local_masks.append(select_highest(scores, everywhere, n, offset=spec.offset, shards=shards_of(spec.group)))
         return cls(params, kernel=kernel, local_masks=local_masks, active=counts)
 
     # ------------------------------------------------------------------ masks

@@ -27,7 +27,7 @@ import logging
 import math
 import types
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -45,12 +45,12 @@ from lightning_sparse.core.guards import (
     kept_neurons,
     refuse_fsdp1,
 )
+from lightning_sparse.core.initial_masks import init_counts, initial_masking
 from lightning_sparse.core.layers import find_attention
 from lightning_sparse.core.masking import Masking
 from lightning_sparse.core.optimizer import check_momentum_optimizer, optimizer_momentum
 from lightning_sparse.core.report_inputs import report_inputs
 from lightning_sparse.core.selection import select_layers
-from lightning_sparse.functional.init import layer_active_counts
 from lightning_sparse.functional.patterns import pattern_counts
 from lightning_sparse.methods import LayerState, SparseAlgorithm, UpdateContext, UpdateResult
 from lightning_sparse.methods.dst import DST
@@ -170,33 +170,9 @@ class Sparsifier:
                 raise ValueError("the checkpoint's sparse training state holds no masks")
             self.masking = Masking(params, state["masks"], self.options.mask_kernel)
             return
-        if algorithm.start == "random":
-            shapes = [distributed.shard_spec(p, n).shape for n, p in params.items()]
-            counts = self._init_counts(shapes)
-            if self.pattern.structured:
-                transposed = [self.layers[n].transposed for n in params]
-                self.masking = Masking.random(params, pattern_counts(shapes, counts, self.pattern, transposed),
-                                              self.options.init, self.generator, self.options.mask_kernel,
-                                              pattern=self.pattern, transposed=transposed)  # fmt: skip
-            else:
-                by = self.group_density["*"] if list(self.group_density) == ["*"] else counts
-                self.masking = Masking.random(params, by, self.options.init, self.generator, self.options.mask_kernel)
-        else:  # dense until GMP prunes or SNIP picks its masks (contiguous, whatever the weight's memory format)
-            local = [distributed.local(p) for p in params.values()]
-            masks = [torch.ones(w.shape, dtype=torch.bool, device=w.device) for w in local]
-            self.masking = Masking(params, kernel=self.options.mask_kernel, local_masks=masks)
+        self.masking = initial_masking(params, self.layers, self.options, self._group_indices(), self.generator)
         self._needs_snip = algorithm.start == "snip"
         self.masking.apply_(kernel="torch")
-
-    def _init_counts(self, shapes: Sequence[Sequence[int]]) -> list[int]:
-        """Active weights per layer of the initialization (``init`` within each density group)."""
-        counts = [0] * len(shapes)
-        for pattern, indices in self._group_indices().items():
-            group_counts = layer_active_counts([shapes[i] for i in indices], self.group_density[pattern],
-                                               self.options.init)  # fmt: skip
-            for i, n in zip(indices, group_counts):
-                counts[i] = n
-        return counts
 
     def _group_indices(self) -> dict[str, list[int]]:
         """Layer indices (in mask order) by density group."""
@@ -415,7 +391,8 @@ class Sparsifier:
         if self.pattern.structured:  # the top scores of every unit: top N of each group of M, top k of each row
             transposed = [self.layers[n].transposed for n in self.masking.names]
             shapes = [spec.shape for spec in self.masking.specs]
-            counts = pattern_counts(shapes, self._init_counts(shapes), self.pattern, transposed)
+            counts = pattern_counts(shapes, init_counts(shapes, self._group_indices(), self.options), self.pattern,
+                                    transposed)  # fmt: skip
             masks = top_scores_per_unit(scores, self.masking, counts, self.pattern, transposed)
         else:  # the top scores of each density group
             masks = top_scores_per_group(scores, self.masking, self._group_indices(), self.group_density)

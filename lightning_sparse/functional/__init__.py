@@ -1,5 +1,7 @@
-"""Tensor math of sparse training, free of Lightning: initialization, pruning, growth, redistribution,
-schedules, structured patterns. Every function works on plain tensors and can be tested on small hand-made examples."""
+"""Tensor math of sparse training, free of Lightning and of ``torch.distributed``: initialization, pruning, growth,
+redistribution, schedules, structured patterns. Every function works on plain tensors and can be tested on small
+hand-made examples; on FSDP2 row shards the sums over the processes come in as a
+:class:`~lightning_sparse.functional.shards.Shards`."""
 
 from lightning_sparse.functional.init import INIT_METHODS, largest_remainder, layer_active_counts, random_mask
 from lightning_sparse.functional.patterns import (
@@ -27,11 +29,13 @@ from lightning_sparse.functional.redistribute import (
     prune_counts,
 )
 from lightning_sparse.functional.schedules import PRUNE_RATE_SCHEDULES, constant, cosine_decay, linear_decay
+from lightning_sparse.functional.shards import Shards
 
 __all__ = [
     "INIT_METHODS",
     "PRUNE_RATE_SCHEDULES",
     "Pattern",
+    "Shards",
     "check_pattern",
     "nm_groups_view",
     "parse_pattern",

@@ -2,51 +2,50 @@
 
 Every function takes one layer's tensors and an exact count and returns a new ``torch.bool`` mask. The
 selections of :mod:`lightning_sparse.functional.selection` are exact and deterministic (ties go to the lowest
-flat index), and work the same on FSDP2 row shards (``offset``, ``group``): the masks are then equal, shard by
+flat index), and work the same on FSDP2 row shards (``offset``, ``shards``): the masks are then equal, shard by
 shard, to those computed on the full tensors.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
-from torch.distributed import ProcessGroup
 
 from lightning_sparse.functional.selection import hash_scores, select_highest, select_lowest, sortable_key
+from lightning_sparse.functional.shards import Shards
 
 
-def drop_lowest(score: Tensor, mask: Tensor, n: int, *, offset: int = 0, group: ProcessGroup | None = None) -> Tensor:
+def drop_lowest(score: Tensor, mask: Tensor, n: int, *, offset: int = 0, shards: Shards | None = None) -> Tensor:
     """Remove from ``mask`` the ``n`` active positions with the lowest ``score`` (ties: the lowest flat index
-    first); returns a new mask. With ``group``, ``score`` and ``mask`` are this process's row block of a weight
-    sharded over ``group``, starting at flat index ``offset``, and ``n`` counts over the whole weight."""
+    first); returns a new mask. With ``shards``, ``score`` and ``mask`` are this process's row block of a weight
+    sharded over them, starting at flat index ``offset``, and ``n`` counts over the whole weight."""
     if n <= 0:
         return mask.clone()
-    return mask & ~select_lowest(score.detach(), mask, n, offset=offset, group=group)
+    return mask & ~select_lowest(score.detach(), mask, n, offset=offset, shards=shards)
 
 
-def add_highest(score: Tensor, mask: Tensor, n: int, *, offset: int = 0, group: ProcessGroup | None = None) -> Tensor:
+def add_highest(score: Tensor, mask: Tensor, n: int, *, offset: int = 0, shards: Shards | None = None) -> Tensor:
     """Add to ``mask`` the ``n`` inactive positions with the highest ``score`` (ties: the lowest flat index
     first); returns a new mask. Already active positions are never picked, and ``n`` may not exceed the number
-    of inactive positions. ``offset`` and ``group`` as in :func:`drop_lowest`."""
+    of inactive positions. ``offset`` and ``shards`` as in :func:`drop_lowest`."""
     if n <= 0:
         return mask.clone()
-    return mask | select_highest(score.detach(), ~mask, n, offset=offset, group=group)
+    return mask | select_highest(score.detach(), ~mask, n, offset=offset, shards=shards)
 
 
 def magnitude_prune(
-    weight: Tensor, mask: Tensor, n: int, *, offset: int = 0, group: ProcessGroup | None = None
+    weight: Tensor, mask: Tensor, n: int, *, offset: int = 0, shards: Shards | None = None
 ) -> Tensor:
     """Remove the ``n`` active weights with the smallest ``|W|``."""
-    return drop_lowest(weight.detach().abs(), mask, n, offset=offset, group=group)
+    return drop_lowest(weight.detach().abs(), mask, n, offset=offset, shards=shards)
 
 
 def score_growth(
-    score: Tensor, mask: Tensor, n: int, *, offset: int = 0, group: ProcessGroup | None = None
+    score: Tensor, mask: Tensor, n: int, *, offset: int = 0, shards: Shards | None = None
 ) -> Tensor:
     """Grow the ``n`` inactive positions with the largest ``|score|`` (momentum growth when the score is
     the momentum, RigL's gradient growth when it is the gradient)."""
-    return add_highest(score.detach().abs(), mask, n, offset=offset, group=group)
+    return add_highest(score.detach().abs(), mask, n, offset=offset, shards=shards)
 
 
 def random_growth(
@@ -55,7 +54,7 @@ def random_growth(
     generator: torch.Generator | None = None,
     *,
     offset: int = 0,
-    group: ProcessGroup | None = None,
+    shards: Shards | None = None,
 ) -> Tensor:
     """Grow ``n`` inactive positions chosen uniformly at random.
 
@@ -67,15 +66,15 @@ def random_growth(
     if n <= 0:
         return mask.clone()
     scores = hash_scores(seed, offset, mask.numel(), mask.device).view(mask.shape)
-    return add_highest(scores, mask, n, offset=offset, group=group)
+    return add_highest(scores, mask, n, offset=offset, shards=shards)
 
 
-def set_prune(weight: Tensor, mask: Tensor, n: int, *, offset: int = 0, group: ProcessGroup | None = None) -> Tensor:
+def set_prune(weight: Tensor, mask: Tensor, n: int, *, offset: int = 0, shards: Shards | None = None) -> Tensor:
     """SET's removal (Mocanu et al. 2018): the ``n`` active weights closest to zero *on each side*.
 
     Half of them (rounded up) are the smallest non-negative weights, the other half the largest negative
     ones; if one side has too few active weights, the other side gives the rest. One host synchronization
-    (the number of active non-negative and negative weights, summed over ``group``).
+    (the number of active non-negative and negative weights, summed over the ``shards``).
     """
     if n <= 0:
         return mask.clone()
@@ -83,13 +82,13 @@ def set_prune(weight: Tensor, mask: Tensor, n: int, *, offset: int = 0, group: P
     positive = mask & (w >= 0)
     negative = mask & (w < 0)
     counts = torch.stack([positive.sum(), negative.sum()]).to(torch.int64)
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(counts, group=group)
+    if shards is not None:
+        shards.sum_(counts)
     n_positive, n_negative = (int(c) for c in counts.tolist())
     take_pos = min(n_positive, max((n + 1) // 2, n - n_negative))
     take_neg = n - take_pos
-    kept_pos = drop_lowest(w, positive, take_pos, offset=offset, group=group)  # smallest non-negative ones out
-    kept_neg = drop_lowest(-w, negative, take_neg, offset=offset, group=group)  # then the largest negative
+    kept_pos = drop_lowest(w, positive, take_pos, offset=offset, shards=shards)  # smallest non-negative ones out
+    kept_neg = drop_lowest(-w, negative, take_neg, offset=offset, shards=shards)  # then the largest negative
     return kept_pos | kept_neg
 
 
@@ -98,22 +97,22 @@ def snip_masks(
     count: int,
     *,
     offsets: list[int] | None = None,
-    group: ProcessGroup | None = None,
+    shards: Shards | None = None,
     sharded: list[bool] | None = None,
 ) -> list[Tensor]:
     """SNIP (Lee et al. 2019): keep the ``count`` entries with the largest score over *all* layers together.
 
     ``scores`` are per-layer saliencies ``|g * w|``; returns one ``torch.bool`` mask per layer with exactly
     ``count`` True entries in total. Ties at the threshold go to earlier layers first, then to lower flat
-    indices. With ``group``, the scores of the layers flagged in ``sharded`` are row blocks starting at flat index
-    ``offsets[l]`` (the others are whole on every process) and counts are summed over ``group``: the result
+    indices. With ``shards``, the scores of the layers flagged in ``sharded`` are row blocks starting at flat index
+    ``offsets[l]`` (the others are whole on every process) and counts are summed over the shards: the result
     is the same as on the full scores. The threshold is found by bisection over the scores' sortable 32-bit keys
-    (32 rounds of one small all-reduce; a one-off at the start of training).
+    (32 rounds of one small sum over the shards; a one-off at the start of training).
     """
     n_layers = len(scores)
     offsets = offsets or [0] * n_layers
-    sharded = sharded or [group is not None] * n_layers
-    reduce = _layer_reducer(sharded, group)
+    sharded = sharded or [shards is not None] * n_layers
+    reduce = _layer_reducer(sharded, shards)
     keys = [sortable_key(s.detach().float()).reshape(-1) for s in scores]
     total = int(reduce(torch.tensor([k.numel() for k in keys], dtype=torch.int64)).sum())
     if not 0 <= count <= total:
@@ -143,22 +142,18 @@ def snip_masks(
     for score, k, n, offset, is_sharded in zip(scores, keys, per_layer, offsets, sharded):
         key = k.view(score.shape)
         everywhere = torch.ones(score.shape, dtype=torch.bool, device=key.device)
-        masks.append(select_highest(key, everywhere, n, offset=offset, group=group if is_sharded else None))
+        masks.append(select_highest(key, everywhere, n, offset=offset, shards=shards if is_sharded else None))
     return masks
 
 
-def _layer_reducer(sharded: list[bool], group: ProcessGroup | None):
-    """Sums per-layer counts over ``group``: sharded layers from every process, whole layers from the first."""
-    if group is None or dist.get_world_size(group) == 1:
+def _layer_reducer(sharded: list[bool], shards: Shards | None):
+    """Sums per-layer counts over the ``shards``: sharded layers from every process, whole layers from the first."""
+    if shards is None:
         return lambda t: t
-    backend_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
-    first = dist.get_rank(group) == 0
     whole = torch.tensor([not s for s in sharded])
 
     def reduce(t: Tensor) -> Tensor:
-        t = t.masked_fill(whole, 0) if not first else t.clone()
-        moved = t.to(backend_device) if backend_device is not None else t
-        dist.all_reduce(moved, group=group)
-        return moved.cpu()
+        t = t.masked_fill(whole, 0) if shards.rank != 0 else t.clone()
+        return shards.sum_(t)
 
     return reduce

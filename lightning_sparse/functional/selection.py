@@ -3,7 +3,7 @@ do not depend on how a tensor is split.
 
 ``select_lowest`` and ``select_highest`` choose exactly ``n`` candidate positions and break ties by the lowest
 *global* flat index, so the choice is a function of the values alone: on a tensor sharded by rows over the
-processes of a group (FSDP2's ``Shard(0)``: each process holds a contiguous range of the full tensor's flat
+processes (FSDP2's ``Shard(0)``: each process holds a contiguous range of the full tensor's flat
 indices, starting at ``offset``), every process gets its part of the mask the full tensor would get, mask for
 mask, without any process seeing the full tensor. ``hash_scores`` gives every global flat index a fixed
 pseudo-random score, so a random choice made through it is also the same for any number of processes.
@@ -21,8 +21,9 @@ tensor([ True, False, False, False, False])
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
+
+from lightning_sparse.functional.shards import Shards
 
 __all__ = ["hash_scores", "select_highest", "select_lowest", "sortable_key"]
 
@@ -87,7 +88,7 @@ def _check_int_keys(keys: Tensor) -> None:
 
 
 def select_lowest(
-    values: Tensor, candidates: Tensor, n: int, *, offset: int = 0, group: dist.ProcessGroup | None = None
+    values: Tensor, candidates: Tensor, n: int, *, offset: int = 0, shards: Shards | None = None
 ) -> Tensor:
     """The ``n`` candidates with the lowest value, ties broken by the lowest global flat index; a new mask.
 
@@ -95,36 +96,36 @@ def select_lowest(
         values: any shape; floating point (compared as float32, ``-0.0 == +0.0``, NaN largest) or integer
             (compared exactly; int64 values in ``(-2**62, 2**62)``), see ``sortable_key``.
         candidates: ``torch.bool``, the shape of ``values``: the positions that may be chosen.
-        n: how many positions to choose *in total over the group* (the same int on every process). ``n <= 0``
+        n: how many positions to choose *in total over the shards* (the same int on every process). ``n <= 0``
             chooses none.
         offset: global flat index of this shard's first entry (``values`` is the contiguous block of flat indices
             ``offset .. offset + values.numel() - 1`` of the full tensor, as a row shard is).
-        group: the processes that hold the shards. ``None`` or a group of one process: ``values`` is the whole
-            tensor (``offset`` then does not matter).
+        shards: the processes that hold the shards (:class:`~lightning_sparse.functional.shards.Shards`).
+            ``None``: ``values`` is the whole tensor (``offset`` then does not matter).
 
     Returns:
         A new ``torch.bool`` tensor of the shape of ``values``, True at the chosen positions: exactly ``n`` over
         all processes, all at candidate positions, the same mask as this selection on the full tensor.
 
     Raises:
-        ValueError: if ``n`` exceeds the number of candidates (over the group), or int64 candidate values are out
+        ValueError: if ``n`` exceeds the number of candidates (over the shards), or int64 candidate values are out
             of range.
             On one process and a device other than the CPU, neither is checked, so that nothing synchronizes
             with the host: ``n`` may not exceed ``values.numel()``, and with fewer than ``n`` candidates, all of
             them are chosen.
 
     On one process the selection is one ``kthvalue`` over the candidates on the CPU, and elsewhere one ``topk``
-    over the whole tensor, with no host synchronization (no ``nonzero``, ``.item()``). Over a group it is an
-    exact radix select: 16 bits of the keys per pass (2 passes for floats, 4 for integers), each an ``all_reduce``
-    of a 65536-bin histogram, then one ``all_gather`` of each process's tie count; memory is O(local numel),
+    over the whole tensor, with no host synchronization (no ``nonzero``, ``.item()``). Over shards it is an
+    exact radix select: 16 bits of the keys per pass (2 passes for floats, 4 for integers), each a sum over the
+    shards of a 65536-bin histogram, then one of every process's tie count and offset; memory is O(local numel),
     communication does not depend on ``n``, and there is one host synchronization (the global candidate count,
     for the ``ValueError``). Every process must call it with the same ``n``, also one with an empty shard.
     """
-    return _select(values, candidates, n, offset, group, highest=False)
+    return _select(values, candidates, n, offset, shards, highest=False)
 
 
 def select_highest(
-    values: Tensor, candidates: Tensor, n: int, *, offset: int = 0, group: dist.ProcessGroup | None = None
+    values: Tensor, candidates: Tensor, n: int, *, offset: int = 0, shards: Shards | None = None
 ) -> Tensor:
     """The ``n`` candidates with the highest value, ties broken by the lowest global flat index; a new mask.
 
@@ -132,26 +133,26 @@ def select_highest(
     Random growth that does not depend on the number of processes::
 
         scores = hash_scores(seed, offset, local.numel(), local.device).view_as(local)
-        grown = select_highest(scores, ~mask, n, offset=offset, group=group)
+        grown = select_highest(scores, ~mask, n, offset=offset, shards=shards)
     """
-    return _select(values, candidates, n, offset, group, highest=True)
+    return _select(values, candidates, n, offset, shards, highest=True)
 
 
 def _select(
-    values: Tensor, candidates: Tensor, n: int, offset: int, group: dist.ProcessGroup | None, highest: bool
+    values: Tensor, candidates: Tensor, n: int, offset: int, shards: Shards | None, highest: bool
 ) -> Tensor:
     if candidates.dtype != torch.bool:
         raise TypeError(f"candidates must be a torch.bool tensor, got {candidates.dtype}")
     if candidates.shape != values.shape:
         raise ValueError(f"candidates has shape {tuple(candidates.shape)}, values {tuple(values.shape)}")
-    distributed = group is not None and dist.get_world_size(group) > 1
+    distributed = shards is not None
     if n <= 0:
         return torch.zeros_like(candidates)
     flat, cand = values.detach().reshape(-1), candidates.reshape(-1)
     if distributed:
         keys, bits = _keys(flat)
         invalid = (cand & (keys <= 0)).any() if bits == _INT_KEY_BITS else None  # int64 values out of range
-        chosen = _radix_select(_reverse(keys, bits) if highest else keys, cand, n, bits, offset, group, invalid)
+        chosen = _radix_select(_reverse(keys, bits) if highest else keys, cand, n, bits, offset, shards, invalid)
     elif flat.device.type == "cpu":  # rank the candidates only
         index = cand.nonzero().squeeze(1)  # ascending, so ties in the order of `index` are in flat index order
         if n > index.numel():
@@ -216,9 +217,9 @@ def _histogram_scatter(digits: Tensor, active: Tensor) -> Tensor:
 
 
 def _radix_select(
-    keys: Tensor, cand: Tensor, n: int, bits: int, offset: int, group: dist.ProcessGroup, invalid: Tensor | None
+    keys: Tensor, cand: Tensor, n: int, bits: int, offset: int, shards: Shards, invalid: Tensor | None
 ) -> Tensor:
-    """Exact distributed selection of the ``n`` lowest candidate keys of the shards of ``group``. ``invalid``:
+    """Exact distributed selection of the ``n`` lowest candidate keys of the ``shards``. ``invalid``:
     whether this shard has int64 values out of range (reported by every process, so that all of them raise)."""
     device = keys.device
     need = torch.full((1,), n, dtype=torch.int64, device=device)  # how many are still to choose below the prefix
@@ -231,7 +232,7 @@ def _radix_select(
         if i == 0:  # one more bin: the number of processes with int64 values out of range
             flag = torch.zeros(1, dtype=torch.int64, device=device) if invalid is None else invalid.reshape(1).long()
             hist = torch.cat([hist, flag])
-            dist.all_reduce(hist, group=group)
+            shards.sum_(hist)
             total, invalid_ranks = torch.stack([hist[:_BINS].sum(), hist[_BINS]]).tolist()  # host synchronization
             hist = hist[:_BINS]
             if invalid_ranks:
@@ -241,7 +242,7 @@ def _radix_select(
             if n == total:
                 return cand.clone()
         else:
-            dist.all_reduce(hist, group=group)
+            shards.sum_(hist)
         cum = hist.cumsum(0)
         digit = torch.searchsorted(cum, need)  # first digit whose cumulative count reaches the need
         need = need - (cum[digit] - hist[digit])
@@ -249,11 +250,9 @@ def _radix_select(
     # `prefix` is now the exact threshold key T, and `need` >= 1 the number to take among the keys equal to T.
     ties = cand & (keys == prefix)
     mine = torch.stack([ties.sum(), torch.tensor(offset, dtype=torch.int64, device=device)])
-    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(gathered, mine, group=group)
-    table = torch.stack(gathered)  # (world size, 2): ties, offset
+    table = shards.gather(mine)  # (processes, 2): ties, offset
     rank = torch.arange(table.shape[0], device=device)
-    me = dist.get_rank(group)
+    me = shards.rank
     earlier = (table[:, 1] < offset) | ((table[:, 1] == offset) & (rank < me))  # shards before this one
     take = (need - (table[:, 0] * earlier).sum()).clamp(min=0)
     return _take_lowest(keys, cand, prefix, take)

@@ -38,8 +38,10 @@ from lightning_sparse.options import SparseOptions
 
 
 class SparseTrainingCallback(Callback):
-    """Keep a network sparse during the whole of training, updating which weights are active. The README's
-    "SparseTrainingCallback arguments" holds the details of every argument.
+    """Keep a network sparse during the whole of training, updating which weights are active.
+
+    Every argument but ``speedup_timing`` and ``figure`` is an option of :class:`~lightning_sparse.SparseOptions`,
+    which describes each in full; the lines below are the short forms that LightningCLI's ``--help`` shows.
 
     Args:
         density: fraction of the masked weights that are active, in (0, 1], or density groups ``{name glob:
@@ -99,10 +101,9 @@ class SparseTrainingCallback(Callback):
         neuron_ablation: float | None = None,
         keep_neurons: Sequence[str] | None = None,
     ) -> None:
-        self.options = SparseOptions.resolve(
+        self.options = SparseOptions(
             density, algorithm, prune_rate, prune_rate_schedule, init, dense_layers, update_interval, stop_at, seed,
-            mask_kernel, mask_frozen, layer_types, include, mask_embeddings, pattern=pattern,
-            neuron_ablation=neuron_ablation, keep_neurons=keep_neurons,
+            mask_kernel, mask_frozen, layer_types, include, mask_embeddings, pattern, neuron_ablation, keep_neurons,
         )  # fmt: skip
         if not isinstance(speedup_timing, str) or speedup_timing not in TIMINGS:
             raise ValueError(f"`speedup_timing` can be {', '.join(TIMINGS)}, got {speedup_timing!r}")

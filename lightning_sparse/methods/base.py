@@ -14,10 +14,11 @@ import torch
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from lightning_sparse.core.distributed import ShardSpec, common_group, reduce_layer_sums
+from lightning_sparse.core.distributed import ShardSpec, common_group, reduce_layer_sums, shards_of
 from lightning_sparse.functional.patterns import Pattern, fill_units
 from lightning_sparse.functional.prune_grow import add_highest, drop_lowest, random_growth
 from lightning_sparse.functional.selection import hash_scores
+from lightning_sparse.functional.shards import Shards
 
 
 class LayerState:
@@ -66,9 +67,14 @@ class LayerState:
     def group(self) -> ProcessGroup | None:
         return self.spec.group
 
+    @cached_property
+    def shards(self) -> Shards | None:
+        """The processes this layer's rows are split over, for the functional selections (``None``: whole)."""
+        return shards_of(self.spec.group)
+
     def drop_lowest(self, score: Tensor, mask: Tensor, n: int) -> Tensor:
         """``mask`` without its ``n`` active positions of lowest ``score`` over the whole layer."""
-        return drop_lowest(score, mask, n, offset=self.offset, group=self.group)
+        return drop_lowest(score, mask, n, offset=self.offset, shards=self.shards)
 
     def add_highest(self, score: Tensor, mask: Tensor, n: int) -> Tensor:
         """``mask`` plus the ``n`` free positions of highest ``score`` over the whole layer (under a structured
@@ -76,7 +82,7 @@ class LayerState:
         if self._units is not None:
             pattern, target = self._units
             return fill_units(score.detach(), mask, target, pattern, self.transposed)
-        return add_highest(score, mask, n, offset=self.offset, group=self.group)
+        return add_highest(score, mask, n, offset=self.offset, shards=self.shards)
 
     def add_random(self, mask: Tensor, n: int, generator: torch.Generator) -> Tensor:
         """``mask`` plus ``n`` free positions drawn at random (the same for any number of shards; under a
@@ -86,7 +92,7 @@ class LayerState:
             seed = int(torch.randint(0, 2**62, (1,), generator=generator, dtype=torch.int64))
             scores = hash_scores(seed, self.offset, mask.numel(), mask.device).view(mask.shape)
             return fill_units(scores, mask, target, pattern, self.transposed)
-        return random_growth(mask, n, generator, offset=self.offset, group=self.group)
+        return random_growth(mask, n, generator, offset=self.offset, shards=self.shards)
 
     @contextmanager
     def filling_units(self, pattern: Pattern, target: int | Tensor) -> Iterator[LayerState]:

@@ -54,7 +54,7 @@ def _magnitude_prune(layer: LayerState, n: int) -> Tensor:
 
 
 def _set_prune(layer: LayerState, n: int) -> Tensor:
-    return set_prune(layer.weight, layer.mask, n, offset=layer.offset, group=layer.group)
+    return set_prune(layer.weight, layer.mask, n, offset=layer.offset, shards=layer.shards)
 
 
 # ----------------------------------------------------------------------------- growth rules

@@ -63,7 +63,7 @@ def top_scores_per_group(
             [scores[i] for i in indices],
             count,
             offsets=[masking.specs[i].offset for i in indices],
-            group=masking.group,
+            shards=distributed.shards_of(masking.group),
             sharded=[masking.specs[i].sharded for i in indices],
         )
         for i, mask in zip(indices, chosen):

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from lightning_sparse.core.distributed import shards_of
 from lightning_sparse.functional.selection import (
     _histogram,
     _histogram_scatter,
@@ -26,6 +27,7 @@ from lightning_sparse.functional.selection import (
     select_lowest,
     sortable_key,
 )
+from lightning_sparse.functional.shards import Shards
 
 SELECT = {"lowest": select_lowest, "highest": select_highest}
 
@@ -359,25 +361,27 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
     )
     try:
+        shards = shards_of(dist.group.WORLD)
         results = []
         for case in torch.load(Path(out) / "cases.pt", weights_only=True):
             values, offset = _shard(case["values"], rank, world)
             candidates, _ = _shard(case["candidates"], rank, world)
             for select in SELECT.values():
-                results.append(select(values, candidates, case["n"], offset=offset, group=dist.group.WORLD))
+                results.append(select(values, candidates, case["n"], offset=offset, shards=shards))
         errors = []
         values, offset = _shard(_SMALL, rank, world)
         candidates = torch.ones_like(values, dtype=torch.bool)
         for values_, n in ((values, 25), (torch.full_like(values, 2**62 if rank else 0, dtype=torch.int64), 1)):
             try:
-                select_lowest(values_, candidates, n, offset=offset, group=dist.group.WORLD)
+                select_lowest(values_, candidates, n, offset=offset, shards=shards)
                 errors.append("")
             except ValueError as error:
                 errors.append(str(error))
-        results.append(select_lowest(values, candidates, 3, offset=offset, group=dist.group.WORLD))  # still in step
+        results.append(select_lowest(values, candidates, 3, offset=offset, shards=shards))  # still in step
         singles = [dist.new_group([r]) for r in range(world)]  # groups of one process: the local path
         values = torch.randint(0, 3, (5, 4)).float()
-        single = select_highest(values, values > 0, 1, offset=123, group=singles[rank])
+        assert shards_of(singles[rank]) is None
+        single = select_highest(values, values > 0, 1, offset=123, shards=shards_of(singles[rank]))
         results.append(torch.equal(single, select_highest(values, values > 0, 1)))
         torch.save({"results": results, "errors": errors}, Path(out) / f"rank{rank}.pt")
     finally:
@@ -415,3 +419,17 @@ def test_sharded_selection_equals_full_selection(tmp_path):
         after_errors, single = list(shards[r])
         assert torch.equal(after_errors, _shard(after, r, 2)[0]), r
         assert single is True
+
+
+def test_the_sharded_path_in_one_process_equals_the_local_path():
+    """A one-process ``Shards`` (its sum is the identity) runs the radix select that shards use: the same masks
+    as the local path on every case, and every sum it asks for is a histogram or the tie table."""
+    sums = []
+    one = Shards(rank=0, size=1, sum_=lambda t: sums.append(tuple(t.shape)) or t)
+    for case in _distributed_cases():
+        for name, select in SELECT.items():
+            local = select(case["values"], case["candidates"], case["n"])
+            assert torch.equal(select(case["values"], case["candidates"], case["n"], shards=one), local), case["name"]
+    assert sums and set(sums) <= {(65537,), (65536,), (1, 2)}
+    table = Shards(rank=1, size=3, sum_=lambda t: t).gather(torch.tensor([4, 5]))
+    assert table.tolist() == [[0, 0], [4, 5], [0, 0]]
