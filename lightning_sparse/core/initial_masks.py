@@ -13,7 +13,7 @@ from lightning_sparse.core import distributed
 from lightning_sparse.core.layers import MaskedLayer
 from lightning_sparse.core.masking import Masking
 from lightning_sparse.functional.init import layer_active_counts
-from lightning_sparse.functional.patterns import pattern_counts
+from lightning_sparse.functional.units import pattern_counts
 from lightning_sparse.options import SparseOptions
 
 

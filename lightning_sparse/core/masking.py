@@ -17,8 +17,9 @@ from torch import Tensor
 from lightning_sparse.core import distributed
 from lightning_sparse.core.distributed import ShardSpec, shards_of
 from lightning_sparse.functional.init import layer_active_counts
-from lightning_sparse.functional.patterns import parse_pattern, pattern_counts, select_per_unit, unit_shape
+from lightning_sparse.functional.patterns import parse_pattern, unit_shape
 from lightning_sparse.functional.selection import hash_scores, select_highest
+from lightning_sparse.functional.units import pattern_counts, select_per_unit
 from lightning_sparse.kernels import check_mask_kernel, cpu_masked_zero
 
 

@@ -51,7 +51,7 @@ from lightning_sparse.core.masking import Masking
 from lightning_sparse.core.optimizer import check_momentum_optimizer, optimizer_momentum
 from lightning_sparse.core.report_inputs import report_inputs
 from lightning_sparse.core.selection import select_layers
-from lightning_sparse.functional.patterns import pattern_counts
+from lightning_sparse.functional.units import pattern_counts
 from lightning_sparse.methods import LayerState, SparseAlgorithm, UpdateContext, UpdateResult
 from lightning_sparse.methods.dst import DST
 from lightning_sparse.methods.groups import update_groups

@@ -10,7 +10,6 @@ from lightning_sparse.functional.patterns import (
     nm_groups_view,
     parse_pattern,
     rows_view,
-    topk_per_unit,
     unit_counts,
 )
 from lightning_sparse.functional.prune_grow import (
@@ -30,6 +29,7 @@ from lightning_sparse.functional.redistribute import (
 )
 from lightning_sparse.functional.schedules import PRUNE_RATE_SCHEDULES, constant, cosine_decay, linear_decay
 from lightning_sparse.functional.shards import Shards
+from lightning_sparse.functional.units import topk_per_unit
 
 __all__ = [
     "INIT_METHODS",

@@ -29,15 +29,8 @@ from typing import Any
 
 import torch
 
-from lightning_sparse.functional.patterns import (
-    Pattern,
-    ablation_cutoff,
-    parse_pattern,
-    round_to_rows,
-    trim_units,
-    unit_counts,
-    unit_shape,
-)
+from lightning_sparse.functional.patterns import Pattern, parse_pattern, unit_counts, unit_shape
+from lightning_sparse.functional.units import ablation_cutoff, round_to_rows, trim_units
 from lightning_sparse.methods.base import LayerState, UpdateContext, layer_counts, shard_reducer
 from lightning_sparse.methods.rules import SurvivorShares
 from lightning_sparse.methods.targets import Plan, Target, check_units

@@ -15,10 +15,11 @@ from torch import Tensor
 from torch.distributed import ProcessGroup
 
 from lightning_sparse.core.distributed import ShardSpec, common_group, reduce_layer_sums, shards_of
-from lightning_sparse.functional.patterns import Pattern, fill_units
+from lightning_sparse.functional.patterns import Pattern
 from lightning_sparse.functional.prune_grow import add_highest, drop_lowest, random_growth
 from lightning_sparse.functional.selection import hash_scores
 from lightning_sparse.functional.shards import Shards
+from lightning_sparse.functional.units import fill_units
 
 
 class LayerState:

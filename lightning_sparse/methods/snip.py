@@ -10,8 +10,9 @@ from torch import Tensor, nn
 
 from lightning_sparse.core import distributed
 from lightning_sparse.core.masking import Masking
-from lightning_sparse.functional.patterns import Pattern, select_per_unit, unit_shape
+from lightning_sparse.functional.patterns import Pattern, unit_shape
 from lightning_sparse.functional.prune_grow import snip_masks
+from lightning_sparse.functional.units import select_per_unit
 
 
 def snip_scores(model: nn.Module, masking: Masking, loss: Tensor) -> list[Tensor]:

@@ -30,15 +30,9 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from lightning_sparse.functional.patterns import (
-    Pattern,
-    round_half_up,
-    round_to_rows,
-    trim_units,
-    unit_counts,
-    unit_shape,
-)
+from lightning_sparse.functional.patterns import Pattern, unit_counts, unit_shape
 from lightning_sparse.functional.schedules import gmp_sparsity
+from lightning_sparse.functional.units import round_half_up, round_to_rows, trim_units
 from lightning_sparse.methods.base import LayerState, UpdateContext, UpdateResult, layer_counts, shard_reducer
 from lightning_sparse.methods.rules import CountRule, PruneRule
 

@@ -8,18 +8,14 @@ import torch
 
 from lightning_sparse.functional.patterns import (
     check_pattern,
-    fill_units,
     from_unit_view,
     nm_groups_view,
     parse_pattern,
-    pattern_counts,
-    round_to_rows,
     rows_view,
-    topk_per_unit,
-    trim_units,
     unit_counts,
     unit_view,
 )
+from lightning_sparse.functional.units import fill_units, pattern_counts, round_to_rows, topk_per_unit, trim_units
 
 # ----------------------------------------------------------------------------- tensor math
 

@@ -11,7 +11,8 @@ from torch import nn
 
 from lightning_sparse import ALGORITHMS, SparseAlgorithm, SparseTrainingCallback, Sparsifier
 from lightning_sparse.export import CondensedLinear, to_condensed
-from lightning_sparse.functional.patterns import ablation_cutoff, check_pattern, fill_units, trim_units, unit_counts
+from lightning_sparse.functional.patterns import check_pattern, unit_counts
+from lightning_sparse.functional.units import ablation_cutoff, fill_units, trim_units
 from lightning_sparse.methods import ABLATION_BUDGETS, LayerState, UpdateContext
 
 # ----------------------------------------------------------------------------- tensor math
