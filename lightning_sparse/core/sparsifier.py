@@ -61,6 +61,7 @@ from lightning_sparse.schedule import check_total_steps
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class UpdateReport:
     """What one mask update did, for logging.
