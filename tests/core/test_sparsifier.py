@@ -1,9 +1,6 @@
 """The Lightning-free core: a plain PyTorch loop and a Lightning Fabric loop with ``Sparsifier``; and the callback
 bound late (``configure_model``, a second model, ``ddp_spawn``)."""
 
-import subprocess
-import sys
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -151,29 +148,6 @@ def test_layers_built_in_configure_model_are_masked_and_one_callback_serves_two_
     assert sum(int(m.sum()) for m in cb.masks.values()) == round(0.25 * 24 * 64) + round(0.25 * 10 * 24)
     for name, mask in cb.masks.items():
         assert int((dict(second.named_parameters())[name].detach()[~mask] != 0).sum()) == 0
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["set", "dst"])
-def test_ddp_spawn_returns_the_trained_sparse_model_and_masks(tmp_path, algorithm):
-    out = tmp_path / "result.pt"
-    script = Path(__file__).parents[1] / "distributed" / "spawn_run.py"
-    proc = subprocess.run([sys.executable, str(script), "--out", str(out), "--algorithm", algorithm],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = torch.load(out, weights_only=True)
-    masks, weights = result["masks"], result["weights"]
-    assert set(masks) == {"net.0.weight", "net.2.weight", "net.4.weight"}
-    assert set(weights) == {f"net.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")}  # plain keys
-    for name, mask in masks.items():
-        assert int((weights[name][~mask] != 0).sum()) == 0, name  # the main process holds the sparse weights
-        assert not torch.equal(weights[name], result["initial"][name])  # ... and they were trained
-    if algorithm == "set":
-        assert sum(int(m.sum()) for m in masks.values()) == round(0.2 * (64 * 32 + 32 * 16 + 16 * 10))
-        assert result["state"]["num_updates"] == 1
-        assert all(torch.equal(result["state"]["masks"][k], m) for k, m in masks.items())
-    else:
-        assert 0 < sum(int(m.sum()) for m in masks.values()) < 64 * 32 + 32 * 16 + 16 * 10
 
 
 def test_a_version_1_state_still_loads():

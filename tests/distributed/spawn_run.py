@@ -1,7 +1,7 @@
-"""Run by tests/core/test_sparsifier.py: a ``ddp_spawn`` fit (2 CPU processes). The main process then checks what came
-back: the trained weights and the callback's masks.
+"""Run by tests/distributed/test_spawn.py: one ``ddp_spawn`` fit (2 CPU processes) per algorithm, one after the other
+in this one launch. The main process then saves what came back: the trained weights and the callback's masks.
 
-    python tests/distributed/spawn_run.py --out FILE --algorithm set
+    python tests/distributed/spawn_run.py --out DIR --algorithms set dst
 """
 
 from __future__ import annotations
@@ -22,23 +22,17 @@ from tests.helpers import trainer as quiet_trainer
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--algorithm", default="set")
+    parser.add_argument("--algorithms", nargs="+", default=["set"])
     args = parser.parse_args()
-    dst = args.algorithm == "dst"
-    sparse = SparseTrainingCallback(density=None if dst else 0.2, algorithm=args.algorithm, seed=1, figure=False)
-    model = DigitsMLP(optimizer="adam" if dst else "sgd")
-    initial = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer = quiet_trainer(devices=2, strategy="ddp_spawn", max_epochs=2, callbacks=[sparse])
-    trainer.fit(model, digits_loader(n=400))
-    torch.save(
-        {
-            "masks": dict(sparse.masks),
-            "state": sparse.state_dict(),
-            "weights": model.state_dict(),
-            "initial": initial,
-        },
-        args.out,
-    )
+    for algorithm in args.algorithms:
+        dst = algorithm == "dst"
+        sparse = SparseTrainingCallback(density=None if dst else 0.2, algorithm=algorithm, seed=1, figure=False)
+        model = DigitsMLP(optimizer="adam" if dst else "sgd")
+        initial = {k: v.clone() for k, v in model.state_dict().items()}
+        trainer = quiet_trainer(devices=2, strategy="ddp_spawn", max_epochs=2, callbacks=[sparse])
+        trainer.fit(model, digits_loader(n=400))
+        result = {"masks": dict(sparse.masks), "state": sparse.state_dict(), "weights": model.state_dict()}
+        torch.save({**result, "initial": initial}, args.out / f"{algorithm}.pt")
 
 
 if __name__ == "__main__":
