@@ -193,15 +193,15 @@ def test_lazy_layers_are_refused_with_their_names():
         match=r"the layer\(s\) '0' \(LazyLinear\) have uninitialized \(lazy\) weights, so they cannot be masked: run"
         r" one forward pass through the model before binding the masks",
     ):
-        Sparsifier(model, optimizer, density=0.5)
+        Sparsifier(model, optimizer, total_steps=100, density=0.5)
     model(torch.zeros(2, 8))  # initialized: now it is a plain Linear
-    assert list(Sparsifier(model, optimizer, density=0.5).masks) == ["0.weight", "2.weight"]
+    assert list(Sparsifier(model, optimizer, total_steps=100, density=0.5).masks) == ["0.weight", "2.weight"]
 
 
 def test_lazy_layers_kept_dense_are_fine():
     model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.LazyLinear(3))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    assert list(Sparsifier(model, optimizer, density=0.5, dense_layers=["2"]).masks) == ["0.weight"]
+    assert list(Sparsifier(model, optimizer, total_steps=100, density=0.5, dense_layers=["2"]).masks) == ["0.weight"]
 
 
 # ----------------------------------------------------------------------------- 6. empty layers at the start
@@ -211,7 +211,7 @@ def test_layers_left_without_active_weights_are_named_in_one_warning():
     model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3), nn.ReLU(), nn.Linear(3, 2))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     with pytest.warns(UserWarning) as record:
-        sparsifier = Sparsifier(model, optimizer, density=0.02, seed=0)
+        sparsifier = Sparsifier(model, optimizer, total_steps=100, density=0.02, seed=0)
     empty = [str(w.message) for w in record if "0 active weights" in str(w.message)]
     assert empty == [
         (
@@ -226,7 +226,7 @@ def test_no_warning_when_every_layer_keeps_a_weight():
     model, optimizer = _tiny()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        Sparsifier(model, optimizer, density=0.1, seed=0)
+        Sparsifier(model, optimizer, total_steps=100, density=0.1, seed=0)
 
 
 # ----------------------------------------------------------------------------- 7. resuming another run
@@ -234,32 +234,32 @@ def test_no_warning_when_every_layer_keeps_a_weight():
 
 def test_resume_with_another_density_or_algorithm_is_refused():
     model, optimizer = _tiny()
-    state = Sparsifier(model, optimizer, density=0.2, seed=0).state_dict()
+    state = Sparsifier(model, optimizer, total_steps=100, density=0.2, seed=0).state_dict()
     assert state["density"] == 0.2 and state["algorithm"] == "sparse_momentum"
 
     model2, optimizer2 = _tiny()
     before = {k: v.clone() for k, v in model2.state_dict().items()}
     with pytest.raises(ValueError, match=r"the checkpoint was trained with density 0.2, this run asks for 0.1: resume with the checkpoint's, or start a new run"):
-        Sparsifier(model2, optimizer2, density=0.1, state=state)
+        Sparsifier(model2, optimizer2, total_steps=100, density=0.1, state=state)
     with pytest.raises(ValueError, match=r"the checkpoint was trained with algorithm 'sparse_momentum', this run asks for 'rigl': resume with the checkpoint's algorithm, or start a new run"):
-        Sparsifier(model2, optimizer2, density=0.2, algorithm="rigl", state=state)
+        Sparsifier(model2, optimizer2, total_steps=100, density=0.2, algorithm="rigl", state=state)
     with pytest.raises(ValueError, match=r"the checkpoint was trained with algorithm 'sparse_momentum', this run asks for 'dst'"):
-        Sparsifier(model2, optimizer2, algorithm="dst", state=state)
+        Sparsifier(model2, optimizer2, total_steps=100, algorithm="dst", state=state)
     assert all(torch.equal(before[k], v) for k, v in model2.state_dict().items())  # refused before touching it
     assert not any(hasattr(m, "parametrizations") for m in model2.modules())  # no DST thresholds attached
 
-    resumed = Sparsifier(model2, optimizer2, density=np.float32(0.2), state=state)  # same run (a float32 0.2)
+    resumed = Sparsifier(model2, optimizer2, total_steps=100, density=np.float32(0.2), state=state)  # same run (a float32 0.2)
     assert all(torch.equal(resumed.masks[k], v) for k, v in state["masks"].items())
     with pytest.raises(ValueError, match=r"the checkpoint was trained with density 0.2, this run asks for 0.1"):
-        Sparsifier(model2, optimizer2, density=0.1).load_state_dict(state)
+        Sparsifier(model2, optimizer2, total_steps=100, density=0.1).load_state_dict(state)
 
 
 def test_states_without_density_or_algorithm_load_unchecked():
     model, optimizer = _tiny()
-    state = Sparsifier(model, optimizer, density=0.2, seed=0).state_dict()
+    state = Sparsifier(model, optimizer, total_steps=100, density=0.2, seed=0).state_dict()
     old = {k: v for k, v in state.items() if k not in ("density", "algorithm")}
     model2, optimizer2 = _tiny()
-    resumed = Sparsifier(model2, optimizer2, density=0.1, state=old)  # an older checkpoint: no check
+    resumed = Sparsifier(model2, optimizer2, total_steps=100, density=0.1, state=old)  # an older checkpoint: no check
     assert all(torch.equal(resumed.masks[k], v) for k, v in state["masks"].items())
 
 

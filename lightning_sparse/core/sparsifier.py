@@ -91,7 +91,8 @@ class Sparsifier:
         optimizer: the one optimizer that updates the masked weights (sparse momentum reads its momentum; RigL
             resets its state at grown positions; DST adds its thresholds to it when they are not in it yet).
         total_steps: number of optimizer steps of the whole run (for the schedules); ``None`` if unknown, which
-            only the ``"constant"`` schedule and methods without a schedule accept. Can be set later with
+            only the ``"constant"`` schedule with ``stop_at=1.0`` and methods without a schedule (static, SNIP,
+            DST) accept: the others are refused here, naming ``total_steps``. It can be changed later with
             :attr:`total_steps`.
         options: the run's :class:`~lightning_sparse.SparseOptions`, or instead:
         **kwargs: the options as keyword arguments (``density=0.1, algorithm="rigl"``, ...): every field of
@@ -146,8 +147,7 @@ class Sparsifier:
         self.last_update: UpdateReport | None = None
         self._needs_snip = False
         self._gradients_checked = False
-        if total_steps is not None:
-            self.total_steps = total_steps
+        self.total_steps = total_steps  # refused when unknown (None) and the schedule needs it
         if state is not None:
             check_same_run(self.options, state)  # before binding touches the model (DST attaches its thresholds)
         self._bind(state)

@@ -2,6 +2,8 @@
 bound late (``configure_model``, a second model, ``ddp_spawn``)."""
 
 
+import math
+
 import lightning as L
 import pytest
 import torch
@@ -69,9 +71,9 @@ def test_plain_loop_refusals_touch_nothing():
     model = _mlp()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="sparse momentum needs an optimizer that keeps a momentum"):
-        Sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1), density=0.2)
+        Sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1), total_steps=100, density=0.2)
     with pytest.raises(ValueError, match=r"the optimizer does not update the masked weight\(s\) \['5.weight'\]"):
-        Sparsifier(model, torch.optim.SGD(model[1:4].parameters(), lr=0.1, momentum=0.9), density=0.2)
+        Sparsifier(model, torch.optim.SGD(model[1:4].parameters(), lr=0.1, momentum=0.9), total_steps=100, density=0.2)
     with pytest.raises(ValueError, match="the 'cosine' prune-rate schedule needs the length of training"):
         Sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), density=0.2, total_steps=-1)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -154,11 +156,11 @@ def test_a_version_1_state_still_loads():
     # lightning-sparse 0.1 wrote version 1 without `step_count`; its masks and counters load as they are
     model = _mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    old = Sparsifier(model, optimizer, density=0.2, seed=3).state_dict()
+    old = Sparsifier(model, optimizer, total_steps=100, density=0.2, seed=3).state_dict()
     old = {k: v for k, v in old.items() if k not in ("step_count", "snip_pending")}
     old.update(version=1, last_update_step=12, num_updates=2, prune_rate=0.25)
     other = _mlp()
-    resumed = Sparsifier(other, torch.optim.SGD(other.parameters(), lr=0.1, momentum=0.9), density=0.2, state=old)
+    resumed = Sparsifier(other, torch.optim.SGD(other.parameters(), lr=0.1, momentum=0.9), total_steps=100, density=0.2, state=old)
     assert all(torch.equal(resumed.masks[k], v) for k, v in old["masks"].items())
     assert (resumed.last_update_step, resumed.num_updates, resumed.current_prune_rate) == (12, 2, 0.25)
     assert resumed.step_count == 12
@@ -173,3 +175,31 @@ def test_a_second_fit_of_the_same_model_keeps_its_masks():
     first = {k: v.clone() for k, v in cb.masks.items()}
     trainer(callbacks=[cb], max_epochs=1).fit(model, digits_loader(n=200))
     assert all(torch.equal(first[k], v) for k, v in cb.masks.items())
+
+
+@pytest.mark.parametrize(
+    ("options", "needs"),
+    [
+        (dict(algorithm="gmp"), "the update window \\(stop_at=0.75\\) and GMP's pruning schedule need"),
+        (dict(algorithm="rigl"), "the 'cosine' prune-rate schedule and the update window \\(stop_at=0.75\\) need"),
+        (dict(algorithm="sparse_momentum"), "the 'cosine' prune-rate schedule needs"),
+        (dict(algorithm="set", prune_rate_schedule="constant", stop_at=0.5), "the update window \\(stop_at=0.5\\) needs"),
+    ],
+)
+def test_a_schedule_that_needs_the_length_of_training_refuses_a_missing_total_steps(options, needs):
+    model = _mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match=f"{needs} the length of training, which is unknown \\(got None\\): .*`total_steps`"):
+        Sparsifier(model, optimizer, density=0.2, **options)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # refused before any mask is drawn
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(algorithm="static"), dict(algorithm="snip"), dict(algorithm="set", prune_rate_schedule="constant")],
+)
+def test_schedules_without_a_length_accept_a_missing_total_steps(options):
+    model = _mlp()
+    sparsifier = Sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), density=0.2, **options)
+    assert sparsifier.total_steps == math.inf

@@ -213,11 +213,11 @@ def test_parametrized_layers_are_refused_or_kept_dense():
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.utils.parametrizations.weight_norm(nn.Linear(8, 4)))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     with pytest.raises(ValueError, match=r"cannot mask 2.weight \(parametrized: _WeightNorm\).*`dense_layers`"):
-        Sparsifier(model, optimizer, density=0.5)
-    assert list(Sparsifier(model, optimizer, density=0.5, dense_layers=["2"]).masks) == ["0.weight"]
+        Sparsifier(model, optimizer, total_steps=100, density=0.5)
+    assert list(Sparsifier(model, optimizer, total_steps=100, density=0.5, dense_layers=["2"]).masks) == ["0.weight"]
     spectral = nn.Sequential(nn.utils.spectral_norm(nn.Linear(8, 8)), nn.Linear(8, 2))  # the old hook-based one
     with pytest.raises(ValueError, match=r"cannot mask 0.weight \(computed by a forward hook"):
-        Sparsifier(spectral, torch.optim.SGD(spectral.parameters(), lr=0.1, momentum=0.9), density=0.5)
+        Sparsifier(spectral, torch.optim.SGD(spectral.parameters(), lr=0.1, momentum=0.9), total_steps=100, density=0.5)
 
 
 def test_dst_setup_keeps_a_parametrized_layer_dense_when_listed():

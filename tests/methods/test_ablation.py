@@ -177,7 +177,7 @@ def test_resume_with_ablation_continues_exactly_and_checks_the_option():
     assert kept["algorithm_state"] == state["algorithm_state"]  # the state handed out is not the live one
 
     with pytest.raises(ValueError, match=r"trained with neuron_ablation=1.0, this run asks for neuron_ablation=None"):
-        Sparsifier(_mlp(), torch.optim.SGD(_mlp().parameters(), lr=0.1), algorithm="rigl", density=0.2,
+        Sparsifier(_mlp(), torch.optim.SGD(_mlp().parameters(), lr=0.1), total_steps=100, algorithm="rigl", density=0.2,
                    pattern="fan_in", state=state)  # fmt: skip
     broken = copy.deepcopy(state)
     mask = broken["masks"]["0.weight"]
@@ -187,7 +187,7 @@ def test_resume_with_ablation_continues_exactly_and_checks_the_option():
     mask[row, : full - 1] = True  # one row neither empty nor at k
     model = _mlp()
     with pytest.raises(ValueError, match=r"masks of \['0.weight'\] do not hold pattern='fan_in'"):
-        Sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), algorithm="rigl", density=0.2,
+        Sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), total_steps=100, algorithm="rigl", density=0.2,
                    pattern="fan_in", neuron_ablation=1.0, state=broken)  # fmt: skip
 
 

@@ -268,12 +268,12 @@ def test_layers_whose_input_dimension_is_not_a_multiple_of_m_are_refused_by_name
         ValueError,
         match=r"multiple of 4; not for 0.weight \(input dimension 9\), 5.weight \(input dimension 3\)\. Keep those layers dense with `dense_layers=\['0.weight', '5.weight'\]`",
     ):
-        Sparsifier(model, optimizer, pattern="2:4")
+        Sparsifier(model, optimizer, total_steps=100, pattern="2:4")
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # nothing touched
-    sparsifier = Sparsifier(model, optimizer, pattern="2:4", dense_layers=["0", "5"], algorithm="static")
+    sparsifier = Sparsifier(model, optimizer, total_steps=100, pattern="2:4", dense_layers=["0", "5"], algorithm="static")
     assert sparsifier.names == ["2.weight", "4.weight"]
     _assert_pattern(sparsifier, "2:4")
-    Sparsifier(*_model_and_optimizer(cnn), density=0.5, pattern="fan_in")  # fan_in takes any input dimension
+    Sparsifier(*_model_and_optimizer(cnn), total_steps=100, density=0.5, pattern="fan_in")  # fan_in takes any input dimension
 
 
 def test_dst_and_methods_without_growth_are_refused():
@@ -346,7 +346,7 @@ def test_resume_keeps_the_pattern(algorithm, pattern):
 
     other = "fan_in" if ":" in pattern else "2:4"
     with pytest.raises(ValueError, match=rf"trained with pattern='{pattern}', this run asks for pattern='{other}'"):
-        Sparsifier(_cnn(), torch.optim.SGD(resumed_model.parameters(), lr=0.1, momentum=0.9), algorithm=algorithm,
+        Sparsifier(_cnn(), torch.optim.SGD(resumed_model.parameters(), lr=0.1, momentum=0.9), total_steps=100, algorithm=algorithm,
                    density=0.5 if other == "2:4" else 0.3, pattern=other, state=state)  # fmt: skip
 
 
