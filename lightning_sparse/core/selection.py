@@ -90,17 +90,17 @@ def select_layers(model: nn.Module, options: SparseOptions, include_parametrized
         found.drop(frozen, "frozen (requires_grad=False; mask_frozen=True masks it)")
     groups = options.groups
     if groups:
-        unmatched, full = [], []
+        unmatched, full, chosen = [], [], {}
         for name, layer in found.masked.items():
-            pattern = next(
-                (g for g, _ in groups if fnmatch.fnmatchcase(name, g) or fnmatch.fnmatchcase(layer.module, g)), None
-            )
+            pattern = next((g for g, _ in groups if _matches(name, layer.module, g)), None)
+            chosen[name] = pattern
             if pattern is None:
                 unmatched.append(name)
             elif dict(groups)[pattern] >= 1.0:
                 full.append(name)
             else:
                 found.groups[name] = pattern
+        _refuse_dead_groups(groups, found, chosen)
         found.drop(unmatched, "no `density` group matches it")
         found.drop(full, "its `density` group is 1.0")
         if not found.masked:
@@ -118,3 +118,27 @@ def select_parameters(
 ) -> dict[str, Tensor]:
     """The weights a run masks, by name (see :func:`select_layers`)."""
     return dict(select_layers(model, options, include_parametrized).params)
+
+
+def _matches(name: str, module: str, glob: str) -> bool:
+    return fnmatch.fnmatchcase(name, glob) or fnmatch.fnmatchcase(module, glob)
+
+
+def _refuse_dead_groups(groups: Sequence[tuple[str, float]], found: FoundLayers, chosen: dict[str, str | None]) -> None:
+    """Refuse a ``density`` glob that no maskable layer falls into (first match wins): one that matches none, or
+    one whose every layer an earlier glob takes. Such a group would be ignored without a word."""
+    used = set(chosen.values())
+    for glob, _ in groups:
+        if glob in used:
+            continue
+        matched = [n for n, layer in found.masked.items() if _matches(n, layer.module, glob)]
+        if not matched:
+            raise ValueError(
+                f"the `density` group {glob!r} matches no maskable layer; the maskable layers are:"
+                f" {', '.join(found.masked) or 'none'}"
+            )
+        earlier = sorted({chosen[n] for n in matched}, key=[g for g, _ in groups].index)
+        raise ValueError(
+            f"the `density` group {glob!r} is shadowed: every layer it matches ({', '.join(matched)}) falls into the"
+            f" earlier group(s) {earlier} (the first matching glob wins); put {glob!r} first, or remove it"
+        )

@@ -203,3 +203,25 @@ def test_schedules_without_a_length_accept_a_missing_total_steps(options):
     model = _mlp()
     sparsifier = Sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), density=0.2, **options)
     assert sparsifier.total_steps == math.inf
+
+
+def test_density_groups_that_no_layer_falls_into_are_refused_by_name():
+    model = _mlp()  # masked layers 1.weight, 3.weight, 5.weight
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match=r"the `density` group '\*\.atn\.\*' matches no maskable layer; the maskable"
+                                         r" layers are: 1.weight, 3.weight, 5.weight"):  # fmt: skip
+        Sparsifier(model, optimizer, density={"*.atn.*": 0.5, "*": 0.1}, total_steps=100)
+    with pytest.raises(ValueError, match=r"the `density` group '3\*' is shadowed: every layer it matches \(3.weight\)"
+                                         r" falls into the earlier group\(s\) \['\*'\]"):  # fmt: skip
+        Sparsifier(model, optimizer, density={"*": 0.1, "3*": 0.5}, total_steps=100)
+    with pytest.raises(ValueError, match=r"the `density` group '5' matches no maskable layer"):  # kept dense
+        Sparsifier(model, optimizer, density={"5": 0.5, "*": 0.1}, dense_layers=["5"], total_steps=100)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    cb = SparseTrainingCallback(density={"*": 0.1, "net.2*": 0.5}, seed=0, figure=False)  # the callback, at fit
+    with pytest.raises(ValueError, match=r"the `density` group 'net.2\*' is shadowed"):
+        trainer(callbacks=[cb], max_epochs=1).fit(DigitsMLP(), digits_loader(n=100))
+    other = _mlp()
+    grouped = Sparsifier(other, torch.optim.SGD(other.parameters(), lr=0.1, momentum=0.9), total_steps=100,
+                         density={"3*": 0.5, "5": 1.0, "*": 0.1})  # fmt: skip  # every group used
+    assert grouped.layer_groups == ["*", "3*"]
