@@ -309,6 +309,13 @@ class Sparsifier:
         its thresholds into the weights instead)."""
         self.masking.apply_(kernel="torch")
 
+    def restart(self, step: int = 0) -> None:
+        """Start the schedule over at optimizer step ``step``, for a new run over the same masks (a second ``fit``
+        whose step count starts again): the update window and the rate follow the new :attr:`total_steps` from
+        there. The masks, the random state and :attr:`num_updates` carry on."""
+        self.step_count, self.last_update_step = int(step), -1
+        self.current_prune_rate = self.schedule.prune_rate
+
     def update(self) -> UpdateReport:
         """One mask update now, whatever the schedule says (the schedule still gives the rate)."""
         self._check_started()

@@ -215,7 +215,8 @@ class SparseTrainingCallback(Callback):
         # the loop state is restored Lightning then cannot resume a stateful dataloader mid-epoch.
         siblings = [c for c in trainer.callbacks if isinstance(c, SparseTrainingCallback)]
         trainer_support.refuse_overlap(self.options, [c.options for c in siblings if c is not self], pl_module)
-        sparsifier = self._bind(pl_module, trainer.optimizers[0], trainer_support.total_steps(trainer))
+        total = trainer_support.total_steps(trainer)
+        sparsifier = self._bind(pl_module, trainer.optimizers[0], total, trainer.global_step)
         if sparsifier.needs_snip:
             trainer_support.snip_on_first_batch(trainer, pl_module, sparsifier)
         trainer_support.mask_weight_averages(trainer, sparsifier)
@@ -276,11 +277,13 @@ class SparseTrainingCallback(Callback):
         self._handoff.hand_back(trainer, {"masks": masks, "state": self.state_dict()})
 
     # ------------------------------------------------------------------ the Sparsifier
-    def _bind(self, pl_module: pl.LightningModule, optimizer: Any, total: float) -> Sparsifier:
+    def _bind(self, pl_module: pl.LightningModule, optimizer: Any, total: float, step: int) -> Sparsifier:
         """A new Sparsifier (from a loaded checkpoint state, if any) with fresh accounting; a second ``fit`` of the
-        same model keeps its Sparsifier and masks."""
+        same model keeps its Sparsifier and masks, its schedule restarted when the step count (``step``) did."""
         previous, state, self._pending_state = self.sparsifier, self._pending_state, None
         if previous is not None and previous.model is pl_module and state is None and not previous.learns_every_step:
+            if step < previous.step_count:  # a new Trainer counts from 0: this fit schedules its own length
+                previous.restart(step)
             previous.optimizer, previous.total_steps = optimizer, total
             return previous
         self._metrics = SparseMetrics(SparsityReport(), TrainFlops(), Stopwatch())

@@ -370,3 +370,15 @@ def test_gradients_and_momentum_of_missing_weights_stay_dense():
         if name in sparsifier.masks:
             buffer = optimizer.state[param]["momentum_buffer"]
             assert torch.count_nonzero(buffer[~sparsifier.masks[name]]) > 0, name
+
+
+def test_a_second_shorter_fit_with_the_same_callback_schedules_its_own_length():
+    cb = SparseTrainingCallback(density=0.2, algorithm="rigl", update_interval=4, seed=0, figure=False)
+    model = DigitsMLP()
+    trainer(callbacks=[cb], max_epochs=4).fit(model, digits_loader(n=600))  # 48 steps: updates at 4, 8, ..., 36
+    assert (cb.sparsifier.num_updates, cb.sparsifier.last_update_step) == (9, 36)
+    masks = {k: v.clone() for k, v in cb.masks.items()}
+    trainer(callbacks=[cb], max_epochs=1).fit(model, digits_loader(n=600))  # a new Trainer: 12 steps, window to 9
+    assert (cb.sparsifier.num_updates, cb.sparsifier.last_update_step) == (11, 8)  # updates at steps 4 and 8
+    assert any(not torch.equal(masks[k], v) for k, v in cb.masks.items())
+    assert sum(int(m.sum()) for m in cb.masks.values()) == sum(int(m.sum()) for m in masks.values())
