@@ -80,7 +80,7 @@ def _sharded_worker(rank: int, store: str, out: str) -> None:
         conv = nn.Sequential(Conv1D(31, 16))  # stored [16, 31], sharded by its input channels
         fully_shard(conv, mesh=mesh)
         try:
-            Sparsifier(conv, torch.optim.SGD(conv.parameters(), lr=0.1), density=0.5, pattern="fan_in")
+            Sparsifier(conv, torch.optim.SGD(conv.parameters(), lr=0.1), density=0.5, pattern="fan_in", total_steps=100)
             results["conv1d"] = "accepted"
         except ValueError as error:
             results["conv1d"] = str(error)
