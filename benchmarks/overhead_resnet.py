@@ -97,7 +97,8 @@ class SparseSetup:
         self.model = build_model(arch, seed)
         self.optimizer = sgd(self.model)
         self.sparsifier = Sparsifier(
-            self.model, self.optimizer, density=density, algorithm=method, prune_rate=rate, init="uniform", seed=seed
+            self.model, self.optimizer, density=density, algorithm=method, prune_rate=rate, init="uniform", seed=seed,
+            total_steps=1000,  # any length: update() at step 0 uses the initial rate
         )
         self.masking = self.sparsifier.masking
         x, y = torch.randn(4, 3, 112, 112), torch.randint(0, 1000, (4,))

@@ -372,7 +372,7 @@ def resnet50_pair() -> tuple[nn.Module, nn.Module, str]:
     torch.manual_seed(0)
     model = resnet50()
     sparsifier = Sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), density=0.1,
-                            pattern="fan_in", dense_layers=["conv1"], seed=0)  # fmt: skip
+                            pattern="fan_in", dense_layers=["conv1"], seed=0, total_steps=1)  # fmt: skip
     model.eval()
     condensed = to_condensed(model, masks=sparsifier.masks)
     converted = [n for n, m in condensed.named_modules() if isinstance(m, CondensedLinear)]
