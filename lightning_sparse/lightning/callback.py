@@ -284,6 +284,7 @@ class SparseTrainingCallback(Callback):
         if previous is not None and previous.model is pl_module and state is None and not previous.learns_every_step:
             if step < previous.step_count:  # a new Trainer counts from 0: this fit schedules its own length
                 previous.restart(step)
+                self._pending_epoch_end = None  # the last fit's final epoch end is no update of this one
             previous.optimizer, previous.total_steps = optimizer, total
             return previous
         self._metrics = SparseMetrics(SparsityReport(), TrainFlops(), Stopwatch())
