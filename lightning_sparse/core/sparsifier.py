@@ -414,6 +414,15 @@ class Sparsifier:
             distributed.ensure_masks_agree(masking.names, masking.masks)
         masking.apply_()
         self._needs_snip = False
+        empty = [name for name, n in zip(masking.names, masking.active) if n == 0]
+        if empty:
+            warnings.warn(
+                f"SNIP leaves 0 active weights in {', '.join(empty)}: none of their scores |g * w| made the top"
+                f" {self.options.density} (all zero, or too low for this density); they will output only their bias."
+                " Raise `density`, score another batch, or keep them dense with `dense_layers`",
+                UserWarning,
+                stacklevel=3,
+            )
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

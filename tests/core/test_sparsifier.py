@@ -3,6 +3,7 @@ bound late (``configure_model``, a second model, ``ddp_spawn``)."""
 
 
 import math
+import warnings
 
 import lightning as L
 import pytest
@@ -225,3 +226,21 @@ def test_density_groups_that_no_layer_falls_into_are_refused_by_name():
     grouped = Sparsifier(other, torch.optim.SGD(other.parameters(), lr=0.1, momentum=0.9), total_steps=100,
                          density={"3*": 0.5, "5": 1.0, "*": 0.1})  # fmt: skip  # every group used
     assert grouped.layer_groups == ["*", "3*"]
+
+
+def test_snip_names_the_layers_it_leaves_empty():
+    model = _mlp()
+    with torch.no_grad():
+        model[5].weight.zero_()  # its scores |g * w| are 0, and so are 3.weight's (no gradient flows back through 5)
+    sparsifier = Sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), density=0.1,
+                            algorithm="snip")  # fmt: skip
+    x, y = digits()
+    with pytest.warns(UserWarning, match=r"SNIP leaves 0 active weights in 3.weight, 5.weight: none of their scores \|g \* w\|"
+                                         r" made the top 0.1 \(all zero, or too low for this density\)"):  # fmt: skip
+        sparsifier.snip(nn.functional.cross_entropy(model(x[:50]), y[:50]))
+    assert sparsifier.masking.active[1:] == [0, 0] and sum(sparsifier.masking.active) == round(0.1 * (64 * 32 + 32 * 16 + 160))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning when every layer keeps a weight
+        other = _mlp()
+        snip = Sparsifier(other, torch.optim.SGD(other.parameters(), lr=0.1, momentum=0.9), density=0.1, algorithm="snip")
+        snip.snip(nn.functional.cross_entropy(other(x[:50]), y[:50]))
