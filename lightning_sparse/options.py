@@ -19,6 +19,7 @@ from lightning_sparse.functional.schedules import PRUNE_RATE_SCHEDULES
 from lightning_sparse.kernels import check_mask_kernel
 from lightning_sparse.methods import SparseAlgorithm, check_ablation, get_algorithm
 from lightning_sparse.methods.dst import DST
+from lightning_sparse.methods.registry import did_you_mean
 from lightning_sparse.schedule import UpdateSchedule, checked_rate
 
 
@@ -113,7 +114,7 @@ class SparseOptions:
         values = {
             "density": _checked_density(density, resolved, given),
             "algorithm": resolved,
-            "algorithm_name": self.algorithm_name or (given if isinstance(given, str) else type(given).__name__),
+            "algorithm_name": self.algorithm_name or (given.lower() if isinstance(given, str) else type(given).__name__),
             "prune_rate": _checked_unit(self.prune_rate, defaults.prune_rate, "prune_rate", "in [0, 1]", closed=True),
             "prune_rate_schedule": _checked_schedule(self.prune_rate_schedule, defaults.schedule),
             "init": _checked_init(self.init) or defaults.init,
@@ -210,14 +211,22 @@ def _checked_schedule(schedule: Any, default: str | Callable[[float], float]) ->
         )
     if callable(schedule):  # fail now, not at the first update
         for progress in (0.0, 0.5, 1.0):
-            checked_rate(schedule(progress), progress)
+            try:
+                rate = schedule(progress)
+            except TypeError as error:
+                raise ValueError(
+                    "`prune_rate_schedule` must be a function of the progress in [0, 1] (one float) returning the"
+                    f" rate; calling it with {progress} raised TypeError: {error}"
+                ) from error
+            checked_rate(rate, progress)
     return schedule
 
 
 def _checked_init(init: Any) -> str | None:
-    if init is not None and not (isinstance(init, str) and init in INIT_METHODS):
-        raise ValueError(f"`init` can be {', '.join(INIT_METHODS)}, got {init!r}")
-    return init
+    """``init`` in lower case (``"ERK"`` as the papers write it is ``"erk"``), or ``None``."""
+    if init is not None and not (isinstance(init, str) and init.lower() in INIT_METHODS):
+        raise ValueError(f"`init` can be {', '.join(INIT_METHODS)}, got {init!r}{did_you_mean(init, INIT_METHODS)}")
+    return None if init is None else init.lower()
 
 
 def _checked_interval(update_interval: Any, default: int | None) -> int | Literal["epoch"]:

@@ -300,3 +300,21 @@ def test_sparsifier_takes_options_or_keywords_not_both():
         Sparsifier(model, opt, options=options, density=0.5)
     with pytest.raises(TypeError, match="unexpected keyword argument 'densty'"):
         Sparsifier(model, opt, densty=0.5)
+
+
+def test_names_in_any_case_and_typos_get_the_closest_name():
+    options = SparseOptions(density=0.1, algorithm="RigL", init="ERK")
+    assert options.algorithm is ALGORITHMS["rigl"] and (options.algorithm_name, options.init) == ("rigl", "erk")
+    assert type(Sparsifier(*_tiny(), algorithm="DST")) is DSTSparsifier
+    with pytest.raises(ValueError, match=r"`algorithm` can be sparse_momentum, .*, got 'rigel'; did you mean 'rigl'\?"):
+        SparseOptions(density=0.1, algorithm="rigel")
+    with pytest.raises(ValueError, match=r"`init` can be uniform, erk, er, got 'erkk'; did you mean 'erk'\?"):
+        SparseOptions(density=0.1, init="erkk")
+    with pytest.raises(ValueError, match=r"`algorithm` can be .*, got 'xyz'$"):  # nothing close: no suggestion
+        SparseOptions(density=0.1, algorithm="xyz")
+
+
+def test_a_schedule_with_the_wrong_signature_is_refused_naming_the_argument():
+    with pytest.raises(ValueError, match=r"`prune_rate_schedule` must be a function of the progress in \[0, 1\] \(one"
+                                         r" float\) returning the rate; calling it with 0.0 raised TypeError"):  # fmt: skip
+        SparseOptions(density=0.1, prune_rate_schedule=lambda step, total: 0.3)

@@ -107,7 +107,7 @@ class Sparsifier:
         if cls is Sparsifier:
             options = kwargs.get("options")
             algorithm = options.algorithm if options is not None else kwargs.get("algorithm", "sparse_momentum")
-            if isinstance(algorithm, DST) or algorithm == "dst":
+            if isinstance(algorithm, DST) or (isinstance(algorithm, str) and algorithm.lower() == "dst"):
                 from lightning_sparse.methods.dst_sparsifier import DSTSparsifier
 
                 return super().__new__(DSTSparsifier)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 from lightning_sparse.methods.dst import DST
 from lightning_sparse.methods.rules import NONZERO
 from lightning_sparse.methods.sparse_algorithm import SparseAlgorithm
@@ -54,11 +57,18 @@ ALGORITHMS: dict[str, SparseAlgorithm | DST] = {
 
 
 def get_algorithm(algorithm: str | SparseAlgorithm | DST) -> SparseAlgorithm | DST:
-    """Look up a method by name (``ALGORITHMS``) or pass a :class:`SparseAlgorithm` / :class:`DST` through."""
+    """Look up a method by name in ``ALGORITHMS``, in any case (``"RigL"``), or pass a :class:`SparseAlgorithm` /
+    :class:`DST` through. An unknown name is refused with the names, and the closest one for a typo."""
     if isinstance(algorithm, (SparseAlgorithm, DST)):
         return algorithm
-    if not isinstance(algorithm, str) or algorithm not in ALGORITHMS:
-        raise ValueError(
-            f"`algorithm` can be {', '.join(ALGORITHMS)}, a SparseAlgorithm or a DST, got {algorithm!r}"
-        )
-    return ALGORITHMS[algorithm]
+    if isinstance(algorithm, str) and algorithm.lower() in ALGORITHMS:
+        return ALGORITHMS[algorithm.lower()]
+    raise ValueError(
+        f"`algorithm` can be {', '.join(ALGORITHMS)}, a SparseAlgorithm or a DST, got {algorithm!r}{did_you_mean(algorithm, ALGORITHMS)}"
+    )
+
+
+def did_you_mean(given: object, names: Iterable[str]) -> str:
+    """``"; did you mean 'x'?"`` for the name closest to ``given`` (a typo), or ``""``."""
+    close = difflib.get_close_matches(given.lower(), list(names), n=1) if isinstance(given, str) else []
+    return f"; did you mean {close[0]!r}?" if close else ""
