@@ -4,7 +4,6 @@ updates (a layer without gradients for RigL, non-finite weights, momentum or gra
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -13,7 +12,7 @@ from torch.distributed import ProcessGroup
 
 from lightning_sparse.core import distributed
 from lightning_sparse.core.distributed import ShardSpec
-from lightning_sparse.core.layers import MaskedLayer
+from lightning_sparse.core.layers import MaskedLayer, name_matches
 from lightning_sparse.core.optimizer import check_momentum_optimizer
 from lightning_sparse.functional.patterns import Pattern, input_size
 from lightning_sparse.methods.base import LayerState
@@ -90,7 +89,7 @@ def kept_neurons(
         return frozenset(names[-1:])
     kept = set()
     for glob in globs:
-        matched = [n for n in names if fnmatch.fnmatchcase(n, glob) or fnmatch.fnmatchcase(layers[n].module, glob)]
+        matched = [n for n in names if name_matches(n, layers[n].module, glob)]
         if not matched:
             raise ValueError(
                 f"`keep_neurons` entry {glob!r} matches no masked layer; the masked layers are: {', '.join(names)}"

@@ -112,6 +112,12 @@ def _large_2d(param: Tensor) -> bool:
     return not is_lazy(param) and param.dim() >= 2 and param.numel() >= LARGE_DENSE
 
 
+def name_matches(param: str, module: str, glob: str) -> bool:
+    """Whether the ``fnmatch`` glob ``glob`` names a weight, by its parameter name or its module's name (the way
+    ``dense_layers``, ``density`` groups and ``keep_neurons`` name layers)."""
+    return fnmatch.fnmatchcase(param, glob) or fnmatch.fnmatchcase(module, glob)
+
+
 def is_hf_conv1d(module: nn.Module | None) -> bool:
     """``transformers.pytorch_utils.Conv1D`` (GPT-2's linear layers, weight ``[in, out]``), without importing it."""
     return any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers") for c in type(module).__mro__)
@@ -305,9 +311,9 @@ def find_layers(
     dense: set[str] = set()
     for pattern in dense_layers:
         matched = {
-            n for n in found.masked if fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(module_names[n], pattern)
+            n for n in found.masked if name_matches(n, module_names[n], pattern)
         }
-        keeps_refused = any(fnmatch.fnmatchcase(path, pattern) or fnmatch.fnmatchcase(m, pattern) for path, m, _ in refused)
+        keeps_refused = any(name_matches(path, m, pattern) for path, m, _ in refused)
         if not matched and found.masked and not keeps_refused:
             raise ValueError(
                 f"`dense_layers` pattern {pattern!r} matches no maskable layer; the maskable layers are:"
@@ -317,7 +323,7 @@ def find_layers(
     refused = [
         f"{path} ({why})"
         for path, module_name, why in refused
-        if not any(fnmatch.fnmatchcase(path, p) or fnmatch.fnmatchcase(module_name, p) for p in dense_layers)
+        if not any(name_matches(path, module_name, p) for p in dense_layers)
     ]
     if refused:
         raise ValueError(

@@ -3,13 +3,12 @@ the run's options (dense layers, frozen weights, density groups). The one place 
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from lightning_sparse.core.layers import FoundLayers, find_layers
+from lightning_sparse.core.layers import FoundLayers, find_layers, name_matches
 from lightning_sparse.options import SparseOptions
 
 log = logging.getLogger(__name__)
@@ -92,7 +91,7 @@ def select_layers(model: nn.Module, options: SparseOptions, include_parametrized
     if groups:
         unmatched, full, chosen = [], [], {}
         for name, layer in found.masked.items():
-            pattern = next((g for g, _ in groups if _matches(name, layer.module, g)), None)
+            pattern = next((g for g, _ in groups if name_matches(name, layer.module, g)), None)
             chosen[name] = pattern
             if pattern is None:
                 unmatched.append(name)
@@ -120,10 +119,6 @@ def select_parameters(
     return dict(select_layers(model, options, include_parametrized).params)
 
 
-def _matches(name: str, module: str, glob: str) -> bool:
-    return fnmatch.fnmatchcase(name, glob) or fnmatch.fnmatchcase(module, glob)
-
-
 def _refuse_dead_groups(groups: Sequence[tuple[str, float]], found: FoundLayers, chosen: dict[str, str | None]) -> None:
     """Refuse a ``density`` glob that no maskable layer falls into (first match wins): one that matches none, or
     one whose every layer an earlier glob takes. Such a group would be ignored without a word."""
@@ -131,7 +126,7 @@ def _refuse_dead_groups(groups: Sequence[tuple[str, float]], found: FoundLayers,
     for glob, _ in groups:
         if glob in used:
             continue
-        matched = [n for n, layer in found.masked.items() if _matches(n, layer.module, glob)]
+        matched = [n for n, layer in found.masked.items() if name_matches(n, layer.module, glob)]
         if not matched:
             raise ValueError(
                 f"the `density` group {glob!r} matches no maskable layer; the maskable layers are:"
