@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -158,9 +159,7 @@ class Masking:
             if mask.dtype != torch.bool:
                 raise ValueError(f"mask {name!r} must be torch.bool, got {mask.dtype}")
             if tuple(mask.shape) != spec.shape:
-                raise ValueError(
-                    f"mask {name!r} has shape {tuple(mask.shape)} but the weight has shape {spec.shape}"
-                )
+                raise ValueError(f"mask {name!r} has shape {tuple(mask.shape)} but the weight has shape {spec.shape}")
             new_masks.append(distributed.local_rows(mask, spec).to(weight.device).contiguous())
         self.masks = new_masks
         self.active = self.count_active()
@@ -250,12 +249,40 @@ class Masking:
         Under FSDP2 the row blocks are gathered from every process (a collective: call it on every process);
         the full masks then live on the host, one byte per weight, while the checkpoint is written."""
         return {
-            name: distributed.gather_rows(mask, spec).cpu()
+            name: distributed.gather_rows(mask, spec).to("cpu", copy=True)  # never the live mask
             for name, mask, spec in zip(self.names, self.masks, self.specs)
         }
 
     def items(self) -> Iterable[tuple[str, Tensor]]:
         return zip(self.names, self.masks)
+
+    # ------------------------------------------------------------------ undo
+    @torch.no_grad()
+    def apply_recording_(self) -> ZeroedWeights:
+        """:meth:`apply_` (torch's ops), recording the values it zeroes (on the host): what :meth:`restore` puts
+        back, so that masks drawn for a run that does not go on (a refusal at its first step; a checkpoint's
+        masks loaded over them) cost no trained weight."""
+        masks = [m.clone() for m in self.masks]
+        values = [w[~m].cpu() for w, m in zip(self.local_weights(), masks)]
+        self.apply_(kernel="torch")
+        return ZeroedWeights(masks, values, [w._version for w in self.local_weights()])
+
+    @torch.no_grad()
+    def restore(self, zeroed: ZeroedWeights, force: bool = False) -> None:
+        """Put back the values :meth:`apply_recording_` zeroed, in the weights nothing has written to since
+        (``force``: in every weight); the masks are left as they are."""
+        for weight, mask, values, version in zip(self.local_weights(), zeroed.masks, zeroed.values, zeroed.versions):
+            if force or weight._version == version:  # not loaded, trained or masked since
+                weight[~mask] = values.to(weight.device, weight.dtype)
+
+
+@dataclass(frozen=True)
+class ZeroedWeights:
+    """The weights' values that masks zeroed, with the masks and each weight's version counter just after."""
+
+    masks: list[Tensor]
+    values: list[Tensor]
+    versions: list[int]
 
 
 def draw_seed(generator: torch.Generator | None) -> int:

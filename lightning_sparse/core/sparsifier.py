@@ -47,7 +47,15 @@ from lightning_sparse.core.guards import (
 )
 from lightning_sparse.core.initial_masks import init_counts, initial_masking
 from lightning_sparse.core.layers import find_attention
-from lightning_sparse.core.masking import Masking
+from lightning_sparse.core.loop_checks import (
+    ORDER,
+    OptimizerSteps,
+    check_owner,
+    check_weights_finite,
+    gradients_state,
+    take_over,
+)
+from lightning_sparse.core.masking import Masking, ZeroedWeights
 from lightning_sparse.core.optimizer import check_momentum_optimizer, optimizer_momentum
 from lightning_sparse.core.report_inputs import report_inputs
 from lightning_sparse.core.selection import select_layers
@@ -126,7 +134,9 @@ class Sparsifier:
         if options is None:
             options = SparseOptions(**kwargs)
         elif kwargs:
-            raise ValueError(f"give either `options` or the options as keyword arguments, not both (got {sorted(kwargs)})")
+            raise ValueError(
+                f"give either `options` or the options as keyword arguments, not both (got {sorted(kwargs)})"
+            )
         if not isinstance(model, nn.Module):
             raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
         if not hasattr(optimizer, "param_groups"):
@@ -134,6 +144,7 @@ class Sparsifier:
         self.options = options
         self.pattern = options.parsed_pattern
         self.model = model
+        self._optimizer_steps = OptimizerSteps()  # tells a step AMP's GradScaler skipped from a misplaced call
         self.optimizer = optimizer
         self.schedule = options.schedule
         self._total_steps = math.inf
@@ -147,12 +158,17 @@ class Sparsifier:
         self.last_update: UpdateReport | None = None
         self._needs_snip = False
         self._gradients_checked = False
+        self._zeroed: ZeroedWeights | None = None  # what the first masks zeroed, until the run has started
+        self._update_waiting = False  # an update due at a step the GradScaler skipped: at the next real step
+        self._last_step_skipped = False
         self.total_steps = total_steps  # refused when unknown (None) and the schedule needs it
         if state is not None:
             check_same_run(self.options, state)  # before binding touches the model (DST attaches its thresholds)
         self._bind(state)
         if state is not None:
             self.load_state_dict(state)
+        masking = getattr(self, "masking", None)
+        take_over(masking.weights if masking is not None else [], self)
 
     # ------------------------------------------------------------------ binding
     def _bind(self, state: Mapping[str, Any] | None) -> None:
@@ -173,7 +189,7 @@ class Sparsifier:
             return
         self.masking = initial_masking(params, self.layers, self.options, self._group_indices(), self.generator)
         self._needs_snip = algorithm.start == "snip"
-        self.masking.apply_(kernel="torch")
+        self._zeroed = self.masking.apply_recording_()  # undone if a checkpoint's masks replace these first
 
     def _group_indices(self) -> dict[str, list[int]]:
         """Layer indices (in mask order) by density group."""
@@ -183,6 +199,16 @@ class Sparsifier:
         return groups
 
     # ------------------------------------------------------------------ read-only state
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer that updates the masked weights (its steps are counted, to check the call order)."""
+        return self._optimizer
+
+    @optimizer.setter
+    def optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        self._optimizer = optimizer
+        self._optimizer_steps.watch(optimizer)
+
     @property
     def masks(self) -> Mapping[str, Tensor]:
         """Parameter name → ``torch.bool`` mask (True = active), on the weight's device. Under FSDP2, this
@@ -278,29 +304,80 @@ class Sparsifier:
 
     # ------------------------------------------------------------------ the loop
     def before_optimizer_step(self) -> None:
-        """Call after ``backward`` and before ``optimizer.step()`` (only DST adds a gradient here)."""
+        """Call after ``backward`` and before ``optimizer.step()``: DST adds its regularizer's gradient; RigL checks
+        at the first step that every masked layer got a gradient, before the optimizer changes a weight."""
+        self._check_first_gradients(restore_all=False)
+
+    def _check_first_gradients(self, restore_all: bool) -> None:
+        """Gradient growth (RigL): refuse a masked layer without gradient at the first step, with the weights the
+        first masks zeroed put back (``restore_all``: also where the optimizer has written since)."""
+        if self._gradients_checked:
+            return
+        if self.uses_gradient_growth:
+            try:
+                check_gradients(self.masking.names, self.masking.weights)
+            except ValueError:
+                if self._zeroed is not None:
+                    self.masking.restore(self._zeroed, force=restore_all)
+                raise
+        self._gradients_checked = True
 
     def step(self, step: int | None = None) -> UpdateReport | None:
         """Call after every ``optimizer.step()`` and before ``optimizer.zero_grad()`` (RigL grows where this step's
-        gradients are largest): re-applies the masks and runs a step-level update when one is due. ``step`` is the number of optimizer steps taken so far (counted here when ``None``). Returns the
-        update's report, or ``None`` when no update ran."""
+        gradients are largest): re-applies the masks and runs a step-level update when one is due. ``step`` is
+        the number of optimizer steps taken so far (counted here when ``None``). Returns the update's report, or
+        ``None`` when no update ran.
+
+        A step that AMP's ``GradScaler`` skipped (non-finite gradients, no optimizer step) changes no weight: an
+        update due then runs at the next step the optimizer takes. A call with no optimizer step before it and
+        finite gradients, or after several optimizer steps, raises ``RuntimeError`` naming the call order."""
         self._check_started()
-        if not self._gradients_checked:
-            if self.uses_gradient_growth:
-                check_gradients(self.masking.names, self.masking.weights)
-            self._gradients_checked = True
+        self._check_first_gradients(restore_all=True)
+        skipped = self._check_call_order()
         self.step_count = self.step_count + 1 if step is None else int(step)
+        self._zeroed = None  # the run has started: the first masks are kept
+        self._last_step_skipped = skipped
+        due = self.schedule.due(self.step_count, self.last_update_step, self._total_steps, False, self._to_target)
+        if skipped:
+            self._update_waiting = self._update_waiting or due
+            return None
         self.masking.apply_()
-        if self.schedule.due(self.step_count, self.last_update_step, self._total_steps, False, self._to_target):
+        if due or self._update_waiting:
+            self._update_waiting = False
             return self.update()
         return None
 
+    def _check_call_order(self) -> bool:
+        """Whether the optimizer step before this ``step()`` was skipped by AMP's ``GradScaler``; a call in the
+        wrong place raises. Free unless the optimizer took no step (then one read of the gradients' state)."""
+        taken = self._optimizer_steps.since_last()
+        if taken is None or taken == 1:
+            return False
+        if taken == 0:
+            masking = self.masking
+            if gradients_state(masking.weights, masking.specs, masking.group) == "non-finite":
+                check_weights_finite(masking.names, masking.weights, masking.specs, masking.group)  # diverged?
+                return True  # the GradScaler found inf/NaN gradients and skipped optimizer.step()
+            raise RuntimeError(
+                "`sparsifier.step()` was called with no `optimizer.step()` since its last call (or since it was"
+                " made), and the gradients are finite, so no GradScaler skipped one: the masks would be applied"
+                f" before the weights change, and the schedule would run too fast. {ORDER[0].upper()}{ORDER[1:]}"
+            )
+        raise RuntimeError(
+            f"the optimizer took {taken} steps since the last `sparsifier.step()`: the masks were not applied"
+            f" after {taken - 1} of them, so masked weights trained. {ORDER[0].upper()}{ORDER[1:]}"
+        )
+
     def epoch_end(self, step: int | None = None) -> UpdateReport | None:
         """Call at the end of every epoch: runs an epoch-level update when one is due (never after the last
-        optimizer step). Returns the update's report, or ``None``."""
+        optimizer step; after a step the GradScaler skipped, at the next real step). Returns the update's
+        report, or ``None``."""
         if step is not None:
             self.step_count = int(step)
         if self.schedule.due(self.step_count, self.last_update_step, self._total_steps, True, self._to_target):
+            if self._last_step_skipped:  # non-finite gradients: the update reads the next step's
+                self._update_waiting = True
+                return None
             return self.update()
         return None
 
@@ -319,6 +396,7 @@ class Sparsifier:
     def update(self) -> UpdateReport:
         """One mask update now, whatever the schedule says (the schedule still gives the rate)."""
         self._check_started()
+        self._check_update_gradients()
         algorithm = self.options.algorithm
         assert isinstance(algorithm, SparseAlgorithm)
         masking = self.masking
@@ -369,6 +447,19 @@ class Sparsifier:
         self.last_update = UpdateReport(step, rate, progress, nonzero, result)
         return self.last_update
 
+    def _check_update_gradients(self) -> None:
+        """Gradient growth reads this step's gradients: refuse an update after ``optimizer.zero_grad()``."""
+        if not self.uses_gradient_growth:
+            return
+        state = gradients_state(self.masking.weights, self.masking.specs, self.masking.group)
+        if state in ("none", "zero"):
+            what = "no gradient" if state == "none" else "all-zero gradients"
+            raise RuntimeError(
+                f"algorithm {self.options.algorithm_name!r} grows where this step's gradients are largest, but the"
+                f" masked weights have {what} at the update of step {self.step_count} (was `optimizer.zero_grad()`"
+                f" called before `sparsifier.step()`?): {ORDER}"
+            )
+
     def _momentum(self, weight: Tensor) -> Tensor:
         check_momentum_optimizer(self.optimizer, [weight])
         return distributed.local(optimizer_momentum(self.optimizer, weight))
@@ -384,6 +475,8 @@ class Sparsifier:
         return self._needs_snip
 
     def _check_started(self) -> None:
+        if hasattr(self, "masking"):
+            check_owner(self.masking.names, self.masking.weights, self)
         if self._needs_snip:
             raise RuntimeError(
                 "algorithm='snip' picks its masks from one batch: call `sparsifier.snip(loss)` with the loss of one"
@@ -449,6 +542,9 @@ class Sparsifier:
         match the model (other names or shapes) raise ``ValueError``."""
         check_version(state)
         check_same_run(self.options, state)
+        if self._zeroed is not None:  # the model's weights were loaded before this Sparsifier drew its masks
+            self.masking.restore(self._zeroed)
+            self._zeroed = None
         self._load_masks(state)
         self.current_prune_rate = float(state.get("prune_rate", self.schedule.prune_rate))
         self.last_update_step = int(state.get("last_update_step", -1))
