@@ -44,3 +44,14 @@ def as_integer(value: Any) -> int | None:
 def refuse(name: str, allowed: str, value: Any, kind: str) -> ValueError:
     """The error for argument ``name``: what is allowed, what was given (and its type), and which values count."""
     return ValueError(f"`{name}` must be {allowed}, got {value!r} ({type(value).__name__}); {kind}")
+
+
+def refuse_sparsity(options: dict[str, Any]) -> None:
+    """Refuse ``sparsity=``: the options speak of the fraction kept, ``density = 1 - sparsity``."""
+    if "sparsity" in options:
+        sparsity = as_real(options["sparsity"])
+        hint = f"density={1 - sparsity:g}" if sparsity is not None and 0 <= sparsity < 1 else "density = 1 - sparsity"
+        raise ValueError(
+            f"there is no `sparsity` option: give the fraction of weights kept, `density` = 1 - sparsity ({hint}"
+            f" for sparsity={options['sparsity']!r})"
+        )

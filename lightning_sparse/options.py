@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from lightning_sparse.checks import INTEGER, REAL, as_integer, as_real, refuse
+from lightning_sparse.checks import INTEGER, REAL, as_integer, as_real, refuse, refuse_sparsity
 from lightning_sparse.functional.init import INIT_METHODS
 from lightning_sparse.functional.patterns import Pattern, parse_pattern
 from lightning_sparse.functional.schedules import PRUNE_RATE_SCHEDULES
@@ -98,6 +98,10 @@ class SparseOptions:
     neuron_ablation: float | None = None
     keep_neurons: Sequence[str] | str | None = None
     algorithm_name: str | None = None
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> SparseOptions:
+        refuse_sparsity(kwargs)  # before the dataclass's TypeError for an unknown keyword
+        return super().__new__(cls)
 
     def __post_init__(self) -> None:
         given = self.algorithm
@@ -191,7 +195,15 @@ def _checked_density(density: Any, resolved: SparseAlgorithm | DST, algorithm: A
     value = as_real(density)
     if value is None or not 0.0 < value <= 1.0:
         raise refuse("density", "a number in (0, 1]", density, f"{REAL}; or a mapping {{name glob: density}}")
+    if value == 1.0:
+        raise ValueError(DENSE)
     return value
+
+
+DENSE = (
+    "density=1.0 keeps every weight: nothing would be masked or updated. For the dense point of a sweep, train"
+    " without SparseTrainingCallback (or the Sparsifier); give a density below 1 to train sparse"
+)
 
 
 def _checked_unit(value: Any, default: float, name: str, allowed: str, closed: bool) -> float:
@@ -355,4 +367,6 @@ def _density_groups(density: Mapping[Any, Any]) -> dict[str, float]:
         if real is None or not 0.0 < real <= 1.0:
             raise refuse(f"density[{pattern!r}]", "a number in (0, 1]", value, REAL)
         groups[pattern] = real
+    if all(value == 1.0 for value in groups.values()):
+        raise ValueError(f"every `density` group is 1.0 ({groups}): {DENSE}")
     return groups

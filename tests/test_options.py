@@ -34,9 +34,9 @@ def test_real_arguments_accept_any_real_number(name, value):
     assert type(getattr(cb, name)) is float
 
 
-def test_one_is_a_density_and_an_int_is_converted():
-    cb = SparseTrainingCallback(density=1, prune_rate=np.int64(0), stop_at=torch.tensor(1))
-    assert (cb.density, cb.prune_rate, cb.stop_at) == (1.0, 0.0, 1.0)
+def test_an_int_is_converted():
+    cb = SparseTrainingCallback(density=np.float32(0.5), prune_rate=np.int64(0), stop_at=torch.tensor(1))
+    assert (cb.density, cb.prune_rate, cb.stop_at) == (0.5, 0.0, 1.0)
     assert all(type(v) is float for v in (cb.density, cb.prune_rate, cb.stop_at))
 
 
@@ -318,3 +318,29 @@ def test_a_schedule_with_the_wrong_signature_is_refused_naming_the_argument():
     with pytest.raises(ValueError, match=r"`prune_rate_schedule` must be a function of the progress in \[0, 1\] \(one"
                                          r" float\) returning the rate; calling it with 0.0 raised TypeError"):  # fmt: skip
         SparseOptions(density=0.1, prune_rate_schedule=lambda step, total: 0.3)
+
+
+# ----------------------------------------------------------------------------- density 1.0, sparsity= (issue 20)
+
+
+@pytest.mark.parametrize("density", [1.0, {"*": 1.0}, {"0.*": 1.0, "*": 1}])
+def test_density_one_is_refused_when_made_naming_the_dense_run(density):
+    with pytest.raises(ValueError, match="keeps every weight: nothing would be masked or updated"):
+        SparseTrainingCallback(density=density)
+    with pytest.raises(ValueError, match="keeps every weight"):
+        SparseOptions(density=density, algorithm="rigl")
+
+
+def test_a_density_group_of_one_next_to_sparse_groups_is_accepted():
+    assert SparseOptions(density={"0.*": 1.0, "*": 0.1}).groups == [("0.*", 1.0), ("*", 0.1)]
+
+
+def test_sparsity_keyword_points_to_density():
+    match = r"there is no `sparsity` option: .* \(density=0.1 for sparsity=0.9\)"
+    with pytest.raises(ValueError, match=match):
+        SparseTrainingCallback(sparsity=0.9)
+    with pytest.raises(ValueError, match=match):
+        SparseOptions(sparsity=0.9)
+    model = torch.nn.Linear(4, 4)
+    with pytest.raises(ValueError, match=match):
+        Sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1), sparsity=0.9)

@@ -27,6 +27,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from lightning_sparse.checks import refuse_sparsity
 from lightning_sparse.core.sparsifier import Sparsifier
 from lightning_sparse.cost import TIMINGS, InputCapture, SparsityReport, Stopwatch, TrainFlops, send_figure
 from lightning_sparse.lightning import trainer as trainer_support
@@ -37,7 +38,16 @@ from lightning_sparse.methods.dst_sparsifier import prepare_model
 from lightning_sparse.options import SparseOptions
 
 
-class SparseTrainingCallback(Callback):
+class _RefusesSparsity(type):
+    """``SparseTrainingCallback(sparsity=...)`` gets a message pointing to ``density``, not Python's TypeError
+    (here, not in ``__new__``, so that LightningCLI still reads the options from ``__init__``)."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        refuse_sparsity(kwargs)
+        return super().__call__(*args, **kwargs)
+
+
+class SparseTrainingCallback(Callback, metaclass=_RefusesSparsity):
     """Keep a network sparse during the whole of training, updating which weights are active.
 
     Every argument but ``speedup_timing`` and ``figure`` is an option of :class:`~lightning_sparse.SparseOptions`,
