@@ -355,7 +355,13 @@ class Sparsifier:
                 self.options.neuron_ablation, self.keep_neurons,
             )  # fmt: skip
 
-        result = update_groups(algorithm, layers, masking.active, masking.masks, groups, trained, context)
+        generator_state, algorithm_state = self.generator.get_state(), copy.deepcopy(self.algorithm_state)
+        try:  # the new masks' counts are checked here (methods.targets): a refused update changes nothing
+            result = update_groups(algorithm, layers, masking.active, masking.masks, groups, trained, context)
+        except BaseException:
+            self.generator.set_state(generator_state)
+            self.algorithm_state = algorithm_state
+            raise
         before = list(masking.masks)  # what was active before: only positions new to a layer start afresh
         masking.set_masks(result.masks, result.active)
         if not self.sharded:
