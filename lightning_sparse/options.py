@@ -54,8 +54,16 @@ class SparseOptions:
             zero and shares it.
         mask_kernel: ``"auto"``, ``"cpp"`` or ``"torch"``: how masks are applied to CPU weights
             (:mod:`lightning_sparse.kernels`).
-        mask_frozen: also mask frozen weights (``requires_grad=False``), with masks that never move; by default
-            they stay dense.
+        mask_frozen: also mask frozen weights (``requires_grad=False``); by default they stay dense. Their
+            weights never train, and the optimizer may leave them out (``SGD(p for p in model.parameters() if
+            p.requires_grad)``). Per method: the dynamic and static ones (``"sparse_momentum"``, ``"rigl"``,
+            ``"set"``, ``"dsr"``, ``"static"``, a ``SparseAlgorithm`` of your own unless its ``count`` is ``"gmp"``) draw their masks at the start
+            and keep them fixed (updates move only the trained layers' weights, so they read no gradient, momentum
+            or optimizer state of a frozen layer); ``"gmp"`` prunes them by ``|W|`` on its schedule like the
+            others (it reads no gradient), so the run ends at the asked density; ``"snip"`` scores them by their
+            own ``|g * w|`` like the others (they require gradients from the ``Sparsifier``'s construction until
+            the scoring batch is read, then are frozen again); ``"dst"`` learns their masks with trainable
+            thresholds like the others' (the frozen weights stay as they were; the thresholds train).
         layer_types: module types (or class names) whose ``weight`` is masked, instead of Linear and
             Conv1d/2d/3d; ``MultiheadAttention``'s input projections and ``transformers``' ``Conv1D`` are always
             recognized (:mod:`lightning_sparse.core.layers`).

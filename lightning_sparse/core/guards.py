@@ -37,17 +37,21 @@ def optimized(optimizer: torch.optim.Optimizer, param: Tensor) -> bool:
 
 
 def check_optimizer(optimizer: torch.optim.Optimizer, params: Mapping[str, Tensor], needs_momentum: bool) -> None:
-    """Refuse an optimizer that does not update every masked weight, or (sparse momentum) keeps no momentum."""
+    """Refuse an optimizer that does not update every trained masked weight, or (sparse momentum) keeps no
+    momentum for them. Frozen masked weights (``requires_grad=False``, ``mask_frozen=True``) may be left out of
+    the optimizer (the usual way to freeze: an optimizer over the trainable parameters only): no method reads
+    their gradient, momentum or optimizer state."""
     optimized_ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    missing = [name for name, p in params.items() if id(p) not in optimized_ids]
+    missing = [name for name, p in params.items() if id(p) not in optimized_ids and p.requires_grad]
     if missing:
         raise ValueError(
             f"the optimizer does not update the masked weight(s) {missing}: bind the Sparsifier to the model"
             " the optimizer was built for (after DDP/FSDP2 wrapping), or leave those layers dense with"
             " `dense_layers`"
         )
-    if needs_momentum:
-        check_momentum_optimizer(optimizer, list(params.values()))
+    trained = [p for p in params.values() if p.requires_grad]
+    if needs_momentum and trained:
+        check_momentum_optimizer(optimizer, trained)
 
 
 def check_pattern_layers(params: Mapping[str, Tensor], layers: Mapping[str, MaskedLayer], pattern: Pattern) -> None:

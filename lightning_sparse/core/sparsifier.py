@@ -63,7 +63,7 @@ from lightning_sparse.functional.units import pattern_counts
 from lightning_sparse.methods import LayerState, SparseAlgorithm, UpdateContext, UpdateResult
 from lightning_sparse.methods.dst import DST
 from lightning_sparse.methods.groups import update_groups
-from lightning_sparse.methods.snip import snip_scores, top_scores_per_group, top_scores_per_unit
+from lightning_sparse.methods.snip import FrozenScoring, snip_scores, top_scores_per_group, top_scores_per_unit
 from lightning_sparse.options import SparseOptions
 from lightning_sparse.schedule import check_total_steps
 
@@ -394,7 +394,12 @@ class Sparsifier:
         self.current_prune_rate = self.schedule.prune_rate
 
     def update(self) -> UpdateReport:
-        """One mask update now, whatever the schedule says (the schedule still gives the rate)."""
+        """One mask update now, whatever the schedule says (the schedule still gives the rate).
+
+        Frozen masked layers (``mask_frozen=True``) keep their masks, except under GMP, which prunes them too.
+        Raises ``RuntimeError`` when the method's rules produce other counts than they were asked for (a custom
+        prune or growth rule that grows ``n // 2``), naming the layers, the counts and the rule: the masks, the
+        weights, the random state and the algorithm's state are then left as they were."""
         self._check_started()
         self._check_update_gradients()
         algorithm = self.options.algorithm
@@ -416,7 +421,9 @@ class Sparsifier:
             )
             for name, weight, mask, spec in zip(masking.names, masking.weights, masking.masks, masking.specs)
         ]
-        trained = [i for i, w in enumerate(masking.weights) if w.requires_grad]  # frozen layers keep their masks
+        # frozen layers (mask_frozen=True) keep their masks, except under GMP, which prunes them by |W| on the
+        # schedule like the others (it reads no gradient), so the run reaches the asked density
+        trained = [i for i, w in enumerate(masking.weights) if w.requires_grad or algorithm.prunes_to_schedule]
         if algorithm.dynamic:
             reads: dict[str, Callable[[LayerState], Tensor]] = {"weights": lambda layer: layer.weight}
             if algorithm.needs_momentum:
@@ -433,7 +440,13 @@ class Sparsifier:
                 self.options.neuron_ablation, self.keep_neurons,
             )  # fmt: skip
 
-        result = update_groups(algorithm, layers, masking.active, masking.masks, groups, trained, context)
+        generator_state, algorithm_state = self.generator.get_state(), copy.deepcopy(self.algorithm_state)
+        try:  # the new masks' counts are checked here (methods.targets): a refused update changes nothing
+            result = update_groups(algorithm, layers, masking.active, masking.masks, groups, trained, context)
+        except BaseException:
+            self.generator.set_state(generator_state)
+            self.algorithm_state = algorithm_state
+            raise
         before = list(masking.masks)  # what was active before: only positions new to a layer start afresh
         masking.set_masks(result.masks, result.active)
         if not self.sharded:
@@ -474,6 +487,22 @@ class Sparsifier:
         """Whether :meth:`snip` must be called before training (``algorithm="snip"``, not yet done)."""
         return self._needs_snip
 
+    @property
+    def _needs_snip(self) -> bool:
+        return self.__dict__.get("_snip_pending", False)
+
+    @_needs_snip.setter
+    def _needs_snip(self, pending: bool) -> None:
+        """While SNIP waits for its batch, the frozen masked weights (``mask_frozen=True``) require gradients, so
+        that the scoring batch records them and they are scored by ``|g * w|`` like the others; once the masks
+        are picked (or a checkpoint says they were), they are frozen again (:class:`FrozenScoring`)."""
+        scoring = self.__dict__.pop("_frozen_scoring", None)
+        if scoring is not None:
+            scoring.restore()
+        if pending:
+            self.__dict__["_frozen_scoring"] = FrozenScoring(self.masking.weights)
+        self.__dict__["_snip_pending"] = bool(pending)
+
     def _check_started(self) -> None:
         if hasattr(self, "masking"):
             check_owner(self.masking.names, self.masking.weights, self)
@@ -487,7 +516,9 @@ class Sparsifier:
         """SNIP: keep the global top ``density`` of ``|g ⊙ w|``, ``g`` the gradient of ``loss`` (one training
         batch, not yet backpropagated). The model's ``.grad`` are left as they were; under DDP the gradients are
         summed over processes first, under FSDP2 they come reduce-scattered from the backward pass. With density
-        groups, each group keeps its own top share."""
+        groups, each group keeps its own top share. Frozen masked layers (``mask_frozen=True``) are scored too:
+        they require gradients from the ``Sparsifier``'s construction until this call picks the masks, then are
+        frozen again (``requires_grad=False``), so compute ``loss`` after making the ``Sparsifier``."""
         scores = snip_scores(self.model, self.masking, loss)
         if self.pattern.structured:  # the top scores of every unit: top N of each group of M, top k of each row
             transposed = [self.layers[n].transposed for n in self.masking.names]

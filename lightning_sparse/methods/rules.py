@@ -13,6 +13,10 @@ Rule signatures (write your own and pass them to :class:`~lightning_sparse.metho
   layer regrow what it lost;
 * count ``(layers: Sequence[LayerState], active: list[int], shares: list[float] | None,
   context: UpdateContext) -> list[int]``: how many active weights each layer loses.
+
+Every update checks the counts of the masks a prune or growth rule returns (one host read, before the masks are
+set): a rule that removes or adds another number than ``n`` raises ``RuntimeError`` naming the layer, the counts
+and the rule (:func:`~lightning_sparse.methods.targets.check_counts`).
 """
 
 from __future__ import annotations

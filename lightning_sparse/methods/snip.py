@@ -1,5 +1,10 @@
 """SNIP (Lee et al. 2019): the masks are chosen once, before training, from one batch: keep the top ``density``
-of ``|g ⊙ w|``, ``g`` the gradient of that batch's loss. Called by :meth:`~lightning_sparse.Sparsifier.snip`."""
+of ``|g ⊙ w|``, ``g`` the gradient of that batch's loss. Called by :meth:`~lightning_sparse.Sparsifier.snip`.
+
+Frozen masked weights (``requires_grad=False`` with ``mask_frozen=True``) are scored exactly like the others, by
+their own ``|g ⊙ w|``: :class:`FrozenScoring` turns their ``requires_grad`` on while SNIP waits for its batch (so
+the scoring batch's forward pass records them) and back off once the masks are picked; their ``.grad`` is left as
+it was, so they never train."""
 
 from __future__ import annotations
 
@@ -13,6 +18,23 @@ from lightning_sparse.core.masking import Masking
 from lightning_sparse.functional.patterns import Pattern, unit_shape
 from lightning_sparse.functional.prune_grow import snip_masks
 from lightning_sparse.functional.units import select_per_unit
+
+
+class FrozenScoring:
+    """The frozen masked weights (``requires_grad=False``) made differentiable for SNIP's scoring batch, and
+    frozen again by :meth:`restore` (``requires_grad=False``, their ``.grad`` as it was)."""
+
+    def __init__(self, weights: Sequence[Tensor]) -> None:
+        self.frozen = [(w, w.grad) for w in weights if not w.requires_grad]
+        for w, _ in self.frozen:
+            w.requires_grad_(True)
+
+    def restore(self) -> None:
+        """Freeze the weights again (idempotent)."""
+        for w, grad in self.frozen:
+            w.requires_grad_(False)
+            w.grad = grad
+        self.frozen = []
 
 
 def snip_scores(model: nn.Module, masking: Masking, loss: Tensor) -> list[Tensor]:

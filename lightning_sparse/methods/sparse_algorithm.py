@@ -157,7 +157,10 @@ class SparseAlgorithm:
         (:mod:`~lightning_sparse.methods.targets`) then decides what each layer regrows, and the growth rule grows
         it. Unstructured, unless the growth rule is ``"none"``, the total number of active weights is preserved
         exactly; with redistribution ``"none"`` each layer's own count is. Reading the shares is the only host
-        synchronization of the built-in rules (DSR's and SET's counting add one each; a pattern's check one).
+        synchronization of the built-in rules (DSR's and SET's counting add one each), besides the check of the new
+        masks (one): every layer's count after pruning and after growth is the one asked, or, under a pattern,
+        every unit's; rules that get them wrong raise ``RuntimeError`` naming the layer, the counts and the rule,
+        before anything is set.
         """
         active = list(active)
         if not self.dynamic:
@@ -190,7 +193,7 @@ class SparseAlgorithm:
     def _target(self, layers: Sequence[LayerState], active: list[int], context: UpdateContext) -> Target:
         pattern = parse_pattern(context.pattern)
         if not pattern.structured:
-            return Unstructured(layers)
+            return Unstructured(layers, (_rule_name(self.prune), _rule_name(self.grow)))
         if context.ablation is not None:
             return Ablation(self, layers, active, context)
         if self.rules.count is gmp_count:
@@ -246,3 +249,10 @@ class SparseAlgorithm:
             if self.reset_grown and optimizer is not None:
                 reset_optimizer_state(optimizer, weight, positions)
         return grown
+
+
+def _rule_name(rule: object) -> str:
+    """A rule as the user gave it: its name (``"momentum"``), or a function's qualified name."""
+    if isinstance(rule, str):
+        return rule
+    return getattr(rule, "__qualname__", None) or getattr(type(rule), "__qualname__", repr(rule))

@@ -16,8 +16,10 @@
   window), or ``k_t`` inputs per row; nothing grows.
 * :class:`~lightning_sparse.methods.ablation.Ablation`: ``"fan_in"`` with SRigL's neuron ablation.
 
-Under a pattern the new masks are checked (one host read): a unit off its target, e.g. from a growth rule that
-sets masks without ``add_highest`` / ``add_random``, raises ``RuntimeError`` naming the layers. Under FSDP2 every
+Every update's new masks are checked (one host read) before they are set: unstructured, each layer's count after
+pruning and after growth must be the one asked (:func:`check_counts`: a growth rule that grows ``n // 2`` raises
+``RuntimeError`` naming the layer, the counts and the rule); under a pattern, a unit off its target, e.g. from a
+growth rule that sets masks without ``add_highest`` / ``add_random``, raises ``RuntimeError`` naming the layers. Under FSDP2 every
 unit lies within a row, so all of this is local to the shards.
 """
 
@@ -87,7 +89,14 @@ class Target:
 
 
 class Unstructured(Target):
-    """Each layer regrows what it lost; with shares, the total pruned is handed out by them."""
+    """Each layer regrows what it lost; with shares, the total pruned is handed out by them.
+
+    ``rules``: the names of the prune and growth rules (``"magnitude"``, a function's name), for the refusal of
+    :meth:`check`."""
+
+    def __init__(self, layers: Sequence[LayerState], rules: tuple[str, str] = ("prune", "grow")) -> None:
+        super().__init__(layers)
+        self.rule_names = rules
 
     def plan(self, algorithm, layers, active, pruned, pruned_masks, shares, context) -> Plan:
         survivors = [a - p for a, p in zip(active, pruned)]
@@ -101,16 +110,48 @@ class Unstructured(Target):
         return Plan(pruned_masks, survivors, grown)
 
     def check(self, layers, result) -> None:
-        if self.reducer is None:  # a rule that selects per shard instead of over the layer would break the counts
-            return
-        counted = layer_counts(result.masks, self.reducer)
-        wrong = [f"{layer.name}: {c} != {a}" for layer, c, a in zip(layers, counted, result.active) if c != a]
-        if wrong:
-            raise RuntimeError(
-                "an update rule returned masks whose counts over the shards are not the requested ones"
-                f" ({'; '.join(wrong)}); under FSDP2, rules must select with LayerState.drop_lowest,"
-                " add_highest or add_random, which select over the whole layer"
+        check_counts(layers, result, self.rule_names, self.reducer)
+
+
+def check_counts(
+    layers: Sequence[LayerState], result: UpdateResult, rules: tuple[str, str], reducer: Reducer | None
+) -> None:
+    """``RuntimeError`` naming the layers whose masks after pruning or after growth do not hold the counts the
+    update asked for (``result.active``, and ``active - pruned`` after pruning), and the rule that got them wrong
+    (``rules``: the prune and growth rules' names). A rule that grows ``n // 2`` would otherwise leave the masks
+    off the asked density while the counts kept on the host (``describe()``, the summary) report the asked ones.
+    One host read for both (and one all-reduce under FSDP2, where a rule that selects per shard breaks the counts
+    too); it runs before the masks are set, so a refused update leaves the model as it was."""
+    if not layers:
+        return
+    local = torch.stack([torch.stack([p.sum(), m.sum()]) for p, m in zip(result.pruned_masks, result.masks)])
+    counted = (reducer(local.to(torch.int64)) if reducer is not None else local.to(torch.int64)).tolist()
+    wrong = []
+    for layer, (kept, now), active, pruned, grown in zip(layers, counted, result.active, result.pruned, result.grown):
+        survivors = active - grown
+        if kept != survivors:
+            wrong.append(
+                f"{layer.name}: the prune rule {rules[0]!r} was asked to remove {pruned} of"
+                f" {survivors + pruned} active weights and left {kept} (asked {survivors})"
             )
+        elif now != active:
+            wrong.append(
+                f"{layer.name}: the growth rule {rules[1]!r} was asked to grow {grown} weights and grew"
+                f" {now - kept} ({now} active, asked {active})"
+            )
+    if wrong:
+        shards = (
+            "; under FSDP2 they must select with LayerState.drop_lowest, add_highest or add_random, which select"
+            " over the whole layer, not per shard"
+            if reducer is not None
+            else " (LayerState.drop_lowest, add_highest and add_random select exactly n)"
+        )
+        raise RuntimeError(
+            f"a mask update got counts other than those asked ({'; '.join(wrong)}), which would leave the masks off"
+            " the asked density: a prune rule must return `layer.mask` with exactly `n` fewer active entries, a"
+            f" growth rule `mask` with exactly `n` more, never an already active one{shards}. The masks and weights"
+            " are left as they were"
+        )
 
 
 class Units(Target):
