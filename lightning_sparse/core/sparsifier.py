@@ -157,6 +157,7 @@ class Sparsifier:
         self.current_prune_rate = self.schedule.prune_rate
         self.last_update: UpdateReport | None = None
         self._needs_snip = False
+        self._frozen_scoring: FrozenScoring | None = None
         self._gradients_checked = False
         self._zeroed: ZeroedWeights | None = None  # what the first masks zeroed, until the run has started
         self._update_waiting = False  # an update due at a step the GradScaler skipped: at the next real step
@@ -188,7 +189,7 @@ class Sparsifier:
             self.masking = Masking(params, state["masks"], self.options.mask_kernel)
             return
         self.masking = initial_masking(params, self.layers, self.options, self._group_indices(), self.generator)
-        self._needs_snip = algorithm.start == "snip"
+        self._wait_for_snip(algorithm.start == "snip")
         self._zeroed = self.masking.apply_recording_()  # undone if a checkpoint's masks replace these first
 
     def _group_indices(self) -> dict[str, list[int]]:
@@ -487,21 +488,14 @@ class Sparsifier:
         """Whether :meth:`snip` must be called before training (``algorithm="snip"``, not yet done)."""
         return self._needs_snip
 
-    @property
-    def _needs_snip(self) -> bool:
-        return self.__dict__.get("_snip_pending", False)
-
-    @_needs_snip.setter
-    def _needs_snip(self, pending: bool) -> None:
-        """While SNIP waits for its batch, the frozen masked weights (``mask_frozen=True``) require gradients, so
-        that the scoring batch records them and they are scored by ``|g * w|`` like the others; once the masks
-        are picked (or a checkpoint says they were), they are frozen again (:class:`FrozenScoring`)."""
-        scoring = self.__dict__.pop("_frozen_scoring", None)
-        if scoring is not None:
-            scoring.restore()
-        if pending:
-            self.__dict__["_frozen_scoring"] = FrozenScoring(self.masking.weights)
-        self.__dict__["_snip_pending"] = bool(pending)
+    def _wait_for_snip(self, pending: bool) -> None:
+        """Whether SNIP still waits for its batch. Meanwhile the frozen masked weights (``mask_frozen=True``)
+        require gradients, so that the scoring batch records them and they are scored by ``|g * w|`` like the
+        others; once the masks are picked (or a checkpoint says they were), they are frozen again."""
+        if self._frozen_scoring is not None:
+            self._frozen_scoring.restore()
+        self._frozen_scoring = FrozenScoring(self.masking.weights) if pending else None
+        self._needs_snip = pending
 
     def _check_started(self) -> None:
         if hasattr(self, "masking"):
@@ -537,7 +531,7 @@ class Sparsifier:
         if not self.sharded:
             distributed.ensure_masks_agree(masking.names, masking.masks)
         masking.apply_()
-        self._needs_snip = False
+        self._wait_for_snip(False)
         empty = [name for name, n in zip(masking.names, masking.active) if n == 0]
         if empty:
             warnings.warn(
@@ -593,4 +587,4 @@ class Sparsifier:
         on_the_way = self._to_target or bool(state.get("snip_pending", False))
         check_loaded_pattern(self.masking, self.options, transposed, on_the_way)
         self.masking.apply_(kernel="torch")
-        self._needs_snip = bool(state.get("snip_pending", False))
+        self._wait_for_snip(bool(state.get("snip_pending", False)))

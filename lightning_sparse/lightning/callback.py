@@ -71,7 +71,8 @@ class SparseTrainingCallback(Callback, metaclass=_RefusesSparsity):
         speedup_timing: layer costs of the speedup estimates: ``"flops"`` or ``"measure"`` (timed once).
         figure: write ``sparsity.png`` to the trainer's log directory at the end of ``fit`` (and to TensorBoard).
         mask_kernel: ``"auto"``, ``"cpp"`` or ``"torch"``: how masks are applied to CPU weights.
-        mask_frozen: also mask frozen weights (``requires_grad=False``), with masks that never move.
+        mask_frozen: also mask frozen weights (``requires_grad=False``): their masks stay fixed, except under GMP
+            (pruned on its schedule), SNIP (scored like the others) and DST (its thresholds learn them).
         layer_types: module types (or class names) whose ``weight`` is masked, instead of Linear and Conv1d/2d/3d.
         include: parameter-name globs of further weights to mask (any parameter of 2 or more dimensions).
         mask_embeddings: mask embedding tables (and the output layers tied to them) too.
