@@ -406,6 +406,8 @@ class Sparsifier:
         algorithm = self.options.algorithm
         assert isinstance(algorithm, SparseAlgorithm)
         masking = self.masking
+        if not self.sharded:  # processes that drifted apart plan from rank zero's masks (and their counts)
+            self._masks_agree()
         step = self.step_count
         progress = self.schedule.progress(step, self._total_steps)
         rate = self.schedule.rate_at(progress)
@@ -451,7 +453,7 @@ class Sparsifier:
         before = list(masking.masks)  # what was active before: only positions new to a layer start afresh
         masking.set_masks(result.masks, result.active)
         if not self.sharded:
-            distributed.ensure_masks_agree(masking.names, masking.masks)
+            self._masks_agree()
         masking.apply_()
         if algorithm.dynamic:  # grown weights start at zero, their optimizer state as the method's reference
             algorithm.start_grown_(masking.weights, before, result, self.optimizer)
@@ -460,6 +462,11 @@ class Sparsifier:
         self.num_updates += 1
         self.last_update = UpdateReport(step, rate, progress, nonzero, result)
         return self.last_update
+
+    def _masks_agree(self) -> None:
+        """Under DDP: every process takes rank zero's masks should they differ (and counts them again)."""
+        if distributed.ensure_masks_agree(self.masking.names, self.masking.masks):
+            self.masking.active = self.masking.count_active()
 
     def _check_update_gradients(self) -> None:
         """Gradient growth reads this step's gradients: refuse an update after ``optimizer.zero_grad()``."""
@@ -529,7 +536,7 @@ class Sparsifier:
         masking.set_masks(masks, [])
         masking.active = masking.count_active()
         if not self.sharded:
-            distributed.ensure_masks_agree(masking.names, masking.masks)
+            self._masks_agree()
         masking.apply_()
         self._wait_for_snip(False)
         empty = [name for name, n in zip(masking.names, masking.active) if n == 0]
