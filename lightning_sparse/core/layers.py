@@ -230,6 +230,20 @@ def has_candidates(
     )
 
 
+PRUNED = "pruned with torch.nn.utils.prune: weight_orig * weight_mask, recomputed by a forward pre-hook"
+"""Why a weight that ``torch.nn.utils.prune`` computes is refused (see :func:`find_layers`)."""
+
+
+def _pruned(module: nn.Module, attr: str) -> bool:
+    """Whether ``module.<attr>`` is recomputed by a ``torch.nn.utils.prune`` forward pre-hook."""
+    from torch.nn.utils import prune
+
+    return any(
+        isinstance(hook, prune.BasePruningMethod) and getattr(hook, "_tensor_name", None) == attr
+        for hook in module._forward_pre_hooks.values()
+    )
+
+
 def _weight_of(module: nn.Module, attr: str, include_parametrized: Sequence[str], module_name: str) -> Tensor | None:
     if parametrize.is_parametrized(module, attr):
         if module_name in include_parametrized:
@@ -277,7 +291,9 @@ def find_layers(
                 refused.append((path, module_name, why))
                 continue
             if not isinstance(weight, nn.Parameter):
-                if isinstance(weight, Tensor) and any(hasattr(module, f"{attr}{s}") for s in ("_v", "_orig")):
+                if isinstance(weight, Tensor) and _pruned(module, attr):
+                    refused.append((path, module_name, PRUNED))
+                elif isinstance(weight, Tensor) and any(hasattr(module, f"{attr}{s}") for s in ("_v", "_orig")):
                     refused.append((path, module_name, "computed by a forward hook: weight_norm or spectral_norm"))
                 continue
             if module_name in include_parametrized and parametrize.is_parametrized(module, attr):
@@ -326,10 +342,16 @@ def find_layers(
         if not any(name_matches(path, module_name, p) for p in dense_layers)
     ]
     if refused:
+        pruned = any(PRUNED in why for why in refused)
         raise ValueError(
             f"cannot mask {', '.join(refused)}: the layer computes its weight from other parameters, so a mask on"
             " them would not hold on the weight it uses. Keep those layers dense with `dense_layers`, or remove"
-            " the parametrization (`torch.nn.utils.parametrize.remove_parametrizations`)"
+            + (
+                " the pruning first: `torch.nn.utils.prune.remove(module, 'weight')` makes it permanent (the"
+                " weight becomes a plain parameter, its pruned entries zero)"
+                if pruned
+                else " the parametrization (`torch.nn.utils.parametrize.remove_parametrizations`)"
+            )
         )
     found.drop(dense, "dense_layers")
     lazy = [

@@ -37,6 +37,7 @@ class SparseLinear(nn.Module):
         if weight.dim() != 2:
             raise ValueError(f"SparseLinear needs a 2-D weight, got shape {tuple(weight.shape)}")
         self.out_features, self.in_features = weight.shape
+        check_csr_dtype(weight.dtype, weight.device)
         with warnings.catch_warnings():  # torch warns once that CSR support is in beta
             warnings.simplefilter("ignore", UserWarning)
             csr = weight.detach().to_sparse_csr()
@@ -62,6 +63,7 @@ class SparseLinear(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        check_csr_dtype(self.values.dtype, self.values.device)  # a model cast after export (`.to(torch.bfloat16)`)
         columns = x.reshape(-1, self.in_features).T.contiguous()
         if self.bias is None:
             out = torch.sparse.mm(self.weight, columns)
@@ -76,16 +78,40 @@ class SparseLinear(nn.Module):
         )
 
 
+CSR_DTYPES = (torch.float32, torch.float64)
+"""The weight dtypes :class:`SparseLinear` takes on the CPU: those of torch's CSR product (``torch.sparse.mm``/
+``addmm``), which has no float16/bfloat16 CPU kernel."""
+
+
+def check_csr_dtype(dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+    """Refuse a CPU weight dtype that torch's CSR product cannot multiply (see :data:`CSR_DTYPES`); other
+    devices are left to torch."""
+    if torch.device(device).type == "cpu" and dtype not in CSR_DTYPES:
+        allowed = ", ".join(str(d).removeprefix("torch.") for d in CSR_DTYPES)
+        raise ValueError(
+            f"SparseLinear cannot hold {dtype} weights on the CPU: torch's CSR product (torch.sparse.mm / addmm)"
+            f" runs in {allowed} only there. Export a float32 copy (`to_sparse(model.float())`) and feed it float32 inputs, or"
+            " keep the model dense"
+        )
+
+
 def to_sparse(model: nn.Module, min_sparsity: float = 0.5) -> nn.Module:
     """A copy of ``model`` in which every sparse enough ``nn.Linear`` is a :class:`SparseLinear` (CSR weight).
 
     Only plain ``nn.Linear`` modules are replaced (subclasses such as attention's output projection are read
     as dense tensors by their owners), when their fraction of zero weights is at least ``min_sparsity``.
     Convolutions and everything else stay dense. ``model`` is not modified. For inference only: the sparse
-    weights are buffers, not parameters, and get no gradients.
+    weights are buffers, not parameters, and get no gradients. CPU weights of a dtype other than float32 and
+    float64 (:data:`CSR_DTYPES`; float16, bfloat16) are refused: torch's CSR product has no CPU kernel for them.
     """
     if not 0.0 <= min_sparsity <= 1.0:
         raise ValueError(f"`min_sparsity` must be in [0, 1], got {min_sparsity}")
+    for name, module in model.named_modules():
+        if type(module) is nn.Linear and _sparsity(module.weight) >= min_sparsity:
+            try:
+                check_csr_dtype(module.weight.dtype, module.weight.device)
+            except ValueError as error:
+                raise ValueError(f"to_sparse: the Linear layer {name or '(the model)'!r}: {error}") from None
     sparse = copy.deepcopy(model)
     replaced: dict[int, SparseLinear] = {}
     for name, module in list(sparse.named_modules(remove_duplicate=False)):

@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import GradientAccumulationScheduler, Stochasti
 
 from lightning_sparse.core.selection import select_layers
 from lightning_sparse.core.sparsifier import Sparsifier
-from lightning_sparse.methods.dst_sparsifier import dst_modules
+from lightning_sparse.methods.dst_sparsifier import copy_dst_thresholds, dst_modules
 from lightning_sparse.options import SparseOptions
 
 
@@ -82,6 +82,37 @@ def mask_weight_averages(trainer: pl.Trainer, sparsifier: Sparsifier) -> None:
             mask(callback._average_model.module)
         elif isinstance(callback, StochasticWeightAveraging):
             after(callback, lambda callback, average, *args: mask(average), id(sparsifier.options))
+
+
+def share_dst_thresholds(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Give the averaged models of Lightning's ``WeightAveraging`` (``EMAWeightAveraging``) and
+    ``StochasticWeightAveraging`` the DST thresholds that ``pl_module`` got after they copied it (a weight
+    averaging callback listed before the sparse one copies the model in its own ``setup``): averaging pairs the
+    two models' parameters in order, so both must list the same ones."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, WeightAveraging) and callback._average_model is not None:
+            copy_dst_thresholds(callback._average_model.module, pl_module)
+        elif isinstance(callback, StochasticWeightAveraging) and callback._average_model is not None:
+            copy_dst_thresholds(callback._average_model, pl_module)
+
+
+def after_configure_model(pl_module: pl.LightningModule, then: Callable[[], None]) -> Callable[[], None]:
+    """Make the next ``pl_module.configure_model()`` call ``then()`` after itself (once), so that what is done to
+    the layers built there happens before the strategy wraps the model (DDP) and before
+    ``configure_optimizers``. Returns the function that takes the patch off (also done by the call itself)."""
+    original = pl_module.configure_model
+
+    def undo() -> None:
+        if vars(pl_module).get("configure_model") is configure_model:
+            del pl_module.configure_model
+
+    def configure_model() -> None:
+        original()
+        undo()
+        then()
+
+    pl_module.configure_model = configure_model  # type: ignore[method-assign]
+    return undo
 
 
 def after(owner: Any, then: Callable[..., None], key: Any) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import types
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -46,6 +46,18 @@ class DSTSparsifier(Sparsifier):
     parametrizations (FSDP2 manages them), so the model computes the same function with exactly sparse weights.
     """
 
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, **kwargs: Any) -> None:
+        before = thresholded_weights(model) if isinstance(model, nn.Module) else set()
+        groups = len(getattr(optimizer, "param_groups", ()))
+        try:
+            super().__init__(model, optimizer, **kwargs)
+        except BaseException:  # a refusal leaves the model and the optimizer as they were
+            if isinstance(model, nn.Module):
+                detach_dst_thresholds(model, thresholded_weights(model) - before)
+            if hasattr(optimizer, "param_groups"):
+                del optimizer.param_groups[groups:]
+            raise
+
     def _bind(self, state: Mapping[str, Any] | None) -> None:
         algorithm = self.options.algorithm
         assert isinstance(algorithm, dst_math.DST)
@@ -55,7 +67,13 @@ class DSTSparsifier(Sparsifier):
         self._final_masks: dict[str, Tensor] = {}
         self._finished = False
         self.collapses: dict[str, int] = {}  # thresholds reset (layer collapsed) per layer, this process's run
-        self.thresholds = attach_dst_thresholds(self.model, self.options, attach=not self._fsdp)
+        wrapper = "DDP" if isinstance(self.model, nn.parallel.DistributedDataParallel) else None
+        self.thresholds = attach_dst_thresholds(
+            self.model,
+            self.options,
+            attach=not self._fsdp and wrapper is None,
+            wrapper="FSDP2" if self._fsdp else wrapper,
+        )
         missing = [t.threshold for t in self.thresholds.values() if not optimized(self.optimizer, t.threshold)]
         if missing:
             self.optimizer.add_param_group({"params": missing, "weight_decay": 0.0})
@@ -248,11 +266,7 @@ class DSTSparsifier(Sparsifier):
         saved = state.get("dst")
         if not saved:
             return
-        if set(saved["thresholds"]) != set(self.thresholds):
-            raise ValueError(
-                f"the checkpoint's DST layers {sorted(saved['thresholds'])} do not match the model's"
-                f" {sorted(self.thresholds)}"
-            )
+        check_dst_layers(state, self.thresholds)
         if not self._attached():
             self._reattach()
         with torch.no_grad():
@@ -261,13 +275,32 @@ class DSTSparsifier(Sparsifier):
                 self._raw(name).copy_(saved["raw"][name])
 
 
+def check_dst_layers(state: Mapping[str, Any], layers: Iterable[str]) -> None:
+    """Refuse a DST checkpoint state whose thresholded layers are not ``layers`` (the run's masked weights)."""
+    saved = state.get("dst")
+    if saved and set(saved["thresholds"]) != set(layers):
+        raise ValueError(
+            f"the checkpoint's DST layers {sorted(saved['thresholds'])} do not match the model's {sorted(layers)}:"
+            " resume with the checkpoint's `dense_layers` (and layers), or start a new run"
+        )
+
+
+def dst_layers(model: nn.Module, options: SparseOptions) -> list[str]:
+    """The weights a DST run over ``model`` masks (those with thresholds included)."""
+    return list(select_layers(model, options, include_parametrized=dst_modules(model)).masked)
+
+
 def dst_modules(model: nn.Module) -> list[str]:
     """Names of the modules that carry DST thresholds already."""
     return [name for name, module in model.named_modules() if dst_math.thresholded(module)]
 
 
 def attach_dst_thresholds(
-    model: nn.Module, options: SparseOptions | Sequence[str] | None = None, *, attach: bool = True
+    model: nn.Module,
+    options: SparseOptions | Sequence[str] | None = None,
+    *,
+    attach: bool = True,
+    wrapper: str | None = "FSDP2",
 ) -> dict[str, dst_math.ThresholdMask]:
     """DST's thresholds on every weight the run masks (parameter name → :class:`~lightning_sparse.methods.dst.ThresholdMask`):
     the ones already attached are returned as they are, the others are attached now.
@@ -275,7 +308,7 @@ def attach_dst_thresholds(
     ``options`` are the run's :class:`~lightning_sparse.SparseOptions` (or just its ``dense_layers``). For FSDP2,
     call it in ``configure_model`` on the layers you build there, before ``fully_shard``, so that FSDP2 shards
     each threshold like its weight. With ``attach=False`` nothing is attached: a layer without thresholds is an
-    error that names it.
+    error that names it and ``wrapper`` (``"FSDP2"`` or ``"DDP"``: what has wrapped the model already).
     """
     if not isinstance(options, SparseOptions):
         options = SparseOptions.resolve(algorithm="dst", dense_layers=tuple(options or ()))
@@ -289,6 +322,15 @@ def attach_dst_thresholds(
             existing[name] = threshold
         else:
             plain[name] = module
+    if plain and not attach and wrapper == "DDP":
+        raise ValueError(
+            f"algorithm='dst' on a model that DDP has wrapped already: the layer(s) {sorted(plain)} have no DST"
+            " thresholds, and attaching them now would cut those weights off DDP's gradient averaging (DDP"
+            " tracks the weights it wrapped). Attach them before DDP wraps the model:"
+            " `lightning_sparse.attach_dst_thresholds(model)` before `DistributedDataParallel(model)`, or at the"
+            " end of the LightningModule's `configure_model` (layers built in `__init__` get them in the"
+            " callback's `setup`); or keep those layers dense with `dense_layers`"
+        )
     if plain and not attach:
         raise ValueError(
             f"algorithm='dst' on an FSDP2 (sharded) model: the layer(s) {sorted(plain)} have no DST thresholds."
@@ -306,8 +348,48 @@ def attach_dst_thresholds(
     return {name: existing[name] for name in found.masked}
 
 
-def prepare_model(model: nn.Module, options: SparseOptions) -> None:
+def prepare_model(model: nn.Module, options: SparseOptions) -> set[tuple[str, str]]:
     """What a method must do to the model before the optimizer is built (``setup`` in Lightning): DST attaches
-    its thresholds, so that ``configure_optimizers`` and DDP see them. Masks need nothing here."""
+    its thresholds, so that ``configure_optimizers`` and DDP see them. Masks need nothing here. Returns the
+    weights given thresholds now (``(module name, attribute)``; :func:`detach_dst_thresholds` undoes it)."""
     if options.is_dst and has_candidates(model, options.layer_types, options.include, options.mask_embeddings):
+        before = thresholded_weights(model)
         attach_dst_thresholds(model, options)  # else the layers are built later, in `configure_model`
+        return thresholded_weights(model) - before
+    return set()
+
+
+def thresholded_weights(model: nn.Module) -> set[tuple[str, str]]:
+    """``(module name, attribute)`` of every weight of ``model`` that carries DST thresholds."""
+    return {(name, attr) for name, module in model.named_modules() for attr in dst_math.thresholded(module)}
+
+
+def detach_dst_thresholds(model: nn.Module, weights: Iterable[tuple[str, str]] | None = None) -> None:
+    """Remove the DST thresholds of ``weights`` (``(module name, attribute)``, as :func:`thresholded_weights`
+    gives; all by default), leaving each raw weight as the module's plain parameter (the same tensor). For a
+    refused run, whose thresholds have not trained: the model computes as before they were attached."""
+    for name, attr in sorted(thresholded_weights(model) if weights is None else weights):
+        module = model.get_submodule(name)
+        if dst_math.threshold_mask(module, attr) is not None:
+            parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
+
+
+def copy_dst_thresholds(copy: nn.Module, model: nn.Module) -> list[str]:
+    """Attach to ``copy`` (a copy of ``model`` made before DST attached its thresholds, such as a weight
+    averaging callback's average) the thresholds ``model`` has and ``copy`` lacks, with the same values and in
+    the same order, so that both list the same parameters (averaging pairs them in order). Modules ``copy``
+    does not have are skipped. Returns the names of the weights given thresholds."""
+    given = []
+    for name, module in model.named_modules():
+        for attr, threshold in dst_math.thresholded(module).items():
+            try:
+                twin = copy.get_submodule(name)
+            except AttributeError:
+                continue
+            if parametrize.is_parametrized(twin, attr) or not isinstance(getattr(twin, attr, None), nn.Parameter):
+                continue
+            attached = dst_math.attach_thresholds({name: twin}, attrs={name: attr}, dims={name: threshold.dim})[name]
+            with torch.no_grad():
+                attached.threshold.copy_(threshold.threshold)
+            given.append(f"{name}.{attr}" if name else attr)
+    return given

@@ -5,8 +5,9 @@ in the same two processes.
 
     python tests/distributed/ddp_run.py --out DIR --runs set rigl:ablation sparse_momentum:diverge
 
-A run is ``ALGORITHM`` or ``ALGORITHM:VARIANT``: ``ablation`` (``pattern="fan_in"``, ``neuron_ablation=1.0``) or
-``diverge`` (rank 1 moves one weight of its masks at the start of epoch 1). Each saves ``<tag>_rank<r>.pt``, the
+A run is ``ALGORITHM`` or ``ALGORITHM:VARIANT``: ``ablation`` (``pattern="fan_in"``, ``neuron_ablation=1.0``),
+``diverge`` (rank 1 moves one weight of its masks at the start of epoch 1) or ``late`` (the layers built in
+``configure_model``). Each saves ``<tag>_rank<r>.pt``, the
 tag being ``ALGORITHM`` or ``ALGORITHM_VARIANT``.
 """
 
@@ -28,6 +29,24 @@ from tests.helpers import DigitsMLP, digits_loader  # noqa: E402
 from tests.helpers import trainer as quiet_trainer
 
 STEP_ALGORITHMS = {"rigl": 2, "dsr": 2, "gmp": 2}  # update intervals short enough for a few updates
+
+
+class BuiltLate(DigitsMLP):
+    """The MLP built in ``configure_model`` (the ``late`` variant)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.net = None
+
+    def configure_model(self) -> None:
+        if self.net is None:
+            self.net = torch.nn.Sequential(
+                torch.nn.Linear(64, 32),
+                torch.nn.ReLU(),
+                torch.nn.Linear(32, 16),
+                torch.nn.ReLU(),
+                torch.nn.Linear(16, 10),
+            )
 
 
 class Snapshots(L.Callback):
@@ -80,7 +99,7 @@ def run(out: Path, algorithm: str, variant: str, epochs: int) -> None:
     trainer = quiet_trainer(
         devices=2, strategy="ddp", max_epochs=epochs, callbacks=[sparse, snapshots], default_root_dir=out
     )
-    model = DigitsMLP(optimizer="adam" if algorithm == "dst" else "sgd")
+    model = (BuiltLate if variant == "late" else DigitsMLP)(optimizer="adam" if algorithm == "dst" else "sgd")
     warnings = Warnings()
     logging.getLogger("lightning_sparse").addHandler(warnings)
     try:

@@ -13,7 +13,7 @@ from lightning_sparse.functional.patterns import check_pattern, unit_counts
 
 SCRIPT = Path(__file__).with_name("ddp_run.py")
 ALGORITHMS = ["sparse_momentum", "rigl", "set", "dsr", "snip"]
-RUNS = [*ALGORITHMS, "rigl:ablation", "sparse_momentum:diverge"]
+RUNS = [*ALGORITHMS, "rigl:ablation", "sparse_momentum:diverge", "dst:late"]
 
 pytestmark = pytest.mark.slow
 
@@ -66,3 +66,17 @@ def test_diverging_masks_are_replaced_by_rank_zeros(runs):
     assert any("differ across processes; taking rank zero's" in w for w in rank0["warnings"] + rank1["warnings"])
     last0, last1 = rank0["masks"][-1], rank1["masks"][-1]
     assert all(torch.equal(last0[k], last1[k]) for k in last0)
+
+
+def test_dst_with_layers_built_in_configure_model_trains_under_ddp(runs):
+    # the thresholds are attached right after `configure_model`, before DDP wraps the model (attached later, the
+    # weights' gradients were cut off DDP's averaging: Lightning's unused-parameter error)
+    rank0, rank1 = runs["dst_late"]
+    assert rank0["world_size"] == 2 and len(rank0["masks"]) == 3 * (6 + 1)
+    for a, b in zip(rank0["masks"], rank1["masks"]):
+        assert all(torch.equal(a[name], b[name]) for name in a)
+    last = rank0["masks"][-1]
+    assert set(last) == {"net.0.weight", "net.2.weight", "net.4.weight"}
+    assert 0 < sum(int(m.sum()) for m in last.values()) < sum(m.numel() for m in last.values())  # it learned
+    for name, value in rank0["weights"].items():
+        assert torch.equal(value, rank1["weights"][name]), name

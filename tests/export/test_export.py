@@ -404,6 +404,24 @@ def test_to_sparse_threshold_and_validation():
         to_sparse(model, min_sparsity=1.5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_to_sparse_refuses_half_precision_weights_on_the_cpu_naming_the_dtypes(dtype):
+    # torch's CSR product has no bfloat16/float16 CPU kernel: refused at export, not at the first inference
+    model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2)).to(dtype)
+    with torch.no_grad():
+        model[0].weight[:, 4:] = 0
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=rf"layer '0'.*{dtype} weights on the CPU.*float32, float64.*model\.float\(\)"):
+        to_sparse(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(isinstance(m, SparseLinear) for m in to_sparse(model, min_sparsity=0.6).modules())  # none sparse
+    exported = to_sparse(model.float())  # the way out the message gives: float32 works and is exact
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(exported(x), model.float()(x))
+    with pytest.raises(ValueError, match=rf"{dtype} weights on the CPU"):  # cast after export
+        exported.to(dtype)(x.to(dtype))
+
+
 # ------------------------------------------------------------------------------------------- to_condensed
 
 
