@@ -20,32 +20,24 @@ from __future__ import annotations
 import importlib.util
 import types
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
-from torch.nn.parallel import DistributedDataParallel
 
 from lightning_sparse.checks import refuse_sparsity
 from lightning_sparse.core.checkpoint import check_same_run, check_version
-from lightning_sparse.core.layers import has_candidates
 from lightning_sparse.core.sparsifier import Sparsifier
 from lightning_sparse.cost import TIMINGS, InputCapture, SparsityReport, Stopwatch, TrainFlops, send_figure
 from lightning_sparse.lightning import trainer as trainer_support
+from lightning_sparse.lightning.dst_setup import DSTSetup
 from lightning_sparse.lightning.loggers import SparseMetrics
 from lightning_sparse.lightning.spawn import SpawnHandoff
 from lightning_sparse.methods import SparseAlgorithm, dst
-from lightning_sparse.methods.dst_sparsifier import (
-    attach_dst_thresholds,
-    check_dst_layers,
-    detach_dst_thresholds,
-    dst_layers,
-    prepare_model,
-    thresholded_weights,
-)
+from lightning_sparse.methods.dst_sparsifier import check_dst_layers, dst_layers
 from lightning_sparse.options import SparseOptions
 
 
@@ -139,10 +131,7 @@ class SparseTrainingCallback(Callback, metaclass=_RefusesSparsity):
         self._applied_step = -1  # the optimizer step the Sparsifier last saw
         self._handoff = SpawnHandoff()  # ddp_spawn: rank zero's final state for the main process
         self._metrics = SparseMetrics(SparsityReport(), TrainFlops(), Stopwatch())
-        self._attached: set[tuple[str, str]] = set()  # DST thresholds this fit attached, taken off if it is refused
-        self._trained = False  # whether this fit took an optimizer step
-        self._before: Sparsifier | None = None  # the Sparsifier before this fit, kept if it is refused
-        self._undo_patch: Callable[[], None] | None = None  # takes off the `configure_model` patch
+        self._dst = DSTSetup(self.options)  # DST's thresholds, attached before the optimizer and taken off if refused
 
     # ------------------------------------------------------------------ options, read-only state
     density = property(lambda self: self.options.density)
@@ -234,30 +223,11 @@ class SparseTrainingCallback(Callback, metaclass=_RefusesSparsity):
                 "SparseTrainingCallback needs automatic optimization (the masks are applied after each"
                 " optimizer step Lightning takes); set `automatic_optimization = True`"
             )
-        self._attached, self._trained, self._before = set(), False, self.sparsifier
-        self._prepare(trainer, pl_module)
-        if self.options.is_dst and not self._attached and is_overridden("configure_model", pl_module):
-            # layers built in `configure_model` get their thresholds right after it, before DDP wraps the model
-            # (thresholds attached later would cut their weights off DDP's gradient averaging)
-            self._undo_patch = trainer_support.after_configure_model(
-                pl_module, lambda: self._prepare(trainer, pl_module)
-            )
+        others = [c.options for c in trainer.callbacks if isinstance(c, SparseTrainingCallback) and c is not self]
+        self._dst.setup(trainer, pl_module, others, self.sparsifier)
         if self.figure and importlib.util.find_spec("matplotlib") is None:
             rank_zero_warn("SparseTrainingCallback(figure=True) needs matplotlib, which is not installed: no figure"
                            " will be written (pip install 'lightning-sparse[plot]', or pass figure=False)")  # fmt: skip
-
-    def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """DST's thresholds on the layers that exist (before the optimizer and DDP), once no other sparse
-        callback is found to mask them; the averaged models of weight averaging callbacks get them too."""
-        options = self.options
-        if not options.is_dst or not has_candidates(
-            pl_module, options.layer_types, options.include, options.mask_embeddings
-        ):
-            return
-        siblings = [c for c in trainer.callbacks if isinstance(c, SparseTrainingCallback) and c is not self]
-        trainer_support.refuse_overlap(options, [c.options for c in siblings], pl_module)  # before attaching
-        self._attached |= prepare_model(pl_module, options)
-        trainer_support.share_dst_thresholds(trainer, pl_module)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if len(trainer.optimizers) != 1:
@@ -270,14 +240,9 @@ class SparseTrainingCallback(Callback, metaclass=_RefusesSparsity):
         # the loop state is restored Lightning then cannot resume a stateful dataloader mid-epoch.
         siblings = [c for c in trainer.callbacks if isinstance(c, SparseTrainingCallback)]
         trainer_support.refuse_overlap(self.options, [c.options for c in siblings if c is not self], pl_module)
-        if self.options.is_dst and isinstance(trainer.strategy.model, DistributedDataParallel):
-            attach_dst_thresholds(pl_module, self.options, attach=False, wrapper="DDP")  # refused if any is missing
         total = trainer_support.total_steps(trainer)
-        before = thresholded_weights(pl_module)
-        sparsifier = self._bind(pl_module, trainer.optimizers[0], total, trainer.global_step)
-        self._attached |= thresholded_weights(pl_module) - before
-        if sparsifier.learns_every_step:
-            trainer_support.share_dst_thresholds(trainer, pl_module)
+        bind = partial(self._bind, pl_module, trainer.optimizers[0], total, trainer.global_step)
+        sparsifier = self._dst.bind(trainer, pl_module, bind)
         if sparsifier.needs_snip:
             trainer_support.snip_on_first_batch(trainer, pl_module, sparsifier)
         trainer_support.mask_weight_averages(trainer, sparsifier)
@@ -309,7 +274,7 @@ class SparseTrainingCallback(Callback, metaclass=_RefusesSparsity):
         if step == self._applied_step:
             return  # no optimizer step since the last call (gradient accumulation): weights unchanged
         self._applied_step = step
-        self._trained = True
+        self._dst.trained = True
         with self._metrics.stopwatch(pl_module.device):
             self._metrics.flops.advance(step)
             update = sparsifier.step(step)
@@ -337,24 +302,17 @@ class SparseTrainingCallback(Callback, metaclass=_RefusesSparsity):
             sent_to = f", sent to {', '.join(sent)}" if sent else ""
             rank_zero_info(f"SparseTrainingCallback: figure written to {path}{sent_to}")
         self._handoff.hand_back(trainer, {"masks": masks, "state": self.state_dict()})
-        self._attached, self._before = set(), None
+        self._dst.done()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # A run refused (or failed) before its first optimizer step leaves the model as it was: the DST
         # thresholds this fit attached are taken off, and the Sparsifier of an earlier fit is kept.
-        self._take_off_patch()
-        if self._attached and not self._trained:
-            detach_dst_thresholds(pl_module, self._attached)
-            self.sparsifier = self._before
-        self._attached, self._before = set(), None
+        if self._dst.refused(pl_module):
+            self.sparsifier = self._dst.before
+        self._dst.done()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._take_off_patch()  # `configure_model` was not called
-
-    def _take_off_patch(self) -> None:
-        if self._undo_patch is not None:
-            self._undo_patch()
-            self._undo_patch = None
+        self._dst.take_off_patch()  # `configure_model` was not called
 
     # ------------------------------------------------------------------ the Sparsifier
     def _bind(self, pl_module: pl.LightningModule, optimizer: Any, total: float, step: int) -> Sparsifier:
@@ -384,4 +342,4 @@ class SparseTrainingCallback(Callback, metaclass=_RefusesSparsity):
         """Pickled for ``ddp_spawn``: the bound Sparsifier (model, optimizer, generator) stays behind, and rank
         zero hands its final state back through a file (:class:`~lightning_sparse.lightning.spawn.SpawnHandoff`)."""
         self._handoff.prepare()
-        return {**self.__dict__, "sparsifier": None, "_before": None, "_undo_patch": None}
+        return {**self.__dict__, "sparsifier": None}
