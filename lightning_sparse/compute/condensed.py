@@ -22,7 +22,7 @@ mask update.
 >>> mask = torch.zeros(4, 6, dtype=torch.bool)
 >>> mask[:, :2] = True  # every row reads 2 inputs
 >>> with torch.no_grad():
-...     layer.weight.mul_(mask)
+...     _ = layer.weight.mul_(mask)
 >>> compute = CondensedCompute(kernel="torch")
 >>> compute.attach({"weight": layer}, {"weight": mask})
 ['weight']
