@@ -34,7 +34,6 @@ True
 
 from __future__ import annotations
 
-import types
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -284,44 +283,56 @@ def condensable(module: nn.Module) -> bool:
     return type(module) is nn.Linear or (type(module) is nn.Conv2d and pointwise_conv_problem(module) is None)
 
 
-def _forward_linear(module: nn.Module, x: Tensor) -> Tensor:
-    layer: _Attached = module.__dict__["_condensed"]
-    weight = module.weight
-    if x.dtype != weight.dtype:  # autocast, or mixed dtypes: the dense product, as nn.Linear would do it
-        return nn.functional.linear(x, weight, module.bias)
-    compute = layer.compute
-    return condensed_linear(x, weight, module.bias, layer.plan, kernel=compute.kernel,
-                            dense_gradients=compute.dense_gradients, layer=layer)  # fmt: skip
+class _Forward:
+    """The ``forward`` an attached module gets (an instance attribute): the condensed product while the module is
+    attached, else the module's own ``forward``. A copy of the module (``copy.deepcopy``, pickling: EMA or SWA
+    copies, ``torch.save(model)``) keeps this object but not the attachment (:meth:`_Attached.__reduce__`), so it
+    computes densely from its own weights."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, x: Tensor) -> Tensor:
+        module = self.module
+        layer: _Attached | None = module.__dict__.get("_condensed")
+        weight = module.weight
+        if layer is None or x.dtype != weight.dtype:  # detached, a copy, or autocast: the module's own product
+            return type(module).forward(module, x)
+        compute = layer.compute
+        if type(module) is nn.Linear:
+            return condensed_linear(x, weight, module.bias, layer.plan, kernel=compute.kernel,
+                                    dense_gradients=compute.dense_gradients, layer=layer)  # fmt: skip
+        if x.dim() == 3:  # unbatched [C, H, W]
+            return self(x.unsqueeze(0)).squeeze(0)
+        if x.dim() != 4:
+            return type(module).forward(module, x)
+        stride = module.stride
+        if tuple(stride) != (1, 1):
+            x = x[:, :, :: stride[0], :: stride[1]]
+        n, _, h, w = x.shape
+        rows = x.permute(0, 2, 3, 1).reshape(n * h * w, -1)
+        y = condensed_linear(rows, weight, module.bias, layer.plan, kernel=compute.kernel,
+                             dense_gradients=compute.dense_gradients, layer=layer)  # fmt: skip
+        return y.view(n, h, w, -1).permute(0, 3, 1, 2).contiguous()
 
 
-def _forward_conv(module: nn.Module, x: Tensor) -> Tensor:
-    if x.dim() == 3:  # unbatched [C, H, W]
-        return _forward_conv(module, x.unsqueeze(0)).squeeze(0)
-    layer: _Attached = module.__dict__["_condensed"]
-    weight = module.weight
-    if x.dtype != weight.dtype or x.dim() != 4:
-        return type(module).forward(module, x)
-    stride = module.stride
-    if tuple(stride) != (1, 1):
-        x = x[:, :, :: stride[0], :: stride[1]]
-    n, _, h, w = x.shape
-    rows = x.permute(0, 2, 3, 1).reshape(n * h * w, -1)
-    compute = layer.compute
-    y = condensed_linear(rows, weight, module.bias, layer.plan, kernel=compute.kernel,
-                         dense_gradients=compute.dense_gradients, layer=layer)  # fmt: skip
-    return y.view(n, h, w, -1).permute(0, 3, 1, 2).contiguous()
+def _detached() -> None:
+    return None
 
 
 @dataclass(eq=False)
 class _Attached:
     """One attached layer: its compute, weight name, weight Parameter, plan, and the memory its weight gradient
-    reuses (:func:`_gradient_memory`)."""
+    reuses (:func:`_gradient_memory`). Copied or pickled, it is ``None``: copies of the module compute densely."""
 
     compute: CondensedCompute
     name: str
     param: Tensor
     plan: CondensedPlan
     grad_storage: Any = None
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return _detached, ()
 
 
 class CondensedCompute:
@@ -363,8 +374,7 @@ class CondensedCompute:
         for name, (module, plan) in plans.items():
             attached = _Attached(self, name, module.weight, plan)
             module.__dict__["_condensed"] = attached
-            forward = _forward_linear if type(module) is nn.Linear else _forward_conv
-            module.__dict__["forward"] = types.MethodType(forward, module)
+            module.__dict__["forward"] = _Forward(module)
             self._layers[name] = (module, attached)
         return list(plans)
 

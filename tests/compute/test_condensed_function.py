@@ -140,3 +140,19 @@ def test_gradient_memory_is_reused_and_accumulation_stays_exact():
     assert torch.equal(lin.weight.grad, first) and lin.weight.grad.data_ptr() == pointer
     compute.refresh({"weight": fan_in_mask(64, 48, 2, seed=1)})
     assert compute.plan("weight").k == 2
+
+
+def test_copies_of_an_attached_module_compute_densely():
+    import copy
+    import pickle
+
+    mask = fan_in_mask(6, 8, 2)
+    lin = nn.Linear(8, 6)
+    compute = CondensedCompute("torch")
+    compute.attach({"weight": lin}, {"weight": mask})
+    with torch.no_grad():
+        lin.weight.fill_(1.0)  # not masked: the attached module reads only the active entries, a copy all of them
+    x = torch.ones(2, 8)
+    for clone in (copy.deepcopy(lin), pickle.loads(pickle.dumps(lin))):
+        assert torch.allclose(clone(x), nn.functional.linear(x, clone.weight, clone.bias))
+    assert torch.allclose(lin(x), x @ (lin.weight * mask).t() + lin.bias)
