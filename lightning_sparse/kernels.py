@@ -181,3 +181,53 @@ def _warn_condensed_fallback(reason: str) -> None:
         RuntimeWarning,
         stacklevel=5,
     )
+
+
+# ------------------------------------------------------------------ condensed training (compute="condensed")
+# ``csrc/condensed_train.cpp``: the backward products of the condensed Linear (dy W over the layer's columns, the
+# weight gradient at the active positions only) and the moves between the dense weight and the condensed form. The
+# forward is ``condensed_linear`` above; :mod:`lightning_sparse.compute.condensed` loads both.
+TRAIN_SOURCE = Path(__file__).with_name("csrc") / "condensed_train.cpp"
+TRAIN_EXTENSION_NAME = "lightning_sparse_condensed_train"
+
+
+@functools.cache
+def _build_train() -> tuple[Any, str]:
+    """Compile and load the condensed training kernels (and the forward's) once per process: ``(namespace of
+    the ops, "")``, or ``(None, why it failed)``."""
+    forward, reason = _build_condensed()
+    if forward is None:
+        return None, reason
+    op, reason = _load_op(TRAIN_EXTENSION_NAME, TRAIN_SOURCE, "condensed_train_values")
+    return (None, reason) if op is None else (torch.ops.lightning_sparse, "")
+
+
+def cpu_condensed_train(kernel: str) -> Any:
+    """``torch.ops.lightning_sparse`` with the condensed training ops (``condensed_linear``,
+    ``condensed_train_values``, ``condensed_train_grad_input``, ``condensed_train_grad_values``,
+    ``condensed_train_dense_grad``) for ``kernel`` ``"auto"`` or ``"cpp"``; ``None`` for ``"torch"``, or for
+    ``"auto"`` when they cannot be built (with a warning, once per process).
+
+    Raises:
+        RuntimeError: ``kernel="cpp"`` and the kernels cannot be built; the message holds the build error.
+    """
+    if check_condensed_kernel(kernel) == "torch":
+        return None
+    return _op_or_fallback(
+        kernel,
+        _build_train(),
+        "kernel='cpp': the C++ condensed training kernels could not be built ({reason}). They need a C++ compiler"
+        " with OpenMP and ninja; use kernel='auto' or 'torch' to compute with torch's ops",
+        _warn_train_fallback,
+    )
+
+
+@functools.cache
+def _warn_train_fallback(reason: str) -> None:
+    first_lines = "\n".join(reason.splitlines()[:3])
+    warnings.warn(
+        "lightning-sparse: the C++ condensed training kernels could not be built, so compute='condensed' computes"
+        f" with torch's ops, not faster than dense compute. {first_lines}",
+        RuntimeWarning,
+        stacklevel=5,
+    )

@@ -83,6 +83,12 @@ class SparseOptions:
         keep_neurons: names or globs of the layers whose neurons are never ablated; ``None``: the last masked
             layer (the output layer, whose neurons are the classes).
         algorithm_name: the name of the algorithm as given (filled in; checkpoints record it).
+        compute: ``"dense"`` (default: masked layers multiply their dense, masked weights) or ``"condensed"``: with
+            ``pattern="fan_in"``, every masked ``nn.Linear`` and 1x1 ``nn.Conv2d`` computes its forward and backward
+            from its ``k`` active weights per row (:mod:`lightning_sparse.compute.condensed`); the optimizer still
+            gets dense gradients, zero off the masks (RigL's dense gradient at its update steps only). Refused for
+            the methods that read dense gradients or momentum at every step (sparse momentum, DST), for custom
+            rules, for RigL with epoch-level updates, and without ``pattern="fan_in"``.
 
     Derived: :attr:`schedule` (the :class:`~lightning_sparse.schedule.UpdateSchedule` of the run),
     :attr:`parsed_pattern`, :attr:`groups`, :attr:`is_dst`.
@@ -106,6 +112,7 @@ class SparseOptions:
     neuron_ablation: float | None = None
     keep_neurons: Sequence[str] | str | None = None
     algorithm_name: str | None = None
+    compute: str = "dense"
 
     def __new__(cls, *args: Any, **kwargs: Any) -> SparseOptions:
         refuse_sparsity(kwargs)  # before the dataclass's TypeError for an unknown keyword
@@ -143,6 +150,7 @@ class SparseOptions:
             "neuron_ablation": _checked_ablation(resolved, parsed, self.neuron_ablation),
         }
         values["keep_neurons"] = _checked_keep_neurons(self.keep_neurons, values["neuron_ablation"])
+        values["compute"] = _checked_compute(self.compute, resolved, parsed, values["update_interval"], given)
         for name, value in values.items():
             object.__setattr__(self, name, value)
 
@@ -191,6 +199,37 @@ def _refuse_for_dst(algorithm: Any, **given: Any) -> None:
             f" {', '.join(ignored)}: leave {'it' if len(ignored) == 1 else 'them'} unset (DST's options are"
             " `DST(alpha=..., collapse_density=...)`)"
         )
+
+
+COMPUTES = ("dense", "condensed")
+
+
+def _checked_compute(compute: Any, resolved: SparseAlgorithm | DST, pattern: Pattern, interval: Any, given: Any) -> str:
+    """``compute`` if allowed for this method and pattern; ``"condensed"`` refused with the reason."""
+    if not isinstance(compute, str) or compute not in COMPUTES:
+        raise ValueError(f"`compute` can be {', '.join(map(repr, COMPUTES))}, got {compute!r}")
+    if compute == "dense":
+        return compute
+    why = None
+    if isinstance(resolved, DST):
+        why = "DST trains its masks' thresholds with the dense gradient of every weight at every step"
+    elif resolved.needs_momentum:
+        why = ("it grows (or redistributes) by the optimizer's momentum of every weight, which needs the dense"
+               " gradient at every step")  # fmt: skip
+    elif not all(isinstance(r, str) for r in (resolved.prune, resolved.grow, resolved.redistribute, resolved.count)):
+        why = "a custom prune, growth, redistribution or count rule may read dense gradients or momentum at any step"
+    elif resolved.needs_gradient and interval == "epoch":
+        why = ("its epoch-end updates grow by the dense gradient of an epoch's last step, which the Sparsifier"
+               " cannot foresee: give an int `update_interval`")  # fmt: skip
+    elif pattern.kind != "fan_in":
+        why = f"it needs pattern='fan_in' (every output row with the same number of active inputs), got {str(pattern)!r}"
+    if why is not None:
+        raise ValueError(f"compute='condensed' is refused for algorithm {_name(given)}: {why}. Use compute='dense'")
+    return compute
+
+
+def _name(given: Any) -> str:
+    return repr(given) if isinstance(given, str) else type(given).__name__
 
 
 def _checked_density(density: Any, resolved: SparseAlgorithm | DST, algorithm: Any) -> float | dict[str, float] | None:

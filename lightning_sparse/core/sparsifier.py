@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_sparse.compute.condensed import CondensedCompute
 from lightning_sparse.core import distributed
 from lightning_sparse.core.checkpoint import STATE_VERSION, check_loaded_pattern, check_same_run, check_version
 from lightning_sparse.core.guards import (
@@ -165,9 +166,11 @@ class Sparsifier:
         self.total_steps = total_steps  # refused when unknown (None) and the schedule needs it
         if state is not None:
             check_same_run(self.options, state)  # before binding touches the model (DST attaches its thresholds)
+        self._compute: CondensedCompute | None = None  # compute="condensed": the attached layers
         self._bind(state)
         if state is not None:
             self.load_state_dict(state)
+        self.attach_compute()
         masking = getattr(self, "masking", None)
         take_over(masking.weights if masking is not None else [], self)
 
@@ -191,6 +194,65 @@ class Sparsifier:
         self.masking = initial_masking(params, self.layers, self.options, self._group_indices(), self.generator)
         self._wait_for_snip(algorithm.start == "snip")
         self._zeroed = self.masking.apply_recording_()  # undone if a checkpoint's masks replace these first
+
+    # ------------------------------------------------------------------ compute="condensed"
+    def attach_compute(self) -> list[str]:
+        """With ``compute="condensed"``, compute every masked ``nn.Linear`` and 1x1 ``nn.Conv2d`` from the condensed
+        form of its mask (:mod:`lightning_sparse.compute.condensed`); called when the ``Sparsifier`` is made (or
+        once SNIP has picked its masks) and again by a second ``fit``, after :meth:`finish`. Returns the weights
+        computed that way. Raises ``ValueError`` for FSDP2-sharded weights."""
+        if self.options.compute != "condensed" or self._needs_snip:
+            return []
+        if self.sharded:
+            raise ValueError(
+                "compute='condensed' does not support FSDP2-sharded weights (each process holds rows of the masks,"
+                " while the forward multiplies the whole weight): use compute='dense' with FSDP2"
+            )
+        if self._compute is None:
+            self._compute = CondensedCompute()
+        modules = {}
+        for name, layer in self.layers.items():
+            if layer.attr == "weight" and not layer.transposed and layer.kind in ("linear", "conv"):
+                modules[name] = self.model.get_submodule(layer.module)
+        attached = self._compute.attach(modules, self.masks)
+        if not self._compute.names:
+            warnings.warn(
+                "compute='condensed': no masked layer is a plain nn.Linear or 1x1 nn.Conv2d, so every layer computes"
+                " densely",
+                UserWarning,
+                stacklevel=2,
+            )
+        self._compute.dense_gradients = self._next_step_reads_gradients()
+        log.info("compute='condensed': %d layers condensed: %s", len(attached), ", ".join(attached))
+        return attached
+
+    @property
+    def condensed_layers(self) -> list[str]:
+        """The weights that compute from their condensed form now (``compute="condensed"``)."""
+        return [] if self._compute is None else self._compute.names
+
+    def _next_step_reads_gradients(self) -> bool:
+        """Whether the update after the next optimizer step reads its dense gradients (RigL): that step's
+        backward then computes the weights' dense gradients."""
+        if not self.uses_gradient_growth:
+            return False
+        return self._update_waiting or self.schedule.due(
+            self.step_count + 1, self.last_update_step, self._total_steps, False, self._to_target
+        )
+
+    def _refresh_compute(self) -> None:
+        if self._compute is not None and self._compute.names:
+            self._compute.refresh(self.masks)
+
+    def _check_compute_gradients(self) -> None:
+        compute = self._compute
+        if compute is not None and compute.names and self.uses_gradient_growth and not compute.last_backward_dense:
+            raise RuntimeError(
+                f"algorithm {self.options.algorithm_name!r} grows by the dense gradient, which compute='condensed'"
+                f" computes only in the backward of a step the schedule updates at; step {self.step_count} was not"
+                " one (an update called by hand?). Call `update()` only where the schedule does, or use"
+                " compute='dense'"
+            )
 
     def _group_indices(self) -> dict[str, list[int]]:
         """Layer indices (in mask order) by density group."""
@@ -341,12 +403,19 @@ class Sparsifier:
         due = self.schedule.due(self.step_count, self.last_update_step, self._total_steps, False, self._to_target)
         if skipped:
             self._update_waiting = self._update_waiting or due
+            self._dense_gradients_next()
             return None
         self.masking.apply_()
+        report = None
         if due or self._update_waiting:
             self._update_waiting = False
-            return self.update()
-        return None
+            report = self.update()
+        self._dense_gradients_next()
+        return report
+
+    def _dense_gradients_next(self) -> None:
+        if self._compute is not None:
+            self._compute.dense_gradients = self._next_step_reads_gradients()
 
     def _check_call_order(self) -> bool:
         """Whether the optimizer step before this ``step()`` was skipped by AMP's ``GradScaler``; a call in the
@@ -384,8 +453,11 @@ class Sparsifier:
 
     def finish(self) -> None:
         """Call after training: re-applies the masks (weight averaging may have replaced the weights; DST folds
-        its thresholds into the weights instead)."""
+        its thresholds into the weights instead). With ``compute="condensed"``, the layers compute densely again
+        (:meth:`attach_compute` for another run)."""
         self.masking.apply_(kernel="torch")
+        if self._compute is not None:
+            self._compute.detach()
 
     def restart(self, step: int = 0) -> None:
         """Start the schedule over at optimizer step ``step``, for a new run over the same masks (a second ``fit``
@@ -393,6 +465,7 @@ class Sparsifier:
         there. The masks, the random state and :attr:`num_updates` carry on."""
         self.step_count, self.last_update_step = int(step), -1
         self.current_prune_rate = self.schedule.prune_rate
+        self._dense_gradients_next()
 
     def update(self) -> UpdateReport:
         """One mask update now, whatever the schedule says (the schedule still gives the rate).
@@ -403,6 +476,7 @@ class Sparsifier:
         weights, the random state and the algorithm's state are then left as they were."""
         self._check_started()
         self._check_update_gradients()
+        self._check_compute_gradients()
         algorithm = self.options.algorithm
         assert isinstance(algorithm, SparseAlgorithm)
         masking = self.masking
@@ -455,6 +529,7 @@ class Sparsifier:
         if not self.sharded:
             self._masks_agree()
         masking.apply_()
+        self._refresh_compute()
         if algorithm.dynamic:  # grown weights start at zero, their optimizer state as the method's reference
             algorithm.start_grown_(masking.weights, before, result, self.optimizer)
         self.current_prune_rate = rate
@@ -539,6 +614,7 @@ class Sparsifier:
             self._masks_agree()
         masking.apply_()
         self._wait_for_snip(False)
+        self.attach_compute()
         empty = [name for name, n in zip(masking.names, masking.active) if n == 0]
         if empty:
             warnings.warn(
@@ -585,6 +661,8 @@ class Sparsifier:
         self.algorithm_state = copy.deepcopy(dict(state.get("algorithm_state", {})))
         if "generator_state" in state:
             self.generator.set_state(state["generator_state"])
+        self._refresh_compute()
+        self._dense_gradients_next()
 
     def _load_masks(self, state: Mapping[str, Any]) -> None:
         if "masks" not in state:

@@ -83,6 +83,8 @@ class SparseTrainingCallback(Callback, metaclass=_RefusesSparsity):
             ``"fan_in"`` (the same number of active inputs in every output neuron of a layer).
         neuron_ablation: with ``pattern="fan_in"``, SRigL's ``gamma_sal`` in (0, 1] (``None``: no ablation).
         keep_neurons: names or globs of the layers whose neurons are never ablated; ``None``: the last masked layer.
+        compute: ``"dense"`` or ``"condensed"`` (with ``pattern="fan_in"``: masked ``nn.Linear`` and 1x1 ``nn.Conv2d``
+            layers train from their condensed form; see :class:`~lightning_sparse.SparseOptions`).
 
     Works with one device, DDP (``"ddp"``, ``"ddp_spawn"``) and FSDP2 (``ModelParallelStrategy``, masks sharded
     like their weights). The metrics it logs are listed in :mod:`~lightning_sparse.lightning.loggers`.
@@ -114,10 +116,12 @@ class SparseTrainingCallback(Callback, metaclass=_RefusesSparsity):
         pattern: str = "unstructured",
         neuron_ablation: float | None = None,
         keep_neurons: Sequence[str] | None = None,
+        compute: Literal["dense", "condensed"] = "dense",
     ) -> None:
         self.options = SparseOptions(
             density, algorithm, prune_rate, prune_rate_schedule, init, dense_layers, update_interval, stop_at, seed,
             mask_kernel, mask_frozen, layer_types, include, mask_embeddings, pattern, neuron_ablation, keep_neurons,
+            compute=compute,
         )  # fmt: skip
         if not isinstance(speedup_timing, str) or speedup_timing not in TIMINGS:
             raise ValueError(f"`speedup_timing` can be {', '.join(TIMINGS)}, got {speedup_timing!r}")
@@ -148,6 +152,7 @@ class SparseTrainingCallback(Callback, metaclass=_RefusesSparsity):
     pattern = property(lambda self: self.options.pattern)
     neuron_ablation = property(lambda self: self.options.neuron_ablation)
     keep_neurons = property(lambda self: self.options.keep_neurons)
+    compute = property(lambda self: self.options.compute)
     _report = property(lambda self: self._metrics.report)  # the channel statistics and the cost model
 
     @property
@@ -324,6 +329,7 @@ class SparseTrainingCallback(Callback, metaclass=_RefusesSparsity):
                 previous.restart(step)
                 self._pending_epoch_end = None  # the last fit's final epoch end is no update of this one
             previous.optimizer, previous.total_steps = optimizer, total
+            previous.attach_compute()  # compute="condensed": detached by the last fit's finish()
             return previous
         self._metrics = SparseMetrics(SparsityReport(), TrainFlops(), Stopwatch())
         self.sparsifier = Sparsifier(pl_module, optimizer, options=self.options, state=state, total_steps=total)

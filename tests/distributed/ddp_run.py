@@ -6,8 +6,9 @@ in the same two processes.
     python tests/distributed/ddp_run.py --out DIR --runs set rigl:ablation sparse_momentum:diverge
 
 A run is ``ALGORITHM`` or ``ALGORITHM:VARIANT``: ``ablation`` (``pattern="fan_in"``, ``neuron_ablation=1.0``),
-``diverge`` (rank 1 moves one weight of its masks at the start of epoch 1) or ``late`` (the layers built in
-``configure_model``). Each saves ``<tag>_rank<r>.pt``, the
+``diverge`` (rank 1 moves one weight of its masks at the start of epoch 1), ``late`` (the layers built in
+``configure_model``), ``fanin`` (``pattern="fan_in"``, seed 0) or ``condensed`` (the same with
+``compute="condensed"``). Each saves ``<tag>_rank<r>.pt``, the
 tag being ``ALGORITHM`` or ``ALGORITHM_VARIANT``.
 """
 
@@ -88,12 +89,13 @@ class Warnings(logging.Handler):
 def run(out: Path, algorithm: str, variant: str, epochs: int) -> None:
     L.seed_everything(1234)
     structured = {"pattern": "fan_in", "neuron_ablation": 1.0} if variant == "ablation" else {}
+    if variant in ("fanin", "condensed"):  # compute="dense" against compute="condensed", the same seed
+        structured = {"pattern": "fan_in", "seed": 0, "compute": "dense" if variant == "fanin" else "condensed"}
     sparse = SparseTrainingCallback(
         density=None if algorithm == "dst" else 0.2,
         algorithm=algorithm,
         update_interval=STEP_ALGORITHMS.get(algorithm),
-        seed=None,  # drawn on rank zero and broadcast
-        **structured,
+        **{"seed": None, **structured},  # seed None: drawn on rank zero and broadcast
     )
     snapshots = Snapshots(sparse, variant == "diverge")
     trainer = quiet_trainer(

@@ -1,0 +1,176 @@
+"""Wall-clock time per training step: dense training vs ``compute="dense"`` vs ``compute="condensed"`` (issue 21).
+
+A step is forward, backward, optimizer step, masking and mask updates (RigL, ``pattern="fan_in"``; updates every
+``--interval`` steps, amortized over the timed steps), on the CPU, at 1 and 2 threads:
+
+Each synthetic measurement times single steps: the median plain step plus the extra time of one update step (the
+dense-gradient backward and the update) divided by ``--interval`` (RigL's 100). Updates run in
+``functional/selection.py``, whose speed is issue 21's item 3.
+
+* ``mlp``: an MLP 3072-3072-3072-10 (ReLU) at batch 256 and 1, random data, SGD with momentum;
+* ``lenet``: LeNet-300-100 on Fashion-MNIST, one whole epoch at batch 128 (the time of the epoch and the test
+  error after it: accuracy is unchanged by the compute mode), read as ``examples/fashion_mnist.py`` reads it;
+* ``vit``: the MLP blocks of ``examples/vit_fashion_mnist.py`` (4 blocks 64-128-64, GELU, residual) on the
+  17 tokens of 128 images (2176 rows).
+
+Medians of alternating repetitions (the machine may be shared). The dense column has no Sparsifier at all.
+
+    python benchmarks/training_speed.py                       # everything (a few minutes)
+    python benchmarks/training_speed.py --parts mlp --threads 2 --densities 0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+from lightning_sparse import Sparsifier  # noqa: E402
+
+MODES = ("dense", "compute=dense", "compute=condensed")
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(3072, 3072), nn.ReLU(), nn.Linear(3072, 3072), nn.ReLU(), nn.Linear(3072, 10))
+
+
+def lenet() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10))
+
+
+class VitMLPs(nn.Module):
+    def __init__(self, dim: int = 64, hidden: int = 128, depth: int = 4) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)) for _ in range(depth)
+        )
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x)
+
+
+def trainer_for(make, mode: str, density: float, total: int, interval: int):
+    torch.manual_seed(0)
+    model = make()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    sparsifier = None
+    if mode != "dense":
+        sparsifier = Sparsifier(model, optimizer, total_steps=total, algorithm="rigl", density=density, pattern="fan_in",
+                                update_interval=interval, seed=0, compute=mode.split("=")[1])  # fmt: skip
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> bool:
+        nn.functional.cross_entropy(model(x), y).backward()
+        if sparsifier is not None:
+            sparsifier.before_optimizer_step()
+        optimizer.step()
+        updated = sparsifier is not None and sparsifier.step() is not None
+        optimizer.zero_grad()
+        return updated
+
+    return model, step
+
+
+def time_steps(make, shape, mode, density, steps, interval, warmup=2) -> float:
+    """Seconds per step: the median of ``steps`` plain steps, plus the extra time of an update step (RigL's
+    dense gradient and the update) divided by ``interval`` (the update runs once in the timed steps)."""
+    _, step = trainer_for(make, mode, density, 10 * (steps + warmup), steps + warmup)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(*shape, generator=gen), torch.randint(0, 10, shape[:-1], generator=gen)
+    for _ in range(warmup):
+        step(x, y)
+    plain, updates = [], []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        updated = step(x, y)
+        (updates if updated else plain).append(time.perf_counter() - start)
+    base = statistics.median(plain)
+    return base + (statistics.mean(updates) - base) / interval if updates else base
+
+
+def synthetic(name, make, shape, densities, steps, interval, repeats) -> None:
+    print(f"\n{name}: ms per training step (RigL fan_in, update every {interval} steps), speed-up over dense")
+    print(f"{'density':>8} | " + " | ".join(f"{m:>17}" for m in MODES) + " | condensed/dense")
+    dense = []
+    rows: dict[float, dict[str, list[float]]] = {d: {m: [] for m in MODES[1:]} for d in densities}
+    for _ in range(repeats):  # alternate the modes, take medians
+        dense.append(time_steps(make, shape, "dense", 1.0, steps, interval))
+        for d in densities:
+            for m in MODES[1:]:
+                rows[d][m].append(time_steps(make, shape, m, d, steps, interval))
+    base = statistics.median(dense) * 1e3
+    for d in densities:
+        cells = [base] + [statistics.median(rows[d][m]) * 1e3 for m in MODES[1:]]
+        print(f"{d:>8} | " + " | ".join(f"{c:>17.2f}" for c in cells) + f" | {base / cells[2]:.2f}x")
+
+
+def lenet_epochs(densities, repeats) -> None:
+    from fashion_mnist import load_fashion_mnist
+
+    train, test = load_fashion_mnist("train"), load_fashion_mnist("test")
+    loader = torch.utils.data.DataLoader(train, batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(0))
+    xt, yt = test.tensors
+    print("\nLeNet-300-100 on Fashion-MNIST: one epoch (batch 128, RigL fan_in, update every 100 steps): s, test error")
+    for d in densities:
+        for mode in MODES:
+            times, error = [], 0.0
+            for _ in range(repeats):
+                model, step = trainer_for(lenet, mode, d, len(loader), 100)
+                start = time.perf_counter()
+                for x, y in loader:
+                    step(x.float(), y)
+                times.append(time.perf_counter() - start)
+                with torch.no_grad():
+                    error = float((model(xt.float()).argmax(1) != yt).float().mean())
+            print(f"  density {d:<5} {mode:>18}: {statistics.median(times):6.2f} s/epoch, test error {100 * error:.2f} %")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", nargs="+", default=["mlp", "lenet", "vit"], choices=["mlp", "lenet", "vit"])
+    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--densities", nargs="+", type=float, default=[0.2, 0.1, 0.05])
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
+    parser.add_argument("--interval", type=int, default=100, help="RigL update interval (amortized in the timing)")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    print(f"CPU: {cpu_model()}; torch {torch.__version__}")
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        print(f"\n===== {threads} thread(s) =====")
+        if "mlp" in args.parts:
+            for batch in (256, 1):
+                synthetic(f"MLP 3072-3072-3072-10, batch {batch}", mlp, (batch, 3072), args.densities, args.steps,
+                          args.interval, args.repeats)  # fmt: skip
+        if "vit" in args.parts:
+            synthetic("ViT MLP blocks (4 x 64-128-64, 2176 rows)", VitMLPs, (2176, 64), args.densities, args.steps,
+                      args.interval, args.repeats)  # fmt: skip
+        if "lenet" in args.parts:
+            lenet_epochs(args.densities, max(1, args.repeats // 2))
+
+
+if __name__ == "__main__":
+    main()

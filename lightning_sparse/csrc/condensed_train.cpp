@@ -1,0 +1,480 @@
+// The training half of the condensed (constant fan-in) Linear: the products its backward needs, and the moves
+// between the dense weight the optimizer updates and the condensed form the kernels read. The forward product is
+// `condensed_linear` of csrc/condensed_linear.cpp (same packed layout).
+//
+// A layer with `held` computed rows (all `out` rows, or those listed in `rows`: neuron ablation empties others),
+// each reading k inputs: row h is output o = rows[h] (or h), its entries are indices[h, j] (int32 or int64,
+// increasing) and their values W[o, indices[h, j]].
+//
+// * condensed_train_values(weight, indices, rows, positions) -> (packed values, transposed values)
+//     one pass over the rows of the dense weight: the k values of each row, in the packed [blocks, k, 16] layout
+//     of condensed_linear (padding 0), and, with `positions` ([held, k] int64, the place of each entry in the
+//     column-major (CSC) order of the layer), the same values in that order, for grad_input.
+// * condensed_train_grad_input(dy, ptr, cols, values, in) -> dx
+//     dx[b, i] = sum_{p in ptr[i]..ptr[i+1]} values[p] * dy[b, cols[p]]: dy W over the layer's columns (CSC; the
+//     fan-out of an input varies, so this is a compressed row product of W^T). Each dx is summed by one thread in
+//     a fixed order. Below kSmallBatch samples: a gather per entry; above, dy transposed to [out, batch] and one
+//     axpy of a batch slice per entry (accumulators in registers), a tile of 16 inputs written out transposed.
+// * condensed_train_grad_values(dy, x, indices, rows) -> dvalues [held, k]
+//     dvalues[h, j] = sum_b dy[b, o] * x[b, indices[h, j]]: the weight gradient at the active positions only (a
+//     sampled dense-dense product). Above kSmallBatch samples, both transposed, and a dot of two batch slices per
+//     entry, the batch taken in chunks whose inputs fit in L2 (summed in chunk order: thread-count independent).
+// * condensed_train_dense_grad(dvalues, indices, rows, grad)
+//     writes the dense gradient into grad [out, in], zero off the active positions: each row zeroed and its k
+//     values written in one pass (into memory the caller reuses: a fresh 36 MiB tensor costs ~7x its page faults).
+//
+// float32 only (the Python side falls back to torch's ops otherwise); indices are trusted (checked in Python
+// when the condensed form is built from the masks). AVX-512 variants are chosen at run time; other CPUs run the
+// portable loops.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define LS_X86 1
+#include <immintrin.h>
+#else
+#define LS_X86 0
+#endif
+
+namespace {
+
+constexpr int64_t kBlock = 16;            // rows per block of the packed layout (as condensed_linear)
+constexpr int64_t kSmallBatch = 8;        // below this, gathers; from here, transposed operands
+constexpr int64_t kWorkPerChunk = 1 << 15;  // multiply-adds per parallel chunk
+constexpr int64_t kChunk = 256;           // most samples per pass
+
+bool use_avx512() {
+  const char* cap = std::getenv("LIGHTNING_SPARSE_ISA");
+  const std::string limit = cap ? cap : "";
+  if (limit == "portable" || limit == "avx2") return false;
+#if LS_X86
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f");
+#else
+  return false;
+#endif
+}
+
+const bool kAvx512 = use_avx512();
+
+int64_t grain(int64_t work_per_item) { return std::max<int64_t>(1, kWorkPerChunk / std::max<int64_t>(1, work_per_item)); }
+
+// samples per pass: `rows` rows of a [rows, width] slice of a transposed operand should stay in L2 (~1 MiB)
+int64_t chunk_width(int64_t rows) {
+  const int64_t fits = (int64_t{1} << 20) / (4 * std::max<int64_t>(rows, 1));
+  return std::clamp<int64_t>(fits / 64 * 64, 64, kChunk);
+}
+
+// an odd number of cache lines per row, so that the slices of one pass spread over the cache sets
+int64_t padded_stride(int64_t width) {
+  const int64_t ld = (width + 15) / 16 * 16;
+  return (ld / 16) % 2 ? ld : ld + 16;
+}
+
+// dst[i * ld + c] = src[c * n + i]: src [batch, n] -> [n, batch] with row stride ld
+void transpose(const float* src, float* dst, int64_t batch, int64_t n, int64_t ld) {
+  const int64_t tiles = (n + 15) / 16;
+  at::parallel_for(0, tiles, std::max<int64_t>(1, kWorkPerChunk / (16 * batch)), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t i0 = t * 16, i1 = std::min(n, i0 + 16);
+      for (int64_t c0 = 0; c0 < batch; c0 += 16) {
+        const int64_t c1 = std::min(batch, c0 + 16);
+        for (int64_t i = i0; i < i1; ++i) {
+          float* d = dst + i * ld;
+          for (int64_t c = c0; c < c1; ++c) d[c] = src[c * n + i];
+        }
+      }
+    }
+  });
+}
+
+at::Tensor transposed(const at::Tensor& a, int64_t ld) {  // [batch, n] -> [n, ld] (columns past batch unset)
+  at::Tensor t = at::empty({a.size(1), ld}, a.options());
+  transpose(a.const_data_ptr<float>(), t.mutable_data_ptr<float>(), a.size(0), a.size(1), ld);
+  return t;
+}
+
+// ------------------------------------------------------------------------------------------------- inner loops
+// acc[0:width] = sum_{p < n} v[p] * src[cols[p] * ld + 0:width]
+template <typename index_t>
+void axpy_portable(const float* v, const index_t* cols, int64_t n, const float* src, int64_t ld, int64_t width,
+                   float* acc) {
+  std::fill(acc, acc + width, 0.f);
+  for (int64_t p = 0; p < n; ++p) {
+    const float a = v[p];
+    const float* row = src + static_cast<int64_t>(cols[p]) * ld;
+    for (int64_t c = 0; c < width; ++c) acc[c] += a * row[c];
+  }
+}
+
+float dot_portable(const float* a, const float* b, int64_t n) {
+  float s = 0.f;
+  for (int64_t c = 0; c < n; ++c) s += a[c] * b[c];
+  return s;
+}
+
+#if LS_X86
+template <int NV, typename index_t>
+__attribute__((target("avx512f"))) inline void axpy_avx512_block(const float* v, const index_t* cols, int64_t n,
+                                                                 const float* src, int64_t ld, float* acc) {
+  __m512 a[NV];
+  for (int i = 0; i < NV; ++i) a[i] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < n; ++p) {
+    const __m512 s = _mm512_set1_ps(v[p]);
+    const float* row = src + static_cast<int64_t>(cols[p]) * ld;
+    for (int i = 0; i < NV; ++i) a[i] = _mm512_fmadd_ps(s, _mm512_loadu_ps(row + 16 * i), a[i]);
+  }
+  for (int i = 0; i < NV; ++i) _mm512_storeu_ps(acc + 16 * i, a[i]);
+}
+
+template <typename index_t>
+__attribute__((target("avx512f"))) void axpy_avx512(const float* v, const index_t* cols, int64_t n, const float* src,
+                                                     int64_t ld, int64_t width, float* acc) {
+  int64_t c0 = 0;
+  for (; c0 + 128 <= width; c0 += 128) axpy_avx512_block<8>(v, cols, n, src + c0, ld, acc + c0);
+  if (c0 + 64 <= width) {
+    axpy_avx512_block<4>(v, cols, n, src + c0, ld, acc + c0);
+    c0 += 64;
+  }
+  if (c0 + 32 <= width) {
+    axpy_avx512_block<2>(v, cols, n, src + c0, ld, acc + c0);
+    c0 += 32;
+  }
+  if (c0 < width) {
+    const int64_t r = width - c0;
+    const __mmask16 m0 = static_cast<__mmask16>(r >= 16 ? 0xFFFFu : (1u << r) - 1u);
+    const __mmask16 m1 = static_cast<__mmask16>(r <= 16 ? 0u : (1u << (r - 16)) - 1u);
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    for (int64_t p = 0; p < n; ++p) {
+      const __m512 s = _mm512_set1_ps(v[p]);
+      const float* row = src + static_cast<int64_t>(cols[p]) * ld + c0;
+      a0 = _mm512_fmadd_ps(s, _mm512_maskz_loadu_ps(m0, row), a0);
+      a1 = _mm512_fmadd_ps(s, _mm512_maskz_loadu_ps(m1, row + 16), a1);
+    }
+    _mm512_mask_storeu_ps(acc + c0, m0, a0);
+    _mm512_mask_storeu_ps(acc + c0 + 16, m1, a1);
+  }
+}
+
+__attribute__((target("avx512f"))) float dot_avx512(const float* a, const float* b, int64_t n) {
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
+  int64_t c = 0;
+  for (; c + 64 <= n; c += 64) {
+    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + c), _mm512_loadu_ps(b + c), s0);
+    s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + c + 16), _mm512_loadu_ps(b + c + 16), s1);
+    s2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + c + 32), _mm512_loadu_ps(b + c + 32), s2);
+    s3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + c + 48), _mm512_loadu_ps(b + c + 48), s3);
+  }
+  for (; c + 16 <= n; c += 16) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + c), _mm512_loadu_ps(b + c), s0);
+  if (c < n) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - c)) - 1u);
+    s1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + c), _mm512_maskz_loadu_ps(m, b + c), s1);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+}
+
+// r[j] = sum of the 16 lanes of v[j]: the 16 horizontal sums at once (4 levels of shuffles and adds)
+__attribute__((target("avx512f"))) inline __m512 hsum16(const __m512* v) {
+  __m512 s[8], w[4];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
+    s[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int q = 0; q < 4; ++q)  // per 128-bit lane L: the lane-L sums of v[4q .. 4q+3]
+    w[q] = _mm512_add_ps(_mm512_shuffle_ps(s[2 * q], s[2 * q + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(s[2 * q], s[2 * q + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 y01 = _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 y23 = _mm512_add_ps(_mm512_shuffle_f32x4(w[2], w[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(w[2], w[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(y01, y23, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(y01, y23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// dst[j] += dot(g[0:width], xt[idx[j] * ld + 0:width]) for j < 16: 16 accumulators, g read once per 16 dots
+template <typename index_t>
+__attribute__((target("avx512f"))) void dot16_avx512(const float* g, const float* xt, const index_t* idx, int64_t ld,
+                                                      int64_t width, float* dst) {
+  __m512 acc[16];
+  const float* rows[16];
+  for (int j = 0; j < 16; ++j) {
+    acc[j] = _mm512_setzero_ps();
+    rows[j] = xt + static_cast<int64_t>(idx[j]) * ld;
+  }
+  int64_t c = 0;
+  for (; c + 16 <= width; c += 16) {
+    const __m512 d = _mm512_loadu_ps(g + c);
+    for (int j = 0; j < 16; ++j) acc[j] = _mm512_fmadd_ps(d, _mm512_loadu_ps(rows[j] + c), acc[j]);
+  }
+  if (c < width) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (width - c)) - 1u);
+    const __m512 d = _mm512_maskz_loadu_ps(m, g + c);
+    for (int j = 0; j < 16; ++j) acc[j] = _mm512_fmadd_ps(d, _mm512_maskz_loadu_ps(m, rows[j] + c), acc[j]);
+  }
+  _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), hsum16(acc)));
+}
+#endif
+
+template <typename index_t>
+inline void axpy(const float* v, const index_t* cols, int64_t n, const float* src, int64_t ld, int64_t width,
+                 float* acc) {
+#if LS_X86
+  if (kAvx512) return axpy_avx512(v, cols, n, src, ld, width, acc);
+#endif
+  axpy_portable(v, cols, n, src, ld, width, acc);
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+#if LS_X86
+  if (kAvx512) return dot_avx512(a, b, n);
+#endif
+  return dot_portable(a, b, n);
+}
+
+// ------------------------------------------------------------------------------------------------- checks
+const int64_t* rows_map(const std::optional<at::Tensor>& rows, int64_t out, int64_t held, const char* name) {
+  if (!rows.has_value() || !rows->defined()) {
+    TORCH_CHECK(held == out, name, ": ", held, " condensed rows for ", out, " outputs need `rows`");
+    return nullptr;
+  }
+  TORCH_CHECK(rows->is_cpu() && rows->scalar_type() == at::kLong && rows->is_contiguous() && rows->dim() == 1 &&
+                  rows->size(0) == held,
+              name, ": rows must be a contiguous 1-D int64 CPU tensor of ", held, " entries");
+  return rows->const_data_ptr<int64_t>();
+}
+
+void check_float(const at::Tensor& t, const char* what, const char* name) {
+  TORCH_CHECK(t.is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(), name, ": ", what,
+              " must be a contiguous float32 CPU tensor, got ", t.scalar_type(), t.is_contiguous() ? "" : " (strided)");
+}
+
+void check_indices(const at::Tensor& indices, const char* name) {
+  TORCH_CHECK(indices.is_cpu() && indices.dim() == 2 && indices.is_contiguous() &&
+                  (indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong),
+              name, ": indices must be a contiguous [held, k] int32 or int64 CPU tensor");
+}
+
+// ------------------------------------------------------------------------------------------------- the ops
+std::tuple<at::Tensor, at::Tensor> condensed_train_values(const at::Tensor& weight, const at::Tensor& indices,
+                                                          const std::optional<at::Tensor>& rows,
+                                                          const std::optional<at::Tensor>& positions) {
+  static constexpr const char* name = "condensed_train_values";
+  check_float(weight, "weight", name);
+  check_indices(indices, name);
+  TORCH_CHECK(weight.dim() == 2, name, ": weight must be [out, in]");
+  const int64_t out = weight.size(0), in = weight.size(1), held = indices.size(0), k = indices.size(1);
+  const int64_t* map = rows_map(rows, out, held, name);
+  const int64_t blocks = (held + kBlock - 1) / kBlock;
+  at::Tensor packed = at::empty({blocks, k, kBlock}, weight.options());
+  const bool transpose_too = positions.has_value() && positions->defined();
+  const int64_t* pos = nullptr;
+  at::Tensor vt = at::empty({transpose_too ? held * k : 0}, weight.options());
+  if (transpose_too) {
+    TORCH_CHECK(positions->is_cpu() && positions->scalar_type() == at::kLong && positions->is_contiguous() &&
+                    positions->numel() == held * k,
+                name, ": positions must be a contiguous int64 CPU tensor of ", held * k, " entries");
+    pos = positions->const_data_ptr<int64_t>();
+  }
+  const float* w = weight.const_data_ptr<float>();
+  float* pv = packed.mutable_data_ptr<float>();
+  float* t = vt.mutable_data_ptr<float>();
+  AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), name, [&] {
+    const index_t* idx = indices.const_data_ptr<index_t>();
+    at::parallel_for(0, blocks, grain(kBlock * k), [&](int64_t begin, int64_t end) {
+      for (int64_t blk = begin; blk < end; ++blk) {
+        float* dst = pv + blk * k * kBlock;
+        for (int64_t r = 0; r < kBlock; ++r) {
+          const int64_t h = blk * kBlock + r;
+          if (h >= held) {
+            for (int64_t j = 0; j < k; ++j) dst[j * kBlock + r] = 0.f;
+            continue;
+          }
+          const float* row = w + (map ? map[h] : h) * in;
+          const index_t* ih = idx + h * k;
+          for (int64_t j = 0; j < k; ++j) dst[j * kBlock + r] = row[ih[j]];
+          if (pos)
+            for (int64_t j = 0; j < k; ++j) t[pos[h * k + j]] = row[ih[j]];
+        }
+      }
+    });
+  });
+  return {packed, vt};
+}
+
+at::Tensor condensed_train_grad_input(const at::Tensor& dy, const at::Tensor& ptr, const at::Tensor& cols,
+                                      const at::Tensor& values, int64_t in) {
+  static constexpr const char* name = "condensed_train_grad_input";
+  check_float(dy, "dy", name);
+  check_float(values, "values", name);
+  TORCH_CHECK(dy.dim() == 2, name, ": dy must be [batch, out]");
+  TORCH_CHECK(ptr.is_cpu() && ptr.scalar_type() == at::kLong && ptr.is_contiguous() && ptr.numel() == in + 1, name,
+              ": ptr must be a contiguous int64 CPU tensor of in + 1 = ", in + 1, " entries");
+  TORCH_CHECK(cols.is_cpu() && cols.is_contiguous() && cols.dim() == 1 && cols.numel() == values.numel() &&
+                  (cols.scalar_type() == at::kInt || cols.scalar_type() == at::kLong),
+              name, ": cols must be a contiguous 1-D int32 or int64 CPU tensor, one per value");
+  const int64_t batch = dy.size(0), out = dy.size(1);
+  const int64_t* pp = ptr.const_data_ptr<int64_t>();
+  TORCH_CHECK(pp[in] == values.numel(), name, ": ptr[in] must be the number of values");
+  at::Tensor dx = at::empty({batch, in}, dy.options());
+  if (dx.numel() == 0) return dx;
+  const float* v = values.const_data_ptr<float>();
+  float* d = dx.mutable_data_ptr<float>();
+  const int64_t nnz_per_input = std::max<int64_t>(1, values.numel() / std::max<int64_t>(in, 1));
+  if (batch < kSmallBatch) {
+    const float* g = dy.const_data_ptr<float>();
+    AT_DISPATCH_INDEX_TYPES(cols.scalar_type(), name, [&] {
+      const index_t* c = cols.const_data_ptr<index_t>();
+      at::parallel_for(0, in, grain(nnz_per_input * batch), [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          float acc[kSmallBatch] = {};
+          for (int64_t p = pp[i]; p < pp[i + 1]; ++p) {
+            const float a = v[p];
+            const float* col = g + static_cast<int64_t>(c[p]);
+            for (int64_t b = 0; b < batch; ++b) acc[b] += a * col[b * out];
+          }
+          for (int64_t b = 0; b < batch; ++b) d[b * in + i] = acc[b];
+        }
+      });
+    });
+    return dx;
+  }
+  const int64_t chunk = chunk_width(out);
+  const int64_t ld = batch > chunk ? padded_stride(batch) : batch;
+  at::Tensor dyt = transposed(dy, ld);
+  const float* g = dyt.const_data_ptr<float>();
+  const int64_t tiles = (in + kBlock - 1) / kBlock;
+  AT_DISPATCH_INDEX_TYPES(cols.scalar_type(), name, [&] {
+    const index_t* c = cols.const_data_ptr<index_t>();
+    at::parallel_for(0, tiles, grain(kBlock * nnz_per_input * batch), [&](int64_t begin, int64_t end) {
+      std::vector<float> buffer(kBlock * chunk);
+      float* tile = buffer.data();
+      for (int64_t c0 = 0; c0 < batch; c0 += chunk) {
+        const int64_t width = std::min(chunk, batch - c0);
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t i0 = t * kBlock, n = std::min(kBlock, in - i0);
+          for (int64_t r = 0; r < n; ++r) {
+            const int64_t i = i0 + r;
+            axpy(v + pp[i], c + pp[i], pp[i + 1] - pp[i], g + c0, ld, width, tile + r * chunk);
+          }
+          for (int64_t s = 0; s < width; ++s) {
+            float* dst = d + (c0 + s) * in + i0;
+            for (int64_t r = 0; r < n; ++r) dst[r] = tile[r * chunk + s];
+          }
+        }
+      }
+    });
+  });
+  return dx;
+}
+
+at::Tensor condensed_train_grad_values(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& indices,
+                                       const std::optional<at::Tensor>& rows) {
+  static constexpr const char* name = "condensed_train_grad_values";
+  check_float(dy, "dy", name);
+  check_float(x, "x", name);
+  check_indices(indices, name);
+  TORCH_CHECK(dy.dim() == 2 && x.dim() == 2 && dy.size(0) == x.size(0), name,
+              ": dy [batch, out] and x [batch, in] must have the same batch");
+  const int64_t batch = x.size(0), in = x.size(1), out = dy.size(1), held = indices.size(0), k = indices.size(1);
+  const int64_t* map = rows_map(rows, out, held, name);
+  at::Tensor dv = at::zeros({held, k}, x.options());
+  if (dv.numel() == 0 || batch == 0) return dv;
+  float* dvp = dv.mutable_data_ptr<float>();
+  if (batch < kSmallBatch) {
+    const float* g = dy.const_data_ptr<float>();
+    const float* xp = x.const_data_ptr<float>();
+    AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), name, [&] {
+      const index_t* idx = indices.const_data_ptr<index_t>();
+      at::parallel_for(0, held, grain(k * batch), [&](int64_t begin, int64_t end) {
+        for (int64_t h = begin; h < end; ++h) {
+          const int64_t o = map ? map[h] : h;
+          float* dst = dvp + h * k;
+          const index_t* ih = idx + h * k;
+          for (int64_t b = 0; b < batch; ++b) {  // in sample order, as the large-batch dots sum
+            const float gb = g[b * out + o];
+            const float* xb = xp + b * in;
+            for (int64_t j = 0; j < k; ++j) dst[j] += gb * xb[ih[j]];
+          }
+        }
+      });
+    });
+    return dv;
+  }
+  const int64_t chunk = chunk_width(in);
+  const int64_t ldx = batch > chunk ? padded_stride(batch) : batch;
+  at::Tensor xt = transposed(x, ldx), dyt = transposed(dy, ldx);
+  const float* xp = xt.const_data_ptr<float>();
+  const float* g = dyt.const_data_ptr<float>();
+  AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), name, [&] {
+    const index_t* idx = indices.const_data_ptr<index_t>();
+    at::parallel_for(0, held, grain(k * batch), [&](int64_t begin, int64_t end) {
+      for (int64_t c0 = 0; c0 < batch; c0 += chunk) {
+        const int64_t width = std::min(chunk, batch - c0);
+        for (int64_t h = begin; h < end; ++h) {
+          const float* gh = g + (map ? map[h] : h) * ldx + c0;
+          float* dst = dvp + h * k;
+          const index_t* ih = idx + h * k;
+          int64_t j = 0;
+#if LS_X86
+          if (kAvx512)
+            for (; j + 16 <= k; j += 16) dot16_avx512(gh, xp + c0, ih + j, ldx, width, dst + j);
+#endif
+          for (; j < k; ++j) dst[j] += dot(gh, xp + static_cast<int64_t>(ih[j]) * ldx + c0, width);
+        }
+      }
+    });
+  });
+  return dv;
+}
+
+void condensed_train_dense_grad(const at::Tensor& dvalues, const at::Tensor& indices,
+                                const std::optional<at::Tensor>& rows, at::Tensor& grad) {
+  static constexpr const char* name = "condensed_train_dense_grad";
+  check_float(dvalues, "dvalues", name);
+  check_float(grad, "grad", name);
+  check_indices(indices, name);
+  TORCH_CHECK(dvalues.sizes() == indices.sizes(), name, ": dvalues and indices must have the same shape");
+  TORCH_CHECK(grad.dim() == 2, name, ": grad must be [out, in]");
+  const int64_t held = indices.size(0), k = indices.size(1), out = grad.size(0), in = grad.size(1);
+  const int64_t* map = rows_map(rows, out, held, name);
+  float* gp = grad.mutable_data_ptr<float>();
+  const float* dv = dvalues.const_data_ptr<float>();
+  if (map) grad.zero_();  // rows emptied by neuron ablation stay zero
+  AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), name, [&] {
+    const index_t* idx = indices.const_data_ptr<index_t>();
+    at::parallel_for(0, held, grain(in), [&](int64_t begin, int64_t end) {
+      for (int64_t h = begin; h < end; ++h) {
+        float* row = gp + (map ? map[h] : h) * in;
+        if (!map) std::fill(row, row + in, 0.f);
+        for (int64_t j = 0; j < k; ++j) row[idx[h * k + j]] = dv[h * k + j];
+      }
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(lightning_sparse, m) {
+  m.def("condensed_train_values(Tensor weight, Tensor indices, Tensor? rows, Tensor? positions) -> (Tensor, Tensor)");
+  m.def("condensed_train_grad_input(Tensor dy, Tensor ptr, Tensor cols, Tensor values, int in_features) -> Tensor");
+  m.def("condensed_train_grad_values(Tensor dy, Tensor x, Tensor indices, Tensor? rows) -> Tensor");
+  m.def("condensed_train_dense_grad(Tensor dvalues, Tensor indices, Tensor? rows, Tensor(a!) grad) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(lightning_sparse, CPU, m) {
+  m.impl("condensed_train_values", &condensed_train_values);
+  m.impl("condensed_train_grad_input", &condensed_train_grad_input);
+  m.impl("condensed_train_grad_values", &condensed_train_grad_values);
+  m.impl("condensed_train_dense_grad", &condensed_train_dense_grad);
+}
