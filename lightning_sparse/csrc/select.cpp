@@ -100,6 +100,7 @@ inline __attribute__((always_inline)) void mark_body(const scalar_t* __restrict 
                                                      uint8_t* __restrict o, Chunk chunk, uint32_t limit, uint32_t bin,
                                                      Tied& tied) {
   uint32_t keys[kBlock];
+  alignas(8) uint8_t hits[kBlock];  // 1 where a candidate lies in the threshold's bin
   for (int64_t start = chunk.begin; start < chunk.end; start += kBlock) {
     const int64_t count = std::min(kBlock, chunk.end - start);
     const uint8_t* __restrict mb = m + start;
@@ -111,11 +112,20 @@ inline __attribute__((always_inline)) void mark_body(const scalar_t* __restrict 
       const uint32_t candidate = mb[j] ^ chunk.flip_candidate;
       const uint32_t below = (k >> 16) < limit ? 1u : 0u;
       ob[j] = static_cast<uint8_t>((mb[j] & chunk.flip_bits) ^ (candidate & below));
-      in_bin |= ((k >> 16) == bin ? 1u : 0u) & candidate;
+      const uint32_t hit = ((k >> 16) == bin ? 1u : 0u) & candidate;
+      hits[j] = static_cast<uint8_t>(hit);
+      in_bin |= hit;
     }
-    if (in_bin) {
-      for (int64_t j = 0; j < count; ++j) {
-        if ((mb[j] ^ chunk.flip_candidate) && (keys[j] >> 16) == bin) tied.emplace_back(keys[j] & 0xFFFFu, start + j);
+    if (in_bin) {  // the hits in index order, 8 flags at a time
+      for (int64_t j = count; j < ((count + 7) & ~int64_t{7}); ++j) hits[j] = 0;
+      for (int64_t w = 0; w < count; w += 8) {
+        uint64_t word;
+        std::memcpy(&word, hits + w, sizeof(word));
+        while (word) {
+          const int64_t j = w + (__builtin_ctzll(word) >> 3);
+          tied.emplace_back(keys[j] & 0xFFFFu, start + j);
+          word &= word - 1;
+        }
       }
     }
   }
