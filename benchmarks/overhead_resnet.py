@@ -15,8 +15,9 @@ Sections (``--sections``, default all):
   masks (torch's ``_foreach_mul_`` with the bool masks, with float masks; their bytes per weight are printed)
   and the read+write of the weights alone, the floor of any kernel that runs after the optimizer.
 * ``update``: one sparse momentum update and one RigL update (with its optimizer-state reset) on ResNet-50,
-  Lightning-free (``Sparsifier.update()``, one sparsifier per method), alternating; host synchronizations per
-  update; peak extra memory (resident set) during an update.
+  Lightning-free (``Sparsifier.update()``, one sparsifier per method), alternating; against the memory floor (one
+  read of every masked weight, its growth score and its mask); host synchronizations per update; peak extra
+  memory (resident set) during an update.
 * ``callback``: a short real ``Trainer`` fit of ResNet-50 (small images) with ``SparseTrainingCallback``:
   tensor bytes the callback holds, host synchronizations of its step hook with and without an update.
 * ``throughput``: ``Trainer`` fits with and without the callback, alternating in this process: ResNet-50 at
@@ -304,19 +305,45 @@ def section_apply(args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------- update
+def read_once(tensors: Sequence[Tensor]) -> None:
+    """Read every byte of ``tensors`` once: a sum over each (bool masks as 8-byte words, so that the read, not the
+    add, sets the time)."""
+    for t in tensors:
+        if t.dtype == torch.bool:
+            flat = t.reshape(-1).view(torch.uint8)
+            whole = flat.numel() // 8 * 8
+            flat[:whole].view(torch.int64).sum()
+            flat[whole:].sum()
+        else:
+            t.sum()
+
+
+def update_reads(s: SparseSetup, method: str) -> list[Tensor]:
+    """What one update must read at least once: every masked weight, its mask and its growth score (the momentum
+    buffer for sparse momentum, the gradient for RigL)."""
+    weights = [w.detach() for w in s.masking.weights]
+    if method == "rigl":
+        scores = [w.grad for w in s.masking.weights]
+    else:
+        scores = [s.optimizer.state[w]["momentum_buffer"] for w in s.masking.weights]
+    return weights + scores + list(s.masking.masks)
+
+
 def section_update(args: argparse.Namespace) -> None:
     setups = {method: SparseSetup(args.model, args.density, args.seed, method, rate) for method, rate in UPDATES}
     times: dict[str, list[float]] = {method: [] for method, _ in UPDATES}
+    floors: dict[str, list[float]] = {method: [] for method, _ in UPDATES}
     for _ in range(args.update_repeats):
         for method, s in setups.items():
             s.train_step()
+            floors[method].append(timed(partial(read_once, update_reads(s, method))))
             times[method].append(s.update())
     s = setups[UPDATES[0][0]]
     header(
         f"update: {args.model}, {s.masked_weights / 1e6:.1f}M masked weights at density {args.density},"
         f" {args.update_repeats} alternating repetitions of Sparsifier.update() (Lightning-free)"
     )
-    print(f"  {'method (rate)':<22} {'total s':>8}  {'host syncs (GPU)':<28} peak extra memory")
+    print(f"  {'method (rate)':<22} {'total s':>8} {'floor s':>8} {'x floor':>8}  {'host syncs (GPU)':<28} peak extra memory")
     for method, rate in UPDATES:
         s = setups[method]
         s.train_step()
@@ -325,8 +352,15 @@ def section_update(args: argparse.Namespace) -> None:
         s.train_step()
         peak = peak_extra_memory(s.update)
         peak_text = "n/a" if peak is None else f"{fmt_bytes(peak)} ({peak / s.masked_weights:.2f} B/weight)"
-        print(f"  {method + f' ({rate})':<22} {median(times[method]):>8.3f}  {counter.summary:<28} {peak_text}")
+        t, floor = median(times[method]), median(floors[method])
+        print(
+            f"  {method + f' ({rate})':<22} {t:>8.3f} {floor:>8.3f} {t / floor:>8.1f}  {counter.summary:<28} {peak_text}"
+        )
         print(f"  {'':<22} syncs: {counter.describe()}")
+    print(
+        "  floor: one read of every masked weight, its growth score (momentum buffer / gradient) and its mask"
+        " (a sum over each), timed before each update; x floor = update / floor"
+    )
     if args.profile:
         from torch.profiler import profile
 

@@ -146,6 +146,54 @@ def _warn_fallback(reason: str) -> None:
     )
 
 
+# ----------------------------------------------------------------------------- selection kernel
+SELECT_SOURCE = Path(__file__).with_name("csrc") / "select.cpp"
+SELECT_EXTENSION_NAME = "lightning_sparse_select"
+SELECT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+"""The value dtypes the C++ selection handles (compared as float32, as ``sortable_key`` does)."""
+
+SelectOp = Callable[[Tensor, Tensor, int, bool, bool, bool, bool], Tensor]
+"""``(values, mask, n, highest, magnitude, inactive, flip) -> bool tensor`` (see ``csrc/select.cpp``)."""
+
+
+@functools.cache
+def _build_select() -> tuple[SelectOp | None, str]:
+    """Compile and load the selection kernel once per process: ``(op, "")``, or ``(None, why it failed)``."""
+    return _load_op(SELECT_EXTENSION_NAME, SELECT_SOURCE, "select_in_mask")
+
+
+def cpu_select(kernel: str) -> SelectOp | None:
+    """The C++ ``select_in_mask`` op (exact top-n selection of one CPU tensor in two passes, see
+    ``csrc/select.cpp``) for ``kernel`` ``"auto"`` or ``"cpp"``; ``None`` for ``"torch"``, or for ``"auto"`` when
+    the kernel cannot be built (with a warning, once per process): the selection then runs torch's ops, which
+    choose the same positions.
+
+    Raises:
+        RuntimeError: ``kernel="cpp"`` and the kernel cannot be built; the message holds the build error.
+    """
+    if check_mask_kernel(kernel) == "torch":
+        return None
+    return _op_or_fallback(
+        kernel,
+        _build_select(),
+        "kernel='cpp': the C++ selection kernel could not be built ({reason}). It needs a C++ compiler with OpenMP"
+        " and ninja; use kernel='auto' or 'torch' to select with torch's ops",
+        _warn_select_fallback,
+    )
+
+
+@functools.cache
+def _warn_select_fallback(reason: str) -> None:
+    first_lines = "\n".join(reason.splitlines()[:3])
+    warnings.warn(
+        "lightning-sparse: the C++ selection kernel could not be built, so mask updates select with torch's ops"
+        f" (the same masks, several times slower on the CPU; pass mask_kernel='torch' to skip the build). {first_lines}",
+        RuntimeWarning,
+        stacklevel=5,
+    )
+
+
+# ----------------------------------------------------------------------------- condensed kernel
 def check_condensed_kernel(kernel: str) -> str:
     """Return ``kernel`` if it names a condensed kernel (the names of :data:`MASK_KERNELS`), else raise
     ``ValueError`` listing the names."""

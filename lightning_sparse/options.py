@@ -52,8 +52,8 @@ class SparseOptions:
         stop_at: end of the update window as a fraction of training, in (0, 1].
         seed: seed of the initial masks and of random growth, an int in [0, 2**63); ``None`` draws one on rank
             zero and shares it.
-        mask_kernel: ``"auto"``, ``"cpp"`` or ``"torch"``: how masks are applied to CPU weights
-            (:mod:`lightning_sparse.kernels`).
+        mask_kernel: ``"auto"``, ``"cpp"`` or ``"torch"``: how masks are applied to CPU weights, and how mask
+            updates select on the CPU (the same masks on every path; :mod:`lightning_sparse.kernels`).
         mask_frozen: also mask frozen weights (``requires_grad=False``); by default they stay dense. Their
             weights never train, and the optimizer may leave them out (``SGD(p for p in model.parameters() if
             p.requires_grad)``). Per method: the dynamic and static ones (``"sparse_momentum"``, ``"rigl"``,

@@ -13,6 +13,7 @@ from torch.distributed import ProcessGroup
 from lightning_sparse.core import distributed
 from lightning_sparse.core.distributed import ShardSpec
 from lightning_sparse.core.layers import MaskedLayer, name_matches
+from lightning_sparse.core.loop_checks import has_nonfinite
 from lightning_sparse.core.optimizer import check_momentum_optimizer
 from lightning_sparse.functional.patterns import Pattern, input_size
 from lightning_sparse.methods.base import LayerState
@@ -130,7 +131,7 @@ def check_finite(
     """Raise ``FloatingPointError`` naming the layers whose ``reads`` (what the update reads: weights, momentum,
     gradients) hold NaN or inf. One fused check: one host read (and one all-reduce under FSDP2)."""
     flags = torch.stack(
-        [torch.stack([~torch.isfinite(read(layer)).all() for read in reads.values()]) for layer in layers]
+        [torch.stack([has_nonfinite(read(layer)) for read in reads.values()]) for layer in layers]
     ).to(torch.int64)
     flags = distributed.reduce_layer_sums(flags, specs, group).tolist()
     bad = [

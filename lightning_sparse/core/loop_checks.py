@@ -57,6 +57,24 @@ class OptimizerSteps:
         return taken if self.counting else None
 
 
+def has_nonfinite(t: Tensor) -> Tensor:
+    """Whether ``t`` holds NaN or inf, as a 0-dim bool tensor (no host synchronization): one ``aminmax`` (NaN
+    propagates to both, an infinity is the minimum or the maximum), one read of ``t`` and no temporary of its
+    size, unlike ``isfinite(t).all()``."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return torch.zeros((), dtype=torch.bool, device=t.device)
+    low, high = t.detach().aminmax()
+    return ~(low.isfinite() & high.isfinite())
+
+
+def _gradient_flags(g: Tensor) -> Tensor:
+    """``[non-finite, any nonzero]`` of one gradient from one ``aminmax`` (for floating point gradients)."""
+    if not g.is_floating_point() or g.numel() == 0:
+        return torch.stack([has_nonfinite(g), g.count_nonzero() > 0])
+    low, high = g.detach().aminmax()
+    return torch.stack([~(low.isfinite() & high.isfinite()), (low != 0) | (high != 0)])
+
+
 def gradients_state(weights: Sequence[Tensor], specs: Sequence[ShardSpec], group: ProcessGroup | None) -> str:
     """``"none"`` when a trained weight has no gradient, ``"non-finite"`` when a gradient holds NaN or inf,
     ``"zero"`` when every gradient is all zero, else ``"ok"``. One host read (all-reduced under FSDP2, where each
@@ -67,7 +85,7 @@ def gradients_state(weights: Sequence[Tensor], specs: Sequence[ShardSpec], group
     if any(w.grad is None for w, _ in trained):
         return "none"
     grads = [distributed.local(w.grad) for w, _ in trained]
-    flags = torch.stack([torch.stack([~torch.isfinite(g).all(), g.count_nonzero() > 0]) for g in grads])
+    flags = torch.stack([_gradient_flags(g) for g in grads])
     flags = distributed.reduce_layer_sums(flags.to(torch.int64), [s for _, s in trained], group).tolist()
     if any(row[0] for row in flags):
         return "non-finite"

@@ -495,6 +495,7 @@ class Sparsifier:
                 partial(self._grad, weight),
                 spec,
                 transposed=self.layers[name].transposed,
+                kernel=self.options.mask_kernel,
             )
             for name, weight, mask, spec in zip(masking.names, masking.weights, masking.masks, masking.specs)
         ]

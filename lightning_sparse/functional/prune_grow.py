@@ -11,41 +11,60 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_sparse.functional.selection import hash_scores, select_highest, select_lowest, sortable_key
+from lightning_sparse.functional.selection import hash_scores, select_highest, sortable_key, toggle_selected
 from lightning_sparse.functional.shards import Shards
 
 
-def drop_lowest(score: Tensor, mask: Tensor, n: int, *, offset: int = 0, shards: Shards | None = None) -> Tensor:
-    """Remove from ``mask`` the ``n`` active positions with the lowest ``score`` (ties: the lowest flat index
-    first); returns a new mask. With ``shards``, ``score`` and ``mask`` are this process's row block of a weight
-    sharded over them, starting at flat index ``offset``, and ``n`` counts over the whole weight."""
-    if n <= 0:
-        return mask.clone()
-    return mask & ~select_lowest(score.detach(), mask, n, offset=offset, shards=shards)
+def drop_lowest(
+    score: Tensor,
+    mask: Tensor,
+    n: int,
+    *,
+    offset: int = 0,
+    shards: Shards | None = None,
+    magnitude: bool = False,
+    kernel: str = "auto",
+) -> Tensor:
+    """Remove from ``mask`` the ``n`` active positions with the lowest ``score`` (``magnitude``: ``|score|``; ties:
+    the lowest flat index first); returns a new mask. With ``shards``, ``score`` and ``mask`` are this process's row
+    block of a weight sharded over them, starting at flat index ``offset``, and ``n`` counts over the whole weight.
+    ``kernel``: the selection's path (:func:`~lightning_sparse.functional.selection.select_lowest`)."""
+    return toggle_selected(
+        score, mask, n, highest=False, magnitude=magnitude, offset=offset, shards=shards, kernel=kernel
+    )
 
 
-def add_highest(score: Tensor, mask: Tensor, n: int, *, offset: int = 0, shards: Shards | None = None) -> Tensor:
-    """Add to ``mask`` the ``n`` inactive positions with the highest ``score`` (ties: the lowest flat index
-    first); returns a new mask. Already active positions are never picked, and ``n`` may not exceed the number
-    of inactive positions. ``offset`` and ``shards`` as in :func:`drop_lowest`."""
-    if n <= 0:
-        return mask.clone()
-    return mask | select_highest(score.detach(), ~mask, n, offset=offset, shards=shards)
+def add_highest(
+    score: Tensor,
+    mask: Tensor,
+    n: int,
+    *,
+    offset: int = 0,
+    shards: Shards | None = None,
+    magnitude: bool = False,
+    kernel: str = "auto",
+) -> Tensor:
+    """Add to ``mask`` the ``n`` inactive positions with the highest ``score`` (``magnitude``: ``|score|``; ties:
+    the lowest flat index first); returns a new mask. Already active positions are never picked, and ``n`` may not
+    exceed the number of inactive positions. ``offset``, ``shards`` and ``kernel`` as in :func:`drop_lowest`."""
+    return toggle_selected(
+        score, mask, n, highest=True, inactive=True, magnitude=magnitude, offset=offset, shards=shards, kernel=kernel
+    )
 
 
 def magnitude_prune(
-    weight: Tensor, mask: Tensor, n: int, *, offset: int = 0, shards: Shards | None = None
+    weight: Tensor, mask: Tensor, n: int, *, offset: int = 0, shards: Shards | None = None, kernel: str = "auto"
 ) -> Tensor:
     """Remove the ``n`` active weights with the smallest ``|W|``."""
-    return drop_lowest(weight.detach().abs(), mask, n, offset=offset, shards=shards)
+    return drop_lowest(weight, mask, n, offset=offset, shards=shards, magnitude=True, kernel=kernel)
 
 
 def score_growth(
-    score: Tensor, mask: Tensor, n: int, *, offset: int = 0, shards: Shards | None = None
+    score: Tensor, mask: Tensor, n: int, *, offset: int = 0, shards: Shards | None = None, kernel: str = "auto"
 ) -> Tensor:
     """Grow the ``n`` inactive positions with the largest ``|score|`` (momentum growth when the score is
     the momentum, RigL's gradient growth when it is the gradient)."""
-    return add_highest(score.detach().abs(), mask, n, offset=offset, shards=shards)
+    return add_highest(score, mask, n, offset=offset, shards=shards, magnitude=True, kernel=kernel)
 
 
 def random_growth(

@@ -32,7 +32,7 @@ def momentum_shares(
     """
     sums = torch.stack(
         [
-            torch.stack([m.detach().abs().float().mul_(k.view(torch.uint8)).sum(), k.sum().float()])
+            torch.stack([m.detach().abs().float().mul_(k.view(torch.uint8)).sum(), k.count_nonzero().float()])
             for m, k in zip(momenta, masks)
         ]
     )

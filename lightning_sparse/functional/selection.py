@@ -11,6 +11,12 @@ pseudo-random score, so a random choice made through it is also the same for any
 Values are compared through ``sortable_key``: floating point values as float32 (``-0.0`` equals ``+0.0``,
 every NaN is larger than ``+inf`` and equal to every other NaN), integers exactly.
 
+On one process and the CPU, floating point values are selected by a C++ kernel (``csrc/select.cpp``: two passes
+over the values, a histogram of the keys' high 16 bits, then the threshold's bin) that chooses the same positions
+as torch's ops, bit for bit; ``kernel`` (``"auto"``, ``"cpp"``, ``"torch"``, as
+:func:`~lightning_sparse.kernels.cpu_select`) picks the path. :func:`toggle_selected` also folds ``|values|`` and
+the update of the mask into that kernel's passes.
+
 >>> values = torch.tensor([1.0, 0.0, -0.0, 2.0, 0.0])
 >>> select_lowest(values, torch.ones(5, dtype=torch.bool), 2)
 tensor([False,  True,  True, False, False])
@@ -24,8 +30,9 @@ import torch
 from torch import Tensor
 
 from lightning_sparse.functional.shards import Shards
+from lightning_sparse.kernels import SELECT_DTYPES, SelectOp, check_mask_kernel, cpu_select
 
-__all__ = ["hash_scores", "select_highest", "select_lowest", "sortable_key"]
+__all__ = ["hash_scores", "select_highest", "select_lowest", "sortable_key", "toggle_selected"]
 
 _FLOAT_KEY_BITS = 32  # float keys lie in [0, 2**32)
 _INT_KEY_BITS = 63  # integer keys lie in [0, 2**63)
@@ -88,7 +95,13 @@ def _check_int_keys(keys: Tensor) -> None:
 
 
 def select_lowest(
-    values: Tensor, candidates: Tensor, n: int, *, offset: int = 0, shards: Shards | None = None
+    values: Tensor,
+    candidates: Tensor,
+    n: int,
+    *,
+    offset: int = 0,
+    shards: Shards | None = None,
+    kernel: str = "auto",
 ) -> Tensor:
     """The ``n`` candidates with the lowest value, ties broken by the lowest global flat index; a new mask.
 
@@ -102,6 +115,9 @@ def select_lowest(
             ``offset .. offset + values.numel() - 1`` of the full tensor, as a row shard is).
         shards: the processes that hold the shards (:class:`~lightning_sparse.functional.shards.Shards`).
             ``None``: ``values`` is the whole tensor (``offset`` then does not matter).
+        kernel: ``"auto"`` (the C++ selection for floating point values on the CPU on one process, when it
+            builds), ``"cpp"`` (the same, an error if it cannot be built) or ``"torch"`` (torch's ops only); every
+            path chooses the same positions.
 
     Returns:
         A new ``torch.bool`` tensor of the shape of ``values``, True at the chosen positions: exactly ``n`` over
@@ -114,18 +130,25 @@ def select_lowest(
             with the host: ``n`` may not exceed ``values.numel()``, and with fewer than ``n`` candidates, all of
             them are chosen.
 
-    On one process the selection is one ``kthvalue`` over the candidates on the CPU, and elsewhere one ``topk``
+    On one process the selection is the C++ kernel's two passes over the values on the CPU (with
+    ``kernel="torch"``, or for integer values: one ``kthvalue`` over the candidates), and elsewhere one ``topk``
     over the whole tensor, with no host synchronization (no ``nonzero``, ``.item()``). Over shards it is an
     exact radix select: 16 bits of the keys per pass (2 passes for floats, 4 for integers), each a sum over the
     shards of a 65536-bin histogram, then one of every process's tie count and offset; memory is O(local numel),
     communication does not depend on ``n``, and there is one host synchronization (the global candidate count,
     for the ``ValueError``). Every process must call it with the same ``n``, also one with an empty shard.
     """
-    return _select(values, candidates, n, offset, shards, highest=False)
+    return _select(values, candidates, n, offset, shards, highest=False, kernel=kernel)
 
 
 def select_highest(
-    values: Tensor, candidates: Tensor, n: int, *, offset: int = 0, shards: Shards | None = None
+    values: Tensor,
+    candidates: Tensor,
+    n: int,
+    *,
+    offset: int = 0,
+    shards: Shards | None = None,
+    kernel: str = "auto",
 ) -> Tensor:
     """The ``n`` candidates with the highest value, ties broken by the lowest global flat index; a new mask.
 
@@ -135,19 +158,23 @@ def select_highest(
         scores = hash_scores(seed, offset, local.numel(), local.device).view_as(local)
         grown = select_highest(scores, ~mask, n, offset=offset, shards=shards)
     """
-    return _select(values, candidates, n, offset, shards, highest=True)
+    return _select(values, candidates, n, offset, shards, highest=True, kernel=kernel)
 
 
 def _select(
-    values: Tensor, candidates: Tensor, n: int, offset: int, shards: Shards | None, highest: bool
+    values: Tensor, candidates: Tensor, n: int, offset: int, shards: Shards | None, highest: bool, kernel: str
 ) -> Tensor:
     if candidates.dtype != torch.bool:
         raise TypeError(f"candidates must be a torch.bool tensor, got {candidates.dtype}")
     if candidates.shape != values.shape:
         raise ValueError(f"candidates has shape {tuple(candidates.shape)}, values {tuple(values.shape)}")
+    check_mask_kernel(kernel)
     distributed = shards is not None
     if n <= 0:
         return torch.zeros_like(candidates)
+    op = None if distributed else _fused_op(values, kernel)
+    if op is not None:
+        return op(values.detach().contiguous(), candidates.contiguous(), n, highest, False, False, False)
     flat, cand = values.detach().reshape(-1), candidates.reshape(-1)
     if distributed:
         keys, bits = _keys(flat)
@@ -169,6 +196,46 @@ def _select(
         keys, bits = _keys(flat)
         chosen = _lowest_device(_reverse(keys, bits) if highest else keys, cand, n)
     return chosen.view(candidates.shape)
+
+
+def _fused_op(values: Tensor, kernel: str) -> SelectOp | None:
+    """The C++ selection for ``values`` (one process), or ``None`` where torch's ops select: ``kernel="torch"``,
+    values off the CPU or of a dtype it does not handle, or ``"auto"`` when it cannot be built."""
+    if kernel == "torch" or values.device.type != "cpu" or values.dtype not in SELECT_DTYPES:
+        return None
+    return cpu_select(kernel)
+
+
+def toggle_selected(
+    values: Tensor,
+    mask: Tensor,
+    n: int,
+    *,
+    highest: bool,
+    inactive: bool = False,
+    magnitude: bool = False,
+    offset: int = 0,
+    shards: Shards | None = None,
+    kernel: str = "auto",
+) -> Tensor:
+    """``mask`` with ``n`` of its positions flipped: the ``n`` active ones (``inactive``: inactive ones) with the
+    lowest (``highest``: highest) ``values`` (``magnitude``: ``|values|``), chosen as :func:`select_lowest` /
+    :func:`select_highest` choose them; a new mask.
+
+    A prune is ``toggle_selected(score, mask, n, highest=False)`` (``mask & ~chosen``), a growth
+    ``toggle_selected(score, mask, n, highest=True, inactive=True)`` (``mask | chosen``). On one process and the
+    CPU the C++ kernel computes ``|values|``, the choice and the new mask in its two passes over the values;
+    elsewhere torch's ops compute the same. ``offset``, ``shards``, ``kernel`` and the errors as in
+    :func:`select_lowest`; ``n <= 0`` returns a copy of ``mask``.
+    """
+    if n <= 0:
+        return mask.clone()
+    op = None if shards is not None or mask.dtype != torch.bool or mask.shape != values.shape else _fused_op(values, kernel)
+    if op is not None:
+        return op(values.detach().contiguous(), mask.contiguous(), n, highest, magnitude, inactive, True)
+    scores = values.detach().abs() if magnitude else values.detach()
+    chosen = _select(scores, ~mask if inactive else mask, n, offset, shards, highest, kernel)
+    return mask ^ chosen
 
 
 def _reverse(keys: Tensor, bits: int) -> Tensor:

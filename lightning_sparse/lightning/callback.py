@@ -73,7 +73,8 @@ class SparseTrainingCallback(Callback, metaclass=_RefusesSparsity):
         seed: seed of the initial masks and of random growth, in [0, 2**63); ``None`` draws one on rank zero.
         speedup_timing: layer costs of the speedup estimates: ``"flops"`` or ``"measure"`` (timed once).
         figure: write ``sparsity.png`` to the trainer's log directory at the end of ``fit`` (and to TensorBoard).
-        mask_kernel: ``"auto"``, ``"cpp"`` or ``"torch"``: how masks are applied to CPU weights.
+        mask_kernel: ``"auto"``, ``"cpp"`` or ``"torch"``: how masks are applied to CPU weights, and how mask
+            updates select on the CPU (the same masks on every path).
         mask_frozen: also mask frozen weights (``requires_grad=False``): their masks stay fixed, except under GMP
             (pruned on its schedule), SNIP (scored like the others) and DST (its thresholds learn them).
         layer_types: module types (or class names) whose ``weight`` is masked, instead of Linear and Conv1d/2d/3d.

@@ -34,6 +34,9 @@ class LayerState:
     (:mod:`~lightning_sparse.functional.patterns`), a growth rule's :meth:`add_highest` / :meth:`add_random` fill
     every unit of the pattern (N:M group, row) up to its target, by the given score, instead of choosing over the
     whole layer; ``n`` is then the total they add, known from the counts.
+
+    ``kernel``: how :meth:`drop_lowest` / :meth:`add_highest` select on the CPU (``"auto"``, ``"cpp"``,
+    ``"torch"``: :func:`~lightning_sparse.functional.selection.select_lowest`); every path chooses the same.
     """
 
     def __init__(
@@ -45,6 +48,7 @@ class LayerState:
         grad_fn: Callable[[], Tensor | None] | None = None,
         spec: ShardSpec | None = None,
         transposed: bool = False,
+        kernel: str = "auto",
     ) -> None:
         self.name = name
         self.weight = weight
@@ -53,6 +57,7 @@ class LayerState:
         self._grad_fn = grad_fn
         self.spec = spec if spec is not None else ShardSpec(tuple(weight.shape), 0, weight.shape[0] if weight.dim() else 1)
         self.transposed = transposed
+        self.kernel = kernel
         self._units: tuple[Pattern, int | Tensor] | None = None  # (pattern, unit target) while a structured update grows
 
     @property
@@ -73,17 +78,20 @@ class LayerState:
         """The processes this layer's rows are split over, for the functional selections (``None``: whole)."""
         return shards_of(self.spec.group)
 
-    def drop_lowest(self, score: Tensor, mask: Tensor, n: int) -> Tensor:
-        """``mask`` without its ``n`` active positions of lowest ``score`` over the whole layer."""
-        return drop_lowest(score, mask, n, offset=self.offset, shards=self.shards)
+    def drop_lowest(self, score: Tensor, mask: Tensor, n: int, *, magnitude: bool = False) -> Tensor:
+        """``mask`` without its ``n`` active positions of lowest ``score`` (``magnitude``: ``|score|``, computed
+        within the selection's passes) over the whole layer."""
+        return drop_lowest(score, mask, n, offset=self.offset, shards=self.shards, magnitude=magnitude, kernel=self.kernel)
 
-    def add_highest(self, score: Tensor, mask: Tensor, n: int) -> Tensor:
-        """``mask`` plus the ``n`` free positions of highest ``score`` over the whole layer (under a structured
-        pattern: every unit filled up to its target by its free positions of highest ``score``)."""
+    def add_highest(self, score: Tensor, mask: Tensor, n: int, *, magnitude: bool = False) -> Tensor:
+        """``mask`` plus the ``n`` free positions of highest ``score`` (``magnitude``: ``|score|``) over the whole
+        layer (under a structured pattern: every unit filled up to its target by its free positions of highest
+        score)."""
         if self._units is not None:
             pattern, target = self._units
-            return fill_units(score.detach(), mask, target, pattern, self.transposed)
-        return add_highest(score, mask, n, offset=self.offset, shards=self.shards)
+            score = score.detach().abs() if magnitude else score.detach()
+            return fill_units(score, mask, target, pattern, self.transposed)
+        return add_highest(score, mask, n, offset=self.offset, shards=self.shards, magnitude=magnitude, kernel=self.kernel)
 
     def add_random(self, mask: Tensor, n: int, generator: torch.Generator) -> Tensor:
         """``mask`` plus ``n`` free positions drawn at random (the same for any number of shards; under a

@@ -54,7 +54,7 @@ from lightning_sparse.methods.base import (
 
 # ----------------------------------------------------------------------------- prune rules
 def _magnitude_prune(layer: LayerState, n: int) -> Tensor:
-    return layer.drop_lowest(layer.weight.detach().abs(), layer.mask, n)
+    return layer.drop_lowest(layer.weight, layer.mask, n, magnitude=True)
 
 
 def _set_prune(layer: LayerState, n: int) -> Tensor:
@@ -63,11 +63,11 @@ def _set_prune(layer: LayerState, n: int) -> Tensor:
 
 # ----------------------------------------------------------------------------- growth rules
 def _momentum_growth(layer: LayerState, mask: Tensor, n: int, generator: torch.Generator) -> Tensor:
-    return layer.add_highest(layer.momentum.detach().abs(), mask, n)
+    return layer.add_highest(layer.momentum, mask, n, magnitude=True)
 
 
 def _gradient_growth(layer: LayerState, mask: Tensor, n: int, generator: torch.Generator) -> Tensor:
-    return layer.add_highest(layer.grad.detach().abs(), mask, n)
+    return layer.add_highest(layer.grad, mask, n, magnitude=True)
 
 
 def _random_growth(layer: LayerState, mask: Tensor, n: int, generator: torch.Generator) -> Tensor:

@@ -124,7 +124,7 @@ def check_counts(
     too); it runs before the masks are set, so a refused update leaves the model as it was."""
     if not layers:
         return
-    local = torch.stack([torch.stack([p.sum(), m.sum()]) for p, m in zip(result.pruned_masks, result.masks)])
+    local = torch.stack([torch.stack([p.count_nonzero(), m.count_nonzero()]) for p, m in zip(result.pruned_masks, result.masks)])
     counted = (reducer(local.to(torch.int64)) if reducer is not None else local.to(torch.int64)).tolist()
     wrong = []
     for layer, (kept, now), active, pruned, grown in zip(layers, counted, result.active, result.pruned, result.grown):
