@@ -156,7 +156,7 @@ def warm_kernels() -> None:
     """Build (or load) the C++ kernels before anything is timed: a first build takes seconds."""
     from lightning_sparse import kernels
 
-    for build in (kernels.cpu_masked_zero, kernels.cpu_condensed_linear, kernels.cpu_condensed_train):
+    for build in (kernels.cpu_masked_zero, kernels.cpu_select, kernels.cpu_condensed_linear, kernels.cpu_condensed_train):
         build("auto")
 
 
