@@ -226,6 +226,14 @@ __attribute__((target("avx512f"))) void dot16_avx512(const float* g, const float
 }
 #endif
 
+#if LS_X86
+__attribute__((target("avx512f"))) void stream_row(const float* src, float* dst, int64_t n) {
+  for (int64_t c = 0; c < n; c += 16) _mm512_stream_ps(dst + c, _mm512_load_ps(src + c));
+}
+
+void fence() { _mm_sfence(); }  // the streamed stores are visible before the op returns
+#endif
+
 template <typename index_t>
 inline void axpy(const float* v, const index_t* cols, int64_t n, const float* src, int64_t ld, int64_t width,
                  float* acc) {
@@ -484,6 +492,24 @@ void condensed_train_dense_grad(const at::Tensor& dvalues, const at::Tensor& ind
   AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), name, [&] {
     const index_t* idx = indices.const_data_ptr<index_t>();
     at::parallel_for(0, held, grain(in), [&](int64_t begin, int64_t end) {
+#if LS_X86
+      if (kAvx512 && !map && in % 16 == 0 && reinterpret_cast<uintptr_t>(gp) % 64 == 0) {
+        // each row composed in a buffer and streamed out: no read of the old gradient (half the traffic)
+        std::vector<float, std::allocator<float>> buffer(in + 16);
+        float* row = buffer.data();
+        while (reinterpret_cast<uintptr_t>(row) % 64) ++row;
+        for (int64_t h = begin; h < end; ++h) {
+          std::fill(row, row + in, 0.f);
+          if (ord)
+            for (int64_t j = 0; j < k; ++j) row[idx[h * k + j]] = dv[ord[h * k + j]];
+          else
+            for (int64_t j = 0; j < k; ++j) row[idx[h * k + j]] = dv[h * k + j];
+          stream_row(row, gp + h * in, in);
+        }
+        fence();
+        return;
+      }
+#endif
       for (int64_t h = begin; h < end; ++h) {
         float* row = gp + (map ? map[h] : h) * in;
         if (!map) std::fill(row, row + in, 0.f);
