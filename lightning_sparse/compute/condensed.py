@@ -111,21 +111,23 @@ class CondensedPlan:
             held = 0
             rows = torch.zeros(0, dtype=torch.int64, device=mask.device) if out else None
         entries = mask.nonzero()  # row-major: (o, i), increasing i along each row
+        device = mask.device
         index_dtype = torch.int32 if features < 2**31 else torch.int64
         indices = entries[:, 1].view(held, high).to(index_dtype).contiguous()
         flat = (entries[:, 0] * features + entries[:, 1]).contiguous()
         order = torch.argsort(entries[:, 1] * out + entries[:, 0])  # column-major order of the entries
-        positions = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        ptr = torch.zeros(features + 1, dtype=torch.int64, device=mask.device)
+        positions = _inverse(order)
+        ptr = torch.zeros(features + 1, dtype=torch.int64, device=device)
         ptr[1:] = torch.cumsum(torch.bincount(entries[:, 1], minlength=features), 0)
         cols = entries[order, 0].to(torch.int32 if out < 2**31 else torch.int64).contiguous()
-        held_of = torch.arange(held, device=mask.device).repeat_interleave(high)
-        forward, seg = _tile_major(held_of, entries[:, 1], held, features)
+        held_of = torch.cumsum(counts > 0, 0) - 1  # output row -> computed row
+        forward, seg = _tile_major(held_of[entries[:, 0]], entries[:, 1], held, features)
+        tindices = torch.empty_like(indices.view(-1)).index_copy_(0, forward, indices.view(-1))
         by_column, colseg = _tile_major(entries[order, 1], entries[order, 0], features, out)
-        tpositions = _inverse(by_column)[positions]
+        tpositions = by_column[positions]
+        tcols = torch.empty_like(cols).index_copy_(0, by_column, cols)
         return cls(features, out, high, indices, rows, pack_blocks(indices), positions, ptr, cols, flat,
-                   _inverse(forward), indices.view(-1)[forward].contiguous(), seg, tpositions,
-                   cols[by_column].contiguous(), colseg)  # fmt: skip
+                   forward, tindices, seg, tpositions, tcols, colseg)  # fmt: skip
 
     def dense_mask(self) -> Tensor:
         """The ``[out, in]`` boolean mask this plan was made from."""
@@ -138,15 +140,18 @@ _SMALL_BATCH = 8  # below this, the C++ kernels' gather order (kSmallBatch)
 
 
 def _tile_major(owner: Tensor, position: Tensor, owners: int, positions: int) -> tuple[Tensor, Tensor]:
-    """For entries sorted by owner, then position: the permutation that sorts them by tile of ``_TILE``
-    positions, then owner, then position, and ``[tiles * owners + 1]`` where the run of each (tile, owner)
-    begins in that order."""
+    """For entries sorted by owner, then position: the place of each in the order by tile of ``_TILE``
+    positions, then owner, then position, and ``[tiles * owners + 1]`` where the run of each (tile, owner) begins
+    in that order. A counting sort: the runs are contiguous in both orders."""
     tiles = -(-positions // _TILE)
-    key = (position // _TILE) * owners + owner
-    perm = torch.sort(key, stable=True).indices
+    tile = position // _TILE
+    here = owner * tiles + tile  # nondecreasing
+    start = torch.zeros(owners * tiles + 1, dtype=torch.int64, device=owner.device)
+    start[1:] = torch.cumsum(torch.bincount(here, minlength=owners * tiles), 0)
+    there = tile * owners + owner
     seg = torch.zeros(tiles * owners + 1, dtype=torch.int64, device=owner.device)
-    seg[1:] = torch.cumsum(torch.bincount(key, minlength=tiles * owners), 0)
-    return perm, seg
+    seg[1:] = torch.cumsum(torch.bincount(there, minlength=tiles * owners), 0)
+    return seg[there] + torch.arange(owner.numel(), device=owner.device) - start[here], seg
 
 
 def _inverse(perm: Tensor) -> Tensor:
