@@ -6,10 +6,11 @@
 // each reading k inputs: row h is output o = rows[h] (or h), its entries are indices[h, j] (int32 or int64,
 // increasing) and their values W[o, indices[h, j]].
 //
-// * condensed_train_values(weight, indices, rows, positions) -> (packed values, transposed values)
+// * condensed_train_values(weight, indices, rows, positions, order) -> (values, transposed values)
 //     one pass over the rows of the dense weight: the k values of each row, in the packed [blocks, k, 16] layout
 //     of condensed_linear (padding 0), and, with `positions` ([held, k] int64, the place of each entry in the
-//     column-major (CSC) order of the layer), the same values in that order, for grad_input.
+//     column-major (CSC) order of the layer), the same values in that order, for grad_input. With `order` (the
+//     tiled order's place of each entry, see below) the values come out in that order instead of packed.
 // * condensed_train_grad_input(dy, ptr, cols, values, in) -> dx
 //     dx[b, i] = sum_{p in ptr[i]..ptr[i+1]} values[p] * dy[b, cols[p]]: dy W over the layer's columns (CSC; the
 //     fan-out of an input varies, so this is a compressed row product of W^T). Each dx is summed by one thread in
@@ -21,7 +22,10 @@
 //     entry, the batch taken in chunks whose inputs fit in L2 (summed in chunk order: thread-count independent).
 // * condensed_train_dense_grad(dvalues, indices, rows, grad)
 //     writes the dense gradient into grad [out, in], zero off the active positions: each row zeroed and its k
-//     values written in one pass (into memory the caller reuses: a fresh 36 MiB tensor costs ~7x its page faults).
+//     values written in one pass (into memory the caller reuses: a fresh 36 MiB tensor costs ~7x its page faults;
+//     with AVX-512 each row is composed in L1 and streamed out). `order`: dvalues in the tiled order's layout.
+// * condensed_train_chunks, condensed_train_forward, condensed_train_tiled_grad_input,
+//   condensed_train_tiled_grad_values: the tiled order, from kSmallBatch samples up (section "tiled order").
 //
 // float32 only (the Python side falls back to torch's ops otherwise); indices are trusted (checked in Python
 // when the condensed form is built from the masks). AVX-512 variants are chosen at run time; other CPUs run the
