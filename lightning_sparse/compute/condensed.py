@@ -61,6 +61,11 @@ class CondensedPlan:
         ptr: ``[in + 1]`` int64 column pointers of the column-major (CSC) order.
         cols: ``[held * k]`` the output row of each entry in column-major order (int32, int64 past 2**31 rows).
         flat: ``[held * k]`` int64 flat position ``o * in + i`` of each entry, row-major (the torch path).
+        The C++ kernels' tiled order (batches from 8 samples) stores the entries tile-major: by tile of 128 inputs,
+        then row, then input (``order``: the tile-major place of each row-major entry; ``tindices``: their inputs;
+        ``seg`` ``[tiles * held + 1]``: where the run of each (tile, row) begins),
+        and the column-major entries by tile of 128 rows, then input, then row (``tpositions``: the place of each
+        row-major entry; ``tcols``: their rows; ``colseg`` ``[tiles * in + 1]``).
     """
 
     in_features: int
@@ -73,6 +78,12 @@ class CondensedPlan:
     ptr: Tensor
     cols: Tensor
     flat: Tensor
+    order: Tensor
+    tindices: Tensor
+    seg: Tensor
+    tpositions: Tensor
+    tcols: Tensor
+    colseg: Tensor
 
     @property
     def held(self) -> int:
@@ -100,20 +111,51 @@ class CondensedPlan:
             held = 0
             rows = torch.zeros(0, dtype=torch.int64, device=mask.device) if out else None
         entries = mask.nonzero()  # row-major: (o, i), increasing i along each row
+        device = mask.device
         index_dtype = torch.int32 if features < 2**31 else torch.int64
         indices = entries[:, 1].view(held, high).to(index_dtype).contiguous()
         flat = (entries[:, 0] * features + entries[:, 1]).contiguous()
         order = torch.argsort(entries[:, 1] * out + entries[:, 0])  # column-major order of the entries
-        positions = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        ptr = torch.zeros(features + 1, dtype=torch.int64, device=mask.device)
+        positions = _inverse(order)
+        ptr = torch.zeros(features + 1, dtype=torch.int64, device=device)
         ptr[1:] = torch.cumsum(torch.bincount(entries[:, 1], minlength=features), 0)
         cols = entries[order, 0].to(torch.int32 if out < 2**31 else torch.int64).contiguous()
-        return cls(features, out, high, indices, rows, pack_blocks(indices), positions, ptr, cols, flat)
+        held_of = torch.cumsum(counts > 0, 0) - 1  # output row -> computed row
+        forward, seg = _tile_major(held_of[entries[:, 0]], entries[:, 1], held, features)
+        tindices = torch.empty_like(indices.view(-1)).index_copy_(0, forward, indices.view(-1))
+        by_column, colseg = _tile_major(entries[order, 1], entries[order, 0], features, out)
+        tpositions = by_column[positions]
+        tcols = torch.empty_like(cols).index_copy_(0, by_column, cols)
+        return cls(features, out, high, indices, rows, pack_blocks(indices), positions, ptr, cols, flat,
+                   forward, tindices, seg, tpositions, tcols, colseg)  # fmt: skip
 
     def dense_mask(self) -> Tensor:
         """The ``[out, in]`` boolean mask this plan was made from."""
         mask = torch.zeros(self.out_features * self.in_features, dtype=torch.bool, device=self.indices.device)
         return mask.index_fill_(0, self.flat, True).view(self.out_features, self.in_features)
+
+
+_TILE = 128  # inputs per tile of the C++ kernels' tiled order (kTile in csrc/condensed_train.cpp)
+_SMALL_BATCH = 8  # below this, the C++ kernels' gather order (kSmallBatch)
+
+
+def _tile_major(owner: Tensor, position: Tensor, owners: int, positions: int) -> tuple[Tensor, Tensor]:
+    """For entries sorted by owner, then position: the place of each in the order by tile of ``_TILE``
+    positions, then owner, then position, and ``[tiles * owners + 1]`` where the run of each (tile, owner) begins
+    in that order. A counting sort: the runs are contiguous in both orders."""
+    tiles = -(-positions // _TILE)
+    tile = position // _TILE
+    here = owner * tiles + tile  # nondecreasing
+    start = torch.zeros(owners * tiles + 1, dtype=torch.int64, device=owner.device)
+    start[1:] = torch.cumsum(torch.bincount(here, minlength=owners * tiles), 0)
+    there = tile * owners + owner
+    seg = torch.zeros(tiles * owners + 1, dtype=torch.int64, device=owner.device)
+    seg[1:] = torch.cumsum(torch.bincount(there, minlength=tiles * owners), 0)
+    return seg[there] + torch.arange(owner.numel(), device=owner.device) - start[here], seg
+
+
+def _inverse(perm: Tensor) -> Tensor:
+    return torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(), device=perm.device))
 
 
 def _cpp_ops(kernel: str, *tensors: Tensor | None) -> Any:
@@ -155,17 +197,28 @@ class CondensedLinearFunction(torch.autograd.Function):
         ctx.plan, ctx.dense, ctx.layer, ctx.ops = plan, dense_gradients, layer, ops
         ctx.values_t = None
         needs_x, needs_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        ctx.save_for_backward(x if needs_w else None, weight if ops is None and needs_x else None)
+        tiled = ops is not None and x.shape[0] >= _SMALL_BATCH
+        ctx.tiled = tiled
         if not plan.held or not plan.k:  # every row empty: the outputs are the bias
+            ctx.save_for_backward(x if needs_w else None, None)
             y = x.new_zeros(x.shape[0], plan.out_features)
             return y if bias is None else y + bias
         if ops is not None:
             x = x.contiguous()
             values, values_t = ops.condensed_train_values(
-                weight.contiguous(), plan.indices, plan.rows, plan.positions if needs_x else None
+                weight.contiguous(), plan.indices, plan.rows,
+                (plan.tpositions if tiled else plan.positions) if needs_x else None, plan.order if tiled else None,
             )
             ctx.values_t = values_t if needs_x else None
-            return ops.condensed_linear(x, values, plan.packed_indices, bias, plan.out_features, False, plan.rows)
+            if not tiled:
+                ctx.save_for_backward(x if needs_w else None, None)
+                return ops.condensed_linear(x, values, plan.packed_indices, bias, plan.out_features, False, plan.rows)
+            b = None if bias is None else bias.contiguous()
+            y, x_chunks = ops.condensed_train_forward(x, values, plan.tindices, plan.seg, b, plan.out_features, plan.rows)
+            # the backward's sampled product reads x in chunks; the dense product (RigL's update steps) reads x
+            ctx.save_for_backward(x if needs_w and dense_gradients else None, x_chunks if needs_w else None)
+            return y
+        ctx.save_for_backward(x if needs_w else None, weight if needs_x else None)
         values = _values(weight, plan)  # [held, k]
         y = nn.functional.embedding_bag(plan.indices.long(), x.t().contiguous(), per_sample_weights=values,
                                         mode="sum").t()  # fmt: skip
@@ -176,15 +229,26 @@ class CondensedLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         plan: CondensedPlan = ctx.plan
-        x, weight = ctx.saved_tensors
+        x, saved = ctx.saved_tensors
+        weight = x_chunks = None
+        if ctx.tiled:
+            x_chunks = saved
+        else:
+            weight = saved
         needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
         dx = dw = db = None
         dy = dy.contiguous()
         ops = ctx.ops
         empty = not plan.held or not plan.k
+        dy_chunks = None
+        if ctx.tiled and not empty and (needs_x or (needs_w and not ctx.dense)):
+            dy_chunks = ops.condensed_train_chunks(dy)
         if needs_x:
             if empty:
                 dx = dy.new_zeros(dy.shape[0], plan.in_features)
+            elif dy_chunks is not None:
+                dx = ops.condensed_train_tiled_grad_input(dy_chunks, dy.shape[0], plan.tcols, ctx.values_t, plan.colseg,
+                                                          plan.in_features)  # fmt: skip
             elif ops is not None:
                 dx = ops.condensed_train_grad_input(dy, plan.ptr, plan.cols, ctx.values_t, plan.in_features)
             else:
@@ -195,9 +259,15 @@ class CondensedLinearFunction(torch.autograd.Function):
             elif empty:
                 dw = dy.new_zeros(plan.out_features, plan.in_features)
             elif ops is not None:
-                grad_values = ops.condensed_train_grad_values(dy, x.contiguous(), plan.indices, plan.rows)
-                dw = _gradient_memory(ctx.layer, x, plan)
-                ops.condensed_train_dense_grad(grad_values, plan.indices, plan.rows, dw)
+                if x_chunks is not None:
+                    grad_values = ops.condensed_train_tiled_grad_values(dy_chunks, x_chunks, plan.tindices, plan.seg,
+                                                                        plan.rows)  # fmt: skip
+                    dw = _gradient_memory(ctx.layer, x_chunks, plan)
+                    ops.condensed_train_dense_grad(grad_values, plan.indices, plan.rows, dw, plan.order)
+                else:
+                    grad_values = ops.condensed_train_grad_values(dy, x.contiguous(), plan.indices, plan.rows)
+                    dw = _gradient_memory(ctx.layer, x, plan)
+                    ops.condensed_train_dense_grad(grad_values, plan.indices, plan.rows, dw, None)
             else:
                 dw = _sampled_grad(dy, x, plan)
             if ctx.layer is not None:

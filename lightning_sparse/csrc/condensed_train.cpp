@@ -6,10 +6,11 @@
 // each reading k inputs: row h is output o = rows[h] (or h), its entries are indices[h, j] (int32 or int64,
 // increasing) and their values W[o, indices[h, j]].
 //
-// * condensed_train_values(weight, indices, rows, positions) -> (packed values, transposed values)
+// * condensed_train_values(weight, indices, rows, positions, order) -> (values, transposed values)
 //     one pass over the rows of the dense weight: the k values of each row, in the packed [blocks, k, 16] layout
 //     of condensed_linear (padding 0), and, with `positions` ([held, k] int64, the place of each entry in the
-//     column-major (CSC) order of the layer), the same values in that order, for grad_input.
+//     column-major (CSC) order of the layer), the same values in that order, for grad_input. With `order` (the
+//     tiled order's place of each entry, see below) the values come out in that order instead of packed.
 // * condensed_train_grad_input(dy, ptr, cols, values, in) -> dx
 //     dx[b, i] = sum_{p in ptr[i]..ptr[i+1]} values[p] * dy[b, cols[p]]: dy W over the layer's columns (CSC; the
 //     fan-out of an input varies, so this is a compressed row product of W^T). Each dx is summed by one thread in
@@ -21,7 +22,10 @@
 //     entry, the batch taken in chunks whose inputs fit in L2 (summed in chunk order: thread-count independent).
 // * condensed_train_dense_grad(dvalues, indices, rows, grad)
 //     writes the dense gradient into grad [out, in], zero off the active positions: each row zeroed and its k
-//     values written in one pass (into memory the caller reuses: a fresh 36 MiB tensor costs ~7x its page faults).
+//     values written in one pass (into memory the caller reuses: a fresh 36 MiB tensor costs ~7x its page faults;
+//     with AVX-512 each row is composed in L1 and streamed out). `order`: dvalues in the tiled order's layout.
+// * condensed_train_chunks, condensed_train_forward, condensed_train_tiled_grad_input,
+//   condensed_train_tiled_grad_values: the tiled order, from kSmallBatch samples up (section "tiled order").
 //
 // float32 only (the Python side falls back to torch's ops otherwise); indices are trusted (checked in Python
 // when the condensed form is built from the masks). AVX-512 variants are chosen at run time; other CPUs run the
@@ -226,6 +230,14 @@ __attribute__((target("avx512f"))) void dot16_avx512(const float* g, const float
 }
 #endif
 
+#if LS_X86
+__attribute__((target("avx512f"))) void stream_row(const float* src, float* dst, int64_t n) {
+  for (int64_t c = 0; c < n; c += 16) _mm512_stream_ps(dst + c, _mm512_load_ps(src + c));
+}
+
+void fence() { _mm_sfence(); }  // the streamed stores are visible before the op returns
+#endif
+
 template <typename index_t>
 inline void axpy(const float* v, const index_t* cols, int64_t n, const float* src, int64_t ld, int64_t width,
                  float* acc) {
@@ -268,7 +280,8 @@ void check_indices(const at::Tensor& indices, const char* name) {
 // ------------------------------------------------------------------------------------------------- the ops
 std::tuple<at::Tensor, at::Tensor> condensed_train_values(const at::Tensor& weight, const at::Tensor& indices,
                                                           const std::optional<at::Tensor>& rows,
-                                                          const std::optional<at::Tensor>& positions) {
+                                                          const std::optional<at::Tensor>& positions,
+                                                          const std::optional<at::Tensor>& order) {
   static constexpr const char* name = "condensed_train_values";
   check_float(weight, "weight", name);
   check_indices(indices, name);
@@ -276,7 +289,15 @@ std::tuple<at::Tensor, at::Tensor> condensed_train_values(const at::Tensor& weig
   const int64_t out = weight.size(0), in = weight.size(1), held = indices.size(0), k = indices.size(1);
   const int64_t* map = rows_map(rows, out, held, name);
   const int64_t blocks = (held + kBlock - 1) / kBlock;
-  at::Tensor packed = at::empty({blocks, k, kBlock}, weight.options());
+  const bool packed = !(order.has_value() && order->defined());
+  const int64_t* ord = nullptr;
+  if (!packed) {
+    TORCH_CHECK(order->is_cpu() && order->scalar_type() == at::kLong && order->is_contiguous() &&
+                    order->numel() == held * k,
+                name, ": order must be a contiguous int64 CPU tensor of ", held * k, " entries");
+    ord = order->const_data_ptr<int64_t>();
+  }
+  at::Tensor out_values = packed ? at::empty({blocks, k, kBlock}, weight.options()) : at::empty({held * k}, weight.options());
   const bool transpose_too = positions.has_value() && positions->defined();
   const int64_t* pos = nullptr;
   at::Tensor vt = at::empty({transpose_too ? held * k : 0}, weight.options());
@@ -287,10 +308,23 @@ std::tuple<at::Tensor, at::Tensor> condensed_train_values(const at::Tensor& weig
     pos = positions->const_data_ptr<int64_t>();
   }
   const float* w = weight.const_data_ptr<float>();
-  float* pv = packed.mutable_data_ptr<float>();
+  float* pv = out_values.mutable_data_ptr<float>();
   float* t = vt.mutable_data_ptr<float>();
   AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), name, [&] {
     const index_t* idx = indices.const_data_ptr<index_t>();
+    if (!packed) {
+      at::parallel_for(0, held, grain(k), [&](int64_t begin, int64_t end) {
+        for (int64_t h = begin; h < end; ++h) {
+          const float* row = w + (map ? map[h] : h) * in;
+          const index_t* ih = idx + h * k;
+          const int64_t* oh = ord + h * k;
+          for (int64_t j = 0; j < k; ++j) pv[oh[j]] = row[ih[j]];
+          if (pos)
+            for (int64_t j = 0; j < k; ++j) t[pos[h * k + j]] = row[ih[j]];
+        }
+      });
+      return;
+    }
     at::parallel_for(0, blocks, grain(kBlock * k), [&](int64_t begin, int64_t end) {
       for (int64_t blk = begin; blk < end; ++blk) {
         float* dst = pv + blk * k * kBlock;
@@ -309,7 +343,7 @@ std::tuple<at::Tensor, at::Tensor> condensed_train_values(const at::Tensor& weig
       }
     });
   });
-  return {packed, vt};
+  return {out_values, vt};
 }
 
 at::Tensor condensed_train_grad_input(const at::Tensor& dy, const at::Tensor& ptr, const at::Tensor& cols,
@@ -439,12 +473,20 @@ at::Tensor condensed_train_grad_values(const at::Tensor& dy, const at::Tensor& x
 }
 
 void condensed_train_dense_grad(const at::Tensor& dvalues, const at::Tensor& indices,
-                                const std::optional<at::Tensor>& rows, at::Tensor& grad) {
+                                const std::optional<at::Tensor>& rows, at::Tensor& grad,
+                                const std::optional<at::Tensor>& order) {
   static constexpr const char* name = "condensed_train_dense_grad";
   check_float(dvalues, "dvalues", name);
   check_float(grad, "grad", name);
   check_indices(indices, name);
-  TORCH_CHECK(dvalues.sizes() == indices.sizes(), name, ": dvalues and indices must have the same shape");
+  TORCH_CHECK(dvalues.numel() == indices.numel(), name, ": dvalues and indices must have as many entries");
+  const int64_t* ord = nullptr;  // dvalues in tile-major order: entry (h, j) at ord[h * k + j]
+  if (order.has_value() && order->defined()) {
+    TORCH_CHECK(order->is_cpu() && order->scalar_type() == at::kLong && order->is_contiguous() &&
+                    order->numel() == indices.numel(),
+                name, ": order must be a contiguous int64 CPU tensor, one per entry");
+    ord = order->const_data_ptr<int64_t>();
+  }
   TORCH_CHECK(grad.dim() == 2, name, ": grad must be [out, in]");
   const int64_t held = indices.size(0), k = indices.size(1), out = grad.size(0), in = grad.size(1);
   const int64_t* map = rows_map(rows, out, held, name);
@@ -454,22 +496,321 @@ void condensed_train_dense_grad(const at::Tensor& dvalues, const at::Tensor& ind
   AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), name, [&] {
     const index_t* idx = indices.const_data_ptr<index_t>();
     at::parallel_for(0, held, grain(in), [&](int64_t begin, int64_t end) {
+#if LS_X86
+      if (kAvx512 && !map && in % 16 == 0 && reinterpret_cast<uintptr_t>(gp) % 64 == 0) {
+        // each row composed in a buffer and streamed out: no read of the old gradient (half the traffic)
+        std::vector<float, std::allocator<float>> buffer(in + 16);
+        float* row = buffer.data();
+        while (reinterpret_cast<uintptr_t>(row) % 64) ++row;
+        for (int64_t h = begin; h < end; ++h) {
+          std::fill(row, row + in, 0.f);
+          if (ord)
+            for (int64_t j = 0; j < k; ++j) row[idx[h * k + j]] = dv[ord[h * k + j]];
+          else
+            for (int64_t j = 0; j < k; ++j) row[idx[h * k + j]] = dv[h * k + j];
+          stream_row(row, gp + h * in, in);
+        }
+        fence();
+        return;
+      }
+#endif
       for (int64_t h = begin; h < end; ++h) {
         float* row = gp + (map ? map[h] : h) * in;
         if (!map) std::fill(row, row + in, 0.f);
-        for (int64_t j = 0; j < k; ++j) row[idx[h * k + j]] = dv[h * k + j];
+        if (ord)
+          for (int64_t j = 0; j < k; ++j) row[idx[h * k + j]] = dv[ord[h * k + j]];
+        else
+          for (int64_t j = 0; j < k; ++j) row[idx[h * k + j]] = dv[h * k + j];
       }
     });
   });
 }
 
+// ------------------------------------------------------------------------------------------------- tiled order
+// From kSmallBatch samples up, the training step runs in the *tiled* order. Both operands of a product are held as
+// chunks of kW = 64 samples, transposed: [chunks, n, 64] (condensed_train_chunks; the last chunk padded with
+// zeros), so that the 64 samples of one input are 256 contiguous bytes. A row's entries are split by the tile of
+// kTile = 128 inputs they read, and the entries are stored tile-major (tile, then row, then input: every pass over a
+// tile streams its entries; `seg` [tiles * rows + 1] the offsets of the runs, computed once per mask in Python); a tile of one chunk, 128 x 64 floats = 32 KiB, stays in L1 while every row reads its entries
+// in that tile, and the rows' 64 running sums go to a buffer (L2) between tiles. Without tiles, every multiply-add
+// of 16 samples loads a random 64-byte line from L2, and the products run at L2's bandwidth (~4x slower).
+// Every sum runs in a fixed order (chunks, then tiles, then entries): results do not depend on the threads.
+constexpr int64_t kW = 64;
+constexpr int64_t kTile = 128;
+
+// dst[c][i][s] = src[(c * kW + s) * n + i] (0 past the batch): [batch, n] -> [chunks, n, kW]
+at::Tensor chunks_of(const at::Tensor& src) {
+  const int64_t batch = src.size(0), n = src.size(1), chunks = (batch + kW - 1) / kW;
+  at::Tensor dst = at::empty({chunks, n, kW}, src.options());
+  const float* s = src.const_data_ptr<float>();
+  float* d = dst.mutable_data_ptr<float>();
+  const int64_t tiles = (n + 15) / 16;
+  at::parallel_for(0, chunks * tiles, std::max<int64_t>(1, kWorkPerChunk / (16 * kW)), [&](int64_t begin, int64_t end) {
+    for (int64_t q = begin; q < end; ++q) {
+      const int64_t c = q / tiles, i0 = (q % tiles) * 16, i1 = std::min(n, i0 + 16);
+      float* base = d + c * n * kW;
+      for (int64_t x = 0; x < kW; ++x) {
+        const int64_t b = c * kW + x;
+        if (b < batch) {
+          const float* row = s + b * n;
+          for (int64_t i = i0; i < i1; ++i) base[i * kW + x] = row[i];
+        } else {
+          for (int64_t i = i0; i < i1; ++i) base[i * kW + x] = 0.f;
+        }
+      }
+    }
+  });
+  return dst;
+}
+
+// acc[0:64] (+)= sum_{p in [p0, p1)} v[p] * src[idx[p] * kW + 0:64]
+template <typename index_t>
+inline void seg_axpy_portable(const float* v, const index_t* idx, int64_t p0, int64_t p1, const float* src, bool first,
+                              float* acc) {
+  if (first) std::fill(acc, acc + kW, 0.f);
+  for (int64_t p = p0; p < p1; ++p) {
+    const float a = v[p];
+    const float* row = src + static_cast<int64_t>(idx[p]) * kW;
+    for (int64_t s = 0; s < kW; ++s) acc[s] += a * row[s];
+  }
+}
+
+// dv[p] += dot(g[0:64], src[idx[p] * kW + 0:64]) for p in [p0, p1)
+template <typename index_t>
+inline void seg_dot_portable(const float* g, const index_t* idx, int64_t p0, int64_t p1, const float* src, float* dv) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const float* row = src + static_cast<int64_t>(idx[p]) * kW;
+    float s = 0.f;
+    for (int64_t x = 0; x < kW; ++x) s += g[x] * row[x];
+    dv[p] += s;
+  }
+}
+
+#if LS_X86
+template <typename index_t>
+__attribute__((target("avx512f"))) inline void seg_axpy_avx512(const float* v, const index_t* idx, int64_t p0,
+                                                               int64_t p1, const float* src, bool first, float* acc) {
+  __m512 a0, a1, a2, a3;
+  if (first) {
+    a0 = a1 = a2 = a3 = _mm512_setzero_ps();
+  } else {
+    a0 = _mm512_loadu_ps(acc), a1 = _mm512_loadu_ps(acc + 16), a2 = _mm512_loadu_ps(acc + 32);
+    a3 = _mm512_loadu_ps(acc + 48);
+  }
+  for (int64_t p = p0; p < p1; ++p) {
+    const __m512 s = _mm512_set1_ps(v[p]);
+    const float* row = src + static_cast<int64_t>(idx[p]) * kW;
+    a0 = _mm512_fmadd_ps(s, _mm512_loadu_ps(row), a0);
+    a1 = _mm512_fmadd_ps(s, _mm512_loadu_ps(row + 16), a1);
+    a2 = _mm512_fmadd_ps(s, _mm512_loadu_ps(row + 32), a2);
+    a3 = _mm512_fmadd_ps(s, _mm512_loadu_ps(row + 48), a3);
+  }
+  _mm512_storeu_ps(acc, a0), _mm512_storeu_ps(acc + 16, a1), _mm512_storeu_ps(acc + 32, a2);
+  _mm512_storeu_ps(acc + 48, a3);
+}
+
+template <typename index_t>
+__attribute__((target("avx512f"))) inline void seg_dot_avx512(const float* g, const index_t* idx, int64_t p0,
+                                                              int64_t p1, const float* src, float* dv) {
+  const __m512 g0 = _mm512_loadu_ps(g), g1 = _mm512_loadu_ps(g + 16), g2 = _mm512_loadu_ps(g + 32),
+               g3 = _mm512_loadu_ps(g + 48);
+  for (int64_t p = p0; p < p1; p += 16) {
+    const int64_t n = std::min<int64_t>(16, p1 - p);
+    __m512 acc[16];
+    for (int j = 0; j < 16; ++j) {
+      if (j < n) {
+        const float* row = src + static_cast<int64_t>(idx[p + j]) * kW;
+        __m512 a = _mm512_mul_ps(g0, _mm512_loadu_ps(row));
+        a = _mm512_fmadd_ps(g1, _mm512_loadu_ps(row + 16), a);
+        a = _mm512_fmadd_ps(g2, _mm512_loadu_ps(row + 32), a);
+        acc[j] = _mm512_fmadd_ps(g3, _mm512_loadu_ps(row + 48), a);
+      } else {
+        acc[j] = _mm512_setzero_ps();
+      }
+    }
+    const __mmask16 m = static_cast<__mmask16>(n == 16 ? 0xFFFFu : (1u << n) - 1u);
+    _mm512_mask_storeu_ps(dv + p, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, dv + p), hsum16(acc)));
+  }
+}
+#endif
+
+template <typename index_t>
+inline void seg_axpy(const float* v, const index_t* idx, int64_t p0, int64_t p1, const float* src, bool first,
+                     float* acc) {
+#if LS_X86
+  if (kAvx512) return seg_axpy_avx512(v, idx, p0, p1, src, first, acc);
+#endif
+  seg_axpy_portable(v, idx, p0, p1, src, first, acc);
+}
+
+template <typename index_t>
+inline void seg_dot(const float* g, const index_t* idx, int64_t p0, int64_t p1, const float* src, float* dv) {
+#if LS_X86
+  if (kAvx512) return seg_dot_avx512(g, idx, p0, p1, src, dv);
+#endif
+  seg_dot_portable(g, idx, p0, p1, src, dv);
+}
+
+void check_seg(const at::Tensor& seg, int64_t rows, int64_t n_src, const char* name) {
+  const int64_t tiles = (n_src + kTile - 1) / kTile;
+  TORCH_CHECK(seg.is_cpu() && seg.scalar_type() == at::kLong && seg.is_contiguous() && seg.dim() == 1 &&
+                  seg.numel() == tiles * rows + 1,
+              name, ": seg must be a contiguous 1-D int64 CPU tensor of tiles * rows + 1 = ", tiles * rows + 1,
+              " entries");
+}
+
+// out[b * out_ld + (map ? map[h] : h)] = sum over row h's entries of v[p] * src[b][idx[p]] (+ bias), b < batch
+template <typename index_t>
+void tiled_rows(const float* src, int64_t n_src, int64_t chunks, int64_t batch, const float* v, const index_t* idx,
+                const int64_t* seg, int64_t rows, const float* bias, const int64_t* map, float* out, int64_t out_ld,
+                int64_t work_per_row) {
+  const int64_t tiles = (n_src + kTile - 1) / kTile, blocks = (rows + kBlock - 1) / kBlock;
+  at::parallel_for(0, blocks, grain(kBlock * work_per_row), [&](int64_t begin, int64_t end) {
+    const int64_t h0 = begin * kBlock, h1 = std::min(rows, end * kBlock);
+    std::vector<float> buffer((h1 - h0) * kW);
+    for (int64_t c = 0; c < chunks; ++c) {
+      const float* chunk = src + c * n_src * kW;
+      for (int64_t t = 0; t < tiles; ++t)
+        for (int64_t h = h0; h < h1; ++h)
+          seg_axpy(v, idx, seg[t * rows + h], seg[t * rows + h + 1], chunk, t == 0, buffer.data() + (h - h0) * kW);
+      if (tiles == 0) std::fill(buffer.begin(), buffer.end(), 0.f);
+      const int64_t width = std::min(kW, batch - c * kW);
+      for (int64_t r0 = h0; r0 < h1; r0 += kBlock) {  // 16 rows at a time: one cache line of out per sample
+        const int64_t r1 = std::min(h1, r0 + kBlock);
+        for (int64_t s = 0; s < width; ++s) {
+          float* dst = out + (c * kW + s) * out_ld;
+          for (int64_t h = r0; h < r1; ++h) {
+            const int64_t o = map ? map[h] : h;
+            dst[o] = buffer[(h - h0) * kW + s] + (bias ? bias[o] : 0.f);
+          }
+        }
+      }
+    }
+  });
+}
+
+// (y, x in chunks) = condensed_train_forward(x, values, indices, seg, bias, out_features, rows): values and indices
+// in tile-major order (tile, row, then increasing input), seg [tiles * held + 1] the offsets of the (tile, row) runs
+std::tuple<at::Tensor, at::Tensor> condensed_train_forward(const at::Tensor& x, const at::Tensor& values,
+                                                           const at::Tensor& indices, const at::Tensor& seg,
+                                                           const std::optional<at::Tensor>& bias, int64_t out,
+                                                           const std::optional<at::Tensor>& rows) {
+  static constexpr const char* name = "condensed_train_forward";
+  check_float(x, "x", name);
+  check_float(values, "values", name);
+  TORCH_CHECK(x.dim() == 2 && values.numel() == indices.numel() && indices.dim() == 1, name,
+              ": x [batch, in], values and indices 1-D, one per entry");
+  TORCH_CHECK(indices.is_cpu() && indices.is_contiguous() &&
+                  (indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong),
+              name, ": indices must be a contiguous int32 or int64 CPU tensor");
+  const int64_t batch = x.size(0), in = x.size(1);
+  TORCH_CHECK(seg.numel() > 0, name, ": seg must not be empty");
+  const int64_t tiles_in = (in + kTile - 1) / kTile, held = tiles_in ? (seg.numel() - 1) / tiles_in : 0;
+  const int64_t k = held ? indices.numel() / held : 0;
+  const int64_t* map = rows_map(rows, out, held, name);
+  check_seg(seg, held, in, name);
+  const float* b = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    check_float(*bias, "bias", name);
+    TORCH_CHECK(bias->numel() == out, name, ": bias must have out_features entries");
+    b = bias->const_data_ptr<float>();
+  }
+  at::Tensor xc = chunks_of(x);
+  at::Tensor y = map ? at::empty({batch, out}, x.options()) : at::empty({batch, out}, x.options());
+  if (map) {  // rows emptied by neuron ablation: their bias (or 0)
+    if (b) y.copy_(bias->view({1, out}).expand({batch, out}));
+    else y.zero_();
+  }
+  if (batch == 0) return {y, xc};
+  AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), name, [&] {
+    tiled_rows(xc.const_data_ptr<float>(), in, xc.size(0), batch, values.const_data_ptr<float>(),
+               indices.const_data_ptr<index_t>(), seg.const_data_ptr<int64_t>(), held, b, map, y.mutable_data_ptr<float>(),
+               out, k * batch);
+  });
+  return {y, xc};
+}
+
+// dx = condensed_train_tiled_grad_input(dy in chunks, batch, ptr, cols, values (CSC order), colseg, in)
+at::Tensor condensed_train_tiled_grad_input(const at::Tensor& dyc, int64_t batch, const at::Tensor& cols,
+                                            const at::Tensor& values, const at::Tensor& colseg, int64_t in) {
+  static constexpr const char* name = "condensed_train_tiled_grad_input";
+  check_float(dyc, "dy chunks", name);
+  check_float(values, "values", name);
+  TORCH_CHECK(dyc.dim() == 3 && dyc.size(2) == kW && dyc.size(0) == (batch + kW - 1) / kW, name,
+              ": dy chunks must be [ceil(batch / 64), out, 64]");
+  TORCH_CHECK(cols.is_cpu() && cols.is_contiguous() && cols.dim() == 1 && cols.numel() == values.numel() &&
+                  (cols.scalar_type() == at::kInt || cols.scalar_type() == at::kLong),
+              name, ": cols must be a contiguous 1-D int32 or int64 CPU tensor, one per value");
+  const int64_t out = dyc.size(1);
+  check_seg(colseg, in, out, name);
+  at::Tensor dx = at::empty({batch, in}, dyc.options());
+  if (dx.numel() == 0) return dx;
+  const int64_t per = std::max<int64_t>(1, values.numel() / std::max<int64_t>(in, 1)) * batch;
+  AT_DISPATCH_INDEX_TYPES(cols.scalar_type(), name, [&] {
+    tiled_rows(dyc.const_data_ptr<float>(), out, dyc.size(0), batch, values.const_data_ptr<float>(),
+               cols.const_data_ptr<index_t>(), colseg.const_data_ptr<int64_t>(), in, static_cast<const float*>(nullptr),
+               static_cast<const int64_t*>(nullptr), dx.mutable_data_ptr<float>(), in, per);
+  });
+  return dx;
+}
+
+// dvalues (tile-major, as the forward's values) = condensed_train_tiled_grad_values(dy in chunks, x in chunks, indices,
+// seg, rows)
+at::Tensor condensed_train_tiled_grad_values(const at::Tensor& dyc, const at::Tensor& xc, const at::Tensor& indices,
+                                             const at::Tensor& seg, const std::optional<at::Tensor>& rows) {
+  static constexpr const char* name = "condensed_train_tiled_grad_values";
+  check_float(dyc, "dy chunks", name);
+  check_float(xc, "x chunks", name);
+  TORCH_CHECK(indices.is_cpu() && indices.is_contiguous() && indices.dim() == 1 &&
+                  (indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong),
+              name, ": indices must be a contiguous 1-D int32 or int64 CPU tensor");
+  TORCH_CHECK(dyc.dim() == 3 && xc.dim() == 3 && dyc.size(0) == xc.size(0) && dyc.size(2) == kW && xc.size(2) == kW,
+              name, ": dy and x chunks must be [chunks, n, 64] with the same chunks");
+  const int64_t chunks = xc.size(0), in = xc.size(1), out = dyc.size(1);
+  const int64_t tiles_in = (in + kTile - 1) / kTile, held = tiles_in ? (seg.numel() - 1) / tiles_in : 0;
+  const int64_t k = held ? indices.numel() / held : 0;
+  const int64_t* map = rows_map(rows, out, held, name);
+  check_seg(seg, held, in, name);
+  at::Tensor dv = at::zeros({indices.numel()}, xc.options());
+  if (dv.numel() == 0 || chunks == 0) return dv;
+  const int64_t tiles = (in + kTile - 1) / kTile, blocks = (held + kBlock - 1) / kBlock;
+  float* dvp = dv.mutable_data_ptr<float>();
+  const int64_t* sg = seg.const_data_ptr<int64_t>();
+  const float* xs = xc.const_data_ptr<float>();
+  const float* gs = dyc.const_data_ptr<float>();
+  AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), name, [&] {
+    const index_t* idx = indices.const_data_ptr<index_t>();
+    at::parallel_for(0, blocks, grain(kBlock * k * chunks * kW), [&](int64_t begin, int64_t end) {
+      const int64_t h0 = begin * kBlock, h1 = std::min(held, end * kBlock);
+      for (int64_t c = 0; c < chunks; ++c) {
+        const float* xchunk = xs + c * in * kW;
+        const float* gchunk = gs + c * out * kW;
+        for (int64_t t = 0; t < tiles; ++t)
+          for (int64_t h = h0; h < h1; ++h)
+            seg_dot(gchunk + (map ? map[h] : h) * kW, idx, sg[t * held + h], sg[t * held + h + 1], xchunk, dvp);
+      }
+    });
+  });
+  return dv;
+}
+
+at::Tensor condensed_train_chunks(const at::Tensor& a) {
+  check_float(a, "input", "condensed_train_chunks");
+  TORCH_CHECK(a.dim() == 2, "condensed_train_chunks: input must be [batch, n]");
+  return chunks_of(a);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lightning_sparse, m) {
-  m.def("condensed_train_values(Tensor weight, Tensor indices, Tensor? rows, Tensor? positions) -> (Tensor, Tensor)");
+  m.def("condensed_train_values(Tensor weight, Tensor indices, Tensor? rows, Tensor? positions, Tensor? order) -> (Tensor, Tensor)");
+  m.def("condensed_train_chunks(Tensor a) -> Tensor");
+  m.def("condensed_train_forward(Tensor x, Tensor values, Tensor indices, Tensor seg, Tensor? bias, int out_features, Tensor? rows) -> (Tensor, Tensor)");
+  m.def("condensed_train_tiled_grad_input(Tensor dy_chunks, int batch, Tensor cols, Tensor values, Tensor colseg, int in_features) -> Tensor");
+  m.def("condensed_train_tiled_grad_values(Tensor dy_chunks, Tensor x_chunks, Tensor indices, Tensor seg, Tensor? rows) -> Tensor");
   m.def("condensed_train_grad_input(Tensor dy, Tensor ptr, Tensor cols, Tensor values, int in_features) -> Tensor");
   m.def("condensed_train_grad_values(Tensor dy, Tensor x, Tensor indices, Tensor? rows) -> Tensor");
-  m.def("condensed_train_dense_grad(Tensor dvalues, Tensor indices, Tensor? rows, Tensor(a!) grad) -> ()");
+  m.def("condensed_train_dense_grad(Tensor dvalues, Tensor indices, Tensor? rows, Tensor(a!) grad, Tensor? order) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(lightning_sparse, CPU, m) {
@@ -477,4 +818,8 @@ TORCH_LIBRARY_IMPL(lightning_sparse, CPU, m) {
   m.impl("condensed_train_grad_input", &condensed_train_grad_input);
   m.impl("condensed_train_grad_values", &condensed_train_grad_values);
   m.impl("condensed_train_dense_grad", &condensed_train_dense_grad);
+  m.impl("condensed_train_chunks", &condensed_train_chunks);
+  m.impl("condensed_train_forward", &condensed_train_forward);
+  m.impl("condensed_train_tiled_grad_input", &condensed_train_tiled_grad_input);
+  m.impl("condensed_train_tiled_grad_values", &condensed_train_tiled_grad_values);
 }
