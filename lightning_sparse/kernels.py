@@ -119,31 +119,27 @@ def cpu_masked_zero(kernel: str) -> MaskedZero | None:
         _build(),
         "mask_kernel='cpp': the C++ mask kernel could not be built ({reason}). It needs a C++ compiler with OpenMP"
         " and ninja; use mask_kernel='auto' or 'torch' to apply the masks with torch's ops",
-        _warn_fallback,
+        "lightning-sparse: the C++ mask kernel could not be built, so the masks are applied with torch's"
+        " _foreach_mul_, about 1.4-1.8x slower on the CPU (pass mask_kernel='torch' to skip the build).",
     )
 
 
-def _op_or_fallback(kernel: str, built: tuple[Any, str], cpp_error: str, warn: Callable[[str], None]) -> Any:
+def _op_or_fallback(kernel: str, built: tuple[Any, str], cpp_error: str, fallback: str) -> Any:
     """The op of ``built`` (``(op, why it failed)`` from ``_build*``); when it failed, raise ``RuntimeError`` with
-    ``cpp_error`` (``{reason}`` filled in) for ``kernel="cpp"``, else ``warn(reason)`` (cached: once per process)
-    and return None for the torch fallback."""
+    ``cpp_error`` (``{reason}`` filled in) for ``kernel="cpp"``, else warn with ``fallback`` (what runs instead)
+    and the first lines of the reason, once per process, and return None for the torch fallback."""
     op, reason = built
     if op is None:
         if kernel == "cpp":
             raise RuntimeError(cpp_error.format(reason=reason))
-        warn(reason)
+        _warn_once(fallback, reason)
     return op
 
 
 @functools.cache
-def _warn_fallback(reason: str) -> None:
+def _warn_once(fallback: str, reason: str) -> None:
     first_lines = "\n".join(reason.splitlines()[:3])
-    warnings.warn(
-        f"lightning-sparse: the C++ mask kernel could not be built, so the masks are applied with torch's"
-        f" _foreach_mul_, about 1.4-1.8x slower on the CPU (pass mask_kernel='torch' to skip the build). {first_lines}",
-        RuntimeWarning,
-        stacklevel=4,
-    )
+    warnings.warn(f"{fallback} {first_lines}", RuntimeWarning, stacklevel=5)
 
 
 # ----------------------------------------------------------------------------- selection kernel
@@ -178,18 +174,8 @@ def cpu_select(kernel: str) -> SelectOp | None:
         _build_select(),
         "kernel='cpp': the C++ selection kernel could not be built ({reason}). It needs a C++ compiler with OpenMP"
         " and ninja; use kernel='auto' or 'torch' to select with torch's ops",
-        _warn_select_fallback,
-    )
-
-
-@functools.cache
-def _warn_select_fallback(reason: str) -> None:
-    first_lines = "\n".join(reason.splitlines()[:3])
-    warnings.warn(
         "lightning-sparse: the C++ selection kernel could not be built, so mask updates select with torch's ops"
-        f" (the same masks, several times slower on the CPU; pass mask_kernel='torch' to skip the build). {first_lines}",
-        RuntimeWarning,
-        stacklevel=5,
+        " (the same masks, several times slower on the CPU; pass mask_kernel='torch' to skip the build).",
     )
 
 
@@ -216,18 +202,8 @@ def cpu_condensed_linear(kernel: str) -> CondensedOp | None:
         _build_condensed(),
         "kernel='cpp': the C++ condensed kernel could not be built ({reason}). It needs a C++ compiler with OpenMP"
         " and ninja; use kernel='auto' or 'torch' to compute with torch's embedding_bag",
-        _warn_condensed_fallback,
-    )
-
-
-@functools.cache
-def _warn_condensed_fallback(reason: str) -> None:
-    first_lines = "\n".join(reason.splitlines()[:3])
-    warnings.warn(
         "lightning-sparse: the C++ condensed kernel could not be built, so CondensedLinear computes with torch's"
-        f" embedding_bag, several times slower at small batches (pass kernel='torch' to skip the build). {first_lines}",
-        RuntimeWarning,
-        stacklevel=5,
+        " embedding_bag, several times slower at small batches (pass kernel='torch' to skip the build).",
     )
 
 
@@ -266,16 +242,7 @@ def cpu_condensed_train(kernel: str) -> Any:
         _build_train(),
         "kernel='cpp': the C++ condensed training kernels could not be built ({reason}). They need a C++ compiler"
         " with OpenMP and ninja; use kernel='auto' or 'torch' to compute with torch's ops",
-        _warn_train_fallback,
-    )
-
-
-@functools.cache
-def _warn_train_fallback(reason: str) -> None:
-    first_lines = "\n".join(reason.splitlines()[:3])
-    warnings.warn(
         "lightning-sparse: the C++ condensed training kernels could not be built, so compute='condensed' computes"
-        f" with torch's ops, not faster than dense compute. {first_lines}",
-        RuntimeWarning,
-        stacklevel=5,
+        " with torch's ops, not faster than dense compute.",
     )
+
