@@ -53,10 +53,7 @@ namespace {
 constexpr int64_t kBlock = 16;  // rows per block of the packed layout
 // Samples below which the gather order is used (measured with AVX-512: the axpy order wins from 5-7 up).
 constexpr int64_t kSmallBatch = 6;
-// Multiply-adds per parallel chunk: below this a chunk is not worth a thread.
-constexpr int64_t kWorkPerChunk = 1 << 15;
-// Most samples per pass of the axpy order.
-constexpr int64_t kChunk = 256;
+#include "cpu_passes.h"  // kWorkPerChunk, kChunk, grain, chunk_width, padded_stride, transpose
 
 // ------------------------------------------------------------------------------------------- portable loops
 // s[r] = sum_j v[j * 16 + r] * x[idx[j * 16 + r]] for the 16 rows r of a block
@@ -270,40 +267,6 @@ inline void axpy(const float* v, const index_t* idx, const float* xt, int64_t ld
   if (kIsa == Isa::kAvx2) return axpy_avx2(v, idx, xt, ld, k, width, acc);
 #endif
   axpy_portable(v, idx, xt, ld, k, width, acc);
-}
-
-int64_t grain(int64_t work_per_item) { return std::max<int64_t>(1, kWorkPerChunk / std::max<int64_t>(1, work_per_item)); }
-
-// Samples per pass of the axpy order: the inputs' columns for one pass, [in, width] floats, are read by every
-// row, so they should stay in L2 (about 1 MiB here); a multiple of 64, at most kChunk.
-int64_t chunk_width(int64_t in) {
-  const int64_t fits = (int64_t{1} << 20) / (4 * std::max<int64_t>(in, 1));
-  return std::clamp<int64_t>(fits / 64 * 64, 64, kChunk);
-}
-
-// The row stride of a transposed copy of `width` samples that is read in several passes: a multiple of 16 floats
-// (64 bytes) that is an odd number of cache lines, so that the rows' slices of one pass spread over all cache sets.
-// (With 256 samples, a stride of 1 KiB puts the slices of a pass in one set out of 16 and L2 thrashes.)
-int64_t padded_stride(int64_t width) {
-  const int64_t ld = (width + 15) / 16 * 16;
-  return (ld / 16) % 2 ? ld : ld + 16;
-}
-
-// xt[i * ld + c] = x[c * in + i]: x [batch, in] transposed, 16 x 16 tiles
-void transpose(const float* x, float* xt, int64_t batch, int64_t in, int64_t ld) {
-  const int64_t tiles = (in + 15) / 16;
-  at::parallel_for(0, tiles, std::max<int64_t>(1, kWorkPerChunk / (16 * batch)), [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t i0 = t * 16, i1 = std::min(in, i0 + 16);
-      for (int64_t c0 = 0; c0 < batch; c0 += 16) {
-        const int64_t c1 = std::min(batch, c0 + 16);
-        for (int64_t i = i0; i < i1; ++i) {
-          float* dst = xt + i * ld;
-          for (int64_t c = c0; c < c1; ++c) dst[c] = x[c * in + i];
-        }
-      }
-    }
-  });
 }
 
 // ------------------------------------------------------------------------------------------- the loop orders

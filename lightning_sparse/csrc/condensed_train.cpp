@@ -57,8 +57,7 @@ namespace {
 
 constexpr int64_t kBlock = 16;            // rows per block of the packed layout (as condensed_linear)
 constexpr int64_t kSmallBatch = 8;        // below this, gathers; from here, transposed operands
-constexpr int64_t kWorkPerChunk = 1 << 15;  // multiply-adds per parallel chunk
-constexpr int64_t kChunk = 256;           // most samples per pass
+#include "cpu_passes.h"  // kWorkPerChunk, kChunk, grain, chunk_width, padded_stride, transpose
 
 bool use_avx512() {
   const char* cap = std::getenv("LIGHTNING_SPARSE_ISA");
@@ -73,37 +72,6 @@ bool use_avx512() {
 }
 
 const bool kAvx512 = use_avx512();
-
-int64_t grain(int64_t work_per_item) { return std::max<int64_t>(1, kWorkPerChunk / std::max<int64_t>(1, work_per_item)); }
-
-// samples per pass: `rows` rows of a [rows, width] slice of a transposed operand should stay in L2 (~1 MiB)
-int64_t chunk_width(int64_t rows) {
-  const int64_t fits = (int64_t{1} << 20) / (4 * std::max<int64_t>(rows, 1));
-  return std::clamp<int64_t>(fits / 64 * 64, 64, kChunk);
-}
-
-// an odd number of cache lines per row, so that the slices of one pass spread over the cache sets
-int64_t padded_stride(int64_t width) {
-  const int64_t ld = (width + 15) / 16 * 16;
-  return (ld / 16) % 2 ? ld : ld + 16;
-}
-
-// dst[i * ld + c] = src[c * n + i]: src [batch, n] -> [n, batch] with row stride ld
-void transpose(const float* src, float* dst, int64_t batch, int64_t n, int64_t ld) {
-  const int64_t tiles = (n + 15) / 16;
-  at::parallel_for(0, tiles, std::max<int64_t>(1, kWorkPerChunk / (16 * batch)), [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t i0 = t * 16, i1 = std::min(n, i0 + 16);
-      for (int64_t c0 = 0; c0 < batch; c0 += 16) {
-        const int64_t c1 = std::min(batch, c0 + 16);
-        for (int64_t i = i0; i < i1; ++i) {
-          float* d = dst + i * ld;
-          for (int64_t c = c0; c < c1; ++c) d[c] = src[c * n + i];
-        }
-      }
-    }
-  });
-}
 
 at::Tensor transposed(const at::Tensor& a, int64_t ld) {  // [batch, n] -> [n, ld] (columns past batch unset)
   at::Tensor t = at::empty({a.size(1), ld}, a.options());
