@@ -28,6 +28,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -68,11 +70,57 @@ def _quiet(logger_name: str) -> Iterator[None]:
         logger.setLevel(level)
 
 
+log = logging.getLogger(__name__)
+
+
+def _build_directory(name: str) -> Path:
+    """Where :func:`torch.utils.cpp_extension.load` builds the extension ``name`` (as torch chooses it:
+    ``TORCH_EXTENSIONS_DIR``, else ``~/.cache/torch_extensions/py<version>_<accelerator>``)."""
+    from torch.utils import cpp_extension
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is not None:
+        return Path(root) / name
+    return Path(cpp_extension._get_build_directory(name, verbose=False))
+
+
+def _needs_build(name: str, source: Path) -> bool:
+    """Whether loading the extension ``name`` compiles it: its library is missing, was built from another copy
+    of ``source`` (``build.ninja`` names another path), or is older than ``source`` or a header next to it. An
+    error while looking counts as built (nothing is announced)."""
+    try:
+        directory = _build_directory(name)
+        library, ninja = directory / f"{name}.so", directory / "build.ninja"
+        if not library.exists() or not ninja.exists() or str(source) not in ninja.read_text():
+            return True
+        newest = max(path.stat().st_mtime for path in [source, *source.parent.glob("*.h")])
+        return library.stat().st_mtime < newest
+    except Exception:
+        return False
+
+
+def _announce(message: str) -> None:
+    """One line to the ``lightning_sparse.kernels`` logger when logging shows its INFO records (Lightning's
+    ``rank_zero_info`` style), else to stderr: a first build is several seconds of silence otherwise."""
+    if log.isEnabledFor(logging.INFO) and log.hasHandlers():
+        log.info(message)
+    else:
+        print(message, file=sys.stderr, flush=True)
+
+
 def _load(name: str, source: Path) -> None:
-    """Compile (or take from the cache) and load one extension; it registers its ops under ``torch.ops``."""
+    """Compile (or take from the cache) and load one extension; it registers its ops under ``torch.ops``. A
+    compilation (first use, or a changed source) is announced in one line (:func:`_announce`); a cached build is
+    silent."""
     with _quiet("torch.utils.cpp_extension"):
         from torch.utils import cpp_extension
 
+        if _needs_build(name, source):
+            kernel = name.removeprefix("lightning_sparse_")
+            _announce(
+                f"lightning-sparse: compiling the C++ kernel {kernel} (first use, ~10 s; cached in"
+                f" {_build_directory(name).parent})"
+            )
         cpp_extension.load(
             name=name,
             sources=[str(source)],
