@@ -227,6 +227,27 @@ def cpu_select(kernel: str) -> SelectOp | None:
     )
 
 
+UnitSelectOp = Callable[[Tensor, Tensor, Tensor, bool, bool, int, bool], Tensor]
+"""``(values [units, size], mask bool [units, size], k int64 [units], largest, inactive, mode, flip) -> bool
+tensor`` (see ``select_per_unit`` in ``csrc/select.cpp``)."""
+UNIT_SELECT_DTYPES = (*SELECT_DTYPES, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+"""The value dtypes the C++ per-unit selection handles (floats compared as float32, integers exactly)."""
+
+
+def cpu_select_per_unit(kernel: str) -> UnitSelectOp | None:
+    """The C++ ``select_per_unit`` op (the exact top-k of every unit (row) of a CPU tensor, behind
+    :func:`~lightning_sparse.functional.units.topk_per_unit`; the extension of :func:`cpu_select`) for ``kernel``
+    ``"auto"`` or ``"cpp"``; ``None`` for ``"torch"``, or for ``"auto"`` when the kernel cannot be built (with a
+    warning, once per process).
+
+    Raises:
+        RuntimeError: ``kernel="cpp"`` and the kernel cannot be built; the message holds the build error.
+    """
+    if cpu_select(kernel) is None:
+        return None
+    return torch.ops.lightning_sparse.select_per_unit
+
+
 # ----------------------------------------------------------------------------- condensed kernel
 def check_condensed_kernel(kernel: str) -> str:
     """Return ``kernel`` if it names a condensed kernel (the names of :data:`MASK_KERNELS`), else raise

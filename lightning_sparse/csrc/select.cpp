@@ -20,15 +20,18 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -300,13 +303,128 @@ at::Tensor select_in_mask(const at::Tensor& values, const at::Tensor& mask, int6
   }
 }
 
+// ----------------------------------------------------------------------------------------------------------------
+// select_per_unit(values [units, size], mask [units, size] bool, k [units] int64, largest, inactive, mode, flip)
+// -> bool [units, size]: in every unit (row), the `want` candidates (the mask's active entries; `inactive`: its
+// inactive ones) with the lowest keys (largest: the highest), ties to the lowest index, as topk_per_unit in
+// functional/units.py chooses them (its two stable sorts). `want` is k (mode 0), k minus the unit's active count
+// (mode 1: fill the unit up to k, fill_units) or its active count minus k (mode 2: trim it down to k,
+// trim_units), at least 0. Result: the chosen positions, or with `flip` the mask with them flipped (a fill's
+// `mask | chosen`, a trim's `mask & ~chosen`). Floating point values compare as
+// float32 (key_of above); integer values exactly, through the same int64 key as _keys (value + 2^62, wrapping as
+// torch's int64 arithmetic does; largest: (2^63 - 1) - key), compared signed. Each unit's candidates are gathered
+// as (key, index) pairs, unique, and std::nth_element leaves the k smallest first: O(size) per unit, no sort.
+
+// The order key of one value as an unsigned 64-bit number (ascending: chosen first).
+template <typename scalar_t>
+inline uint64_t unit_key(scalar_t value, bool largest) {
+  if constexpr (std::is_floating_point_v<scalar_t> || std::is_same_v<scalar_t, c10::Half> ||
+                std::is_same_v<scalar_t, c10::BFloat16>) {
+    return key_of(value, false) ^ (largest ? 0xFFFFFFFFu : 0u);
+  } else {
+    uint64_t key = static_cast<uint64_t>(static_cast<int64_t>(value)) + (uint64_t{1} << 62);  // wraps as int64
+    if (largest) key = ((uint64_t{1} << 63) - 1) - key;
+    return key ^ (uint64_t{1} << 63);  // signed order as unsigned order
+  }
+}
+
+template <typename scalar_t, bool wide>
+void units_typed(const scalar_t* v, const uint8_t* m, const int64_t* k, uint8_t* o, int64_t units, int64_t size,
+                 bool largest, bool inactive, int64_t mode, bool flip, std::atomic<bool>& short_unit) {
+  const uint8_t flip_candidate = inactive ? 1 : 0;
+  at::parallel_for(0, units, std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(size, 1)),
+                   [&](int64_t first, int64_t last) {
+    std::vector<uint64_t> packed;  // narrow keys: key << 32 | index
+    std::vector<std::pair<uint64_t, uint32_t>> pairs;  // wide keys: (key, index)
+    for (int64_t u = first; u < last; ++u) {
+      const scalar_t* vu = v + u * size;
+      const uint8_t* mu = m + u * size;
+      uint8_t* ou = o + u * size;
+      if (flip) std::memcpy(ou, mu, static_cast<size_t>(size));
+      int64_t count = 0;
+      if constexpr (wide) {
+        pairs.clear();
+        for (int64_t j = 0; j < size; ++j) {
+          if (mu[j] ^ flip_candidate) pairs.emplace_back(unit_key(vu[j], largest), static_cast<uint32_t>(j));
+        }
+        count = static_cast<int64_t>(pairs.size());
+      } else {
+        packed.resize(static_cast<size_t>(size));
+        for (int64_t j = 0; j < size; ++j) {  // branch-free compaction of the candidates
+          packed[count] = (unit_key(vu[j], largest) << 32) | static_cast<uint64_t>(j);
+          count += mu[j] ^ flip_candidate;
+        }
+      }
+      const int64_t active = inactive ? size - count : count;
+      const int64_t want = mode == 0 ? k[u] : mode == 1 ? k[u] - active : active - k[u];
+      if (want > count) {
+        short_unit = true;
+        continue;
+      }
+      if (want <= 0) continue;
+      if constexpr (wide) {
+        if (want < count) std::nth_element(pairs.begin(), pairs.begin() + (want - 1), pairs.end());
+        for (int64_t t = 0; t < want; ++t) ou[pairs[t].second] ^= 1;
+      } else {
+        if (want < count) std::nth_element(packed.begin(), packed.begin() + (want - 1), packed.begin() + count);
+        for (int64_t t = 0; t < want; ++t) ou[packed[t] & 0xFFFFFFFFu] ^= 1;
+      }
+    }
+  });
+}
+
+at::Tensor select_per_unit(const at::Tensor& values, const at::Tensor& candidates, const at::Tensor& k, bool largest,
+                           bool inactive, int64_t mode, bool flip) {
+  TORCH_CHECK(mode >= 0 && mode <= 2, "select_per_unit: mode can be 0 (k), 1 (fill) or 2 (trim), got ", mode);
+  TORCH_CHECK(candidates.scalar_type() == at::kBool, "select_per_unit: candidates must be torch.bool, got ",
+              candidates.scalar_type());
+  TORCH_CHECK(k.scalar_type() == at::kLong, "select_per_unit: k must be int64, got ", k.scalar_type());
+  TORCH_CHECK(values.is_cpu() && candidates.is_cpu() && k.is_cpu(), "select_per_unit: tensors must be on the CPU");
+  TORCH_CHECK(values.dim() == 2 && candidates.sizes() == values.sizes(),
+              "select_per_unit: values and candidates must be 2-D of one shape");
+  TORCH_CHECK(values.is_contiguous() && candidates.is_contiguous() && k.is_contiguous(),
+              "select_per_unit: tensors must be contiguous");
+  const int64_t units = values.size(0), size = values.size(1);
+  TORCH_CHECK(k.numel() == units, "select_per_unit: k has ", k.numel(), " entries for ", units, " units");
+  TORCH_CHECK(size < (int64_t{1} << 32), "select_per_unit: units of ", size, " entries are too large");
+  at::Tensor out = flip ? at::empty(candidates.sizes(), candidates.options())
+                        : at::zeros(candidates.sizes(), candidates.options());
+  const auto* c = static_cast<const uint8_t*>(candidates.const_data_ptr());
+  auto* o = static_cast<uint8_t*>(out.mutable_data_ptr());
+  const int64_t* kk = k.const_data_ptr<int64_t>();
+  std::atomic<bool> short_unit{false};
+  switch (values.scalar_type()) {
+#define LS_UNITS(type, scalar, wide)                                                                          \
+  case type:                                                                                                 \
+    units_typed<scalar, wide>(values.const_data_ptr<scalar>(), c, kk, o, units, size, largest, inactive, mode, flip, \
+                              short_unit);                                                                     \
+    break;
+    LS_UNITS(at::kFloat, float, false)
+    LS_UNITS(at::kDouble, double, false)
+    LS_UNITS(at::kHalf, c10::Half, false)
+    LS_UNITS(at::kBFloat16, c10::BFloat16, false)
+    LS_UNITS(at::kLong, int64_t, true)
+    LS_UNITS(at::kInt, int32_t, true)
+    LS_UNITS(at::kShort, int16_t, true)
+    LS_UNITS(at::kChar, int8_t, true)
+    LS_UNITS(at::kByte, uint8_t, true)
+#undef LS_UNITS
+    default: TORCH_CHECK(false, "select_per_unit: unsupported dtype ", values.scalar_type());
+  }
+  TORCH_CHECK_VALUE(!short_unit, "a unit has fewer candidates than the entries to select in it");
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lightning_sparse, m) {
   m.def("select_in_mask(Tensor values, Tensor mask, int n, bool highest, bool magnitude, bool inactive, bool flip)"
         " -> Tensor");
+  m.def("select_per_unit(Tensor values, Tensor mask, Tensor k, bool largest, bool inactive, int mode, bool flip)"
+        " -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lightning_sparse, CPU, m) {
   m.impl("select_in_mask", &select_in_mask);
+  m.impl("select_per_unit", &select_per_unit);
 }

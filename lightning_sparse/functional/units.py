@@ -18,6 +18,7 @@ from lightning_sparse.functional.patterns import (
     unit_view,
 )
 from lightning_sparse.functional.selection import _keys
+from lightning_sparse.kernels import UNIT_SELECT_DTYPES, UnitSelectOp, check_mask_kernel, cpu_select_per_unit
 
 
 def ablation_cutoff(histogram: Sequence[int], threshold: int, keep: int) -> int:
@@ -45,14 +46,19 @@ def ablation_cutoff(histogram: Sequence[int], threshold: int, keep: int) -> int:
     return 0
 
 
-def topk_per_unit(values: Tensor, candidates: Tensor, k: int | Tensor, *, largest: bool = True) -> Tensor:
+def topk_per_unit(
+    values: Tensor, candidates: Tensor, k: int | Tensor, *, largest: bool = True, kernel: str = "auto"
+) -> Tensor:
     """In every row (unit) of the 2-D ``values``, the ``k`` candidates with the highest (``largest``) or lowest
     values, ties to the lowest index; a new ``torch.bool`` mask of the shape of ``values``.
 
     ``k`` is one int for every unit or one per unit (a 1-D integer tensor). Values compare as in
     :func:`~lightning_sparse.functional.selection.sortable_key` (floats as float32, NaN largest; integers exactly).
     A unit with fewer than ``k`` candidates raises ``ValueError`` on the CPU; elsewhere (no host synchronization)
-    it takes all of them. Two stable sorts per call, O(numel log unit size).
+    it takes all of them. On the CPU a C++ kernel selects (``select_per_unit`` in ``csrc/select.cpp``: one
+    ``nth_element`` per unit, O(numel)); with ``kernel="torch"``, off the CPU, or when the kernel cannot be built
+    (``"auto"``), two stable sorts, O(numel log unit size). Every path chooses the same positions. ``kernel`` as
+    :func:`~lightning_sparse.kernels.cpu_select` (``"auto"``, ``"cpp"``, ``"torch"``).
 
     >>> v = torch.tensor([[0.5, -2.0, 1.0, 1.0], [3.0, 0.0, 0.0, 1.0]])
     >>> topk_per_unit(v.abs(), torch.ones(2, 4, dtype=torch.bool), 2).int().tolist()
@@ -68,6 +74,9 @@ def topk_per_unit(values: Tensor, candidates: Tensor, k: int | Tensor, *, larges
     units, size = values.shape
     k = torch.as_tensor(k, dtype=torch.int64, device=values.device)
     k = k.expand(units) if k.dim() == 0 else k
+    op = _unit_op(values, kernel)
+    if op is not None and units and size:
+        return op(values.detach().contiguous(), candidates.contiguous(), k.contiguous(), largest, False, 0, False)
     if values.device.type == "cpu" and units and bool((k > candidates.sum(1)).any()):
         raise ValueError("a unit has fewer candidates than the entries to select in it")
     if units == 0 or size == 0:
@@ -84,6 +93,24 @@ def topk_per_unit(values: Tensor, candidates: Tensor, k: int | Tensor, *, larges
     return torch.zeros_like(candidates).scatter_(1, order, chosen_sorted)
 
 
+def _unit_op(values: Tensor, kernel: str) -> UnitSelectOp | None:
+    """The C++ per-unit selection for ``values``, or ``None`` where torch's sorts select."""
+    if check_mask_kernel(kernel) == "torch" or values.device.type != "cpu" or values.dtype not in UNIT_SELECT_DTYPES:
+        return None
+    return cpu_select_per_unit(kernel)
+
+
+def _fused_units(values: Tensor, units: Tensor, target: int | Tensor, kernel: str, *, fill: bool) -> Tensor | None:
+    """:func:`fill_units` (``fill``) or :func:`trim_units` on the unit views of the score (``values``) and the
+    mask (``units``) in one C++ call (the unit view of the new mask), or ``None`` where torch's ops compute it."""
+    op = _unit_op(values, kernel) if units.dtype == torch.bool and units.dim() == 2 else None
+    if op is None or not units.numel():
+        return None
+    k = torch.as_tensor(target, dtype=torch.int64)
+    k = (k.expand(units.shape[0]) if k.dim() == 0 else k).contiguous()
+    return op(values.detach().contiguous(), units.contiguous(), k, fill, fill, 1 if fill else 2, True)
+
+
 def select_per_unit(
     values: Tensor,
     candidates: Tensor,
@@ -92,17 +119,23 @@ def select_per_unit(
     transposed: bool = False,
     *,
     largest: bool = True,
+    kernel: str = "auto",
 ) -> Tensor:
     """:func:`topk_per_unit` on a weight-shaped ``values`` and ``candidates``: ``k`` per unit of ``pattern``;
     returns a mask of the weight's shape."""
-    chosen = topk_per_unit(
-        unit_view(values, pattern, transposed), unit_view(candidates, pattern, transposed), k, largest=largest
-    )
+    values, candidates = unit_view(values, pattern, transposed), unit_view(candidates, pattern, transposed)
+    chosen = topk_per_unit(values, candidates, k, largest=largest, kernel=kernel)
     return from_unit_view(chosen, candidates.shape, pattern, transposed)
 
 
 def fill_units(
-    score: Tensor, mask: Tensor, target: int | Tensor, pattern: str | Pattern, transposed: bool = False
+    score: Tensor,
+    mask: Tensor,
+    target: int | Tensor,
+    pattern: str | Pattern,
+    transposed: bool = False,
+    *,
+    kernel: str = "auto",
 ) -> Tensor:
     """``mask`` with every unit of ``pattern`` filled up to ``target`` active entries by its inactive positions of
     highest ``score`` (units already at or above ``target`` are unchanged); a new mask. ``target`` is one int for
@@ -113,13 +146,22 @@ def fill_units(
     [[1, 0, 0, 1, 1, 1, 0, 0]]
     """
     units = unit_view(mask, pattern, transposed)
+    fused = _fused_units(unit_view(score, pattern, transposed), units, target, kernel, fill=True)
+    if fused is not None:  # the C++ kernel counts, selects and fills in one pass per unit
+        return from_unit_view(fused, mask.shape, pattern, transposed)
     need = (target - units.sum(1)).clamp(min=0)
-    chosen = topk_per_unit(unit_view(score, pattern, transposed), ~units, need)
+    chosen = topk_per_unit(unit_view(score, pattern, transposed), ~units, need, kernel=kernel)
     return mask | from_unit_view(chosen, mask.shape, pattern, transposed)
 
 
 def trim_units(
-    score: Tensor, mask: Tensor, target: int | Tensor, pattern: str | Pattern, transposed: bool = False
+    score: Tensor,
+    mask: Tensor,
+    target: int | Tensor,
+    pattern: str | Pattern,
+    transposed: bool = False,
+    *,
+    kernel: str = "auto",
 ) -> Tensor:
     """``mask`` with every unit of ``pattern`` holding more than ``target`` active entries cut down to ``target``,
     dropping its active positions of lowest ``score`` (ties: the lowest index first); a new mask. ``target`` is one
@@ -130,8 +172,11 @@ def trim_units(
     [[1, 1, 1, 0], [0, 1, 1, 1]]
     """
     units = unit_view(mask, pattern, transposed)
+    fused = _fused_units(unit_view(score, pattern, transposed), units, target, kernel, fill=False)
+    if fused is not None:
+        return from_unit_view(fused, mask.shape, pattern, transposed)
     extra = (units.sum(1) - target).clamp(min=0)
-    dropped = topk_per_unit(unit_view(score, pattern, transposed), units, extra, largest=False)
+    dropped = topk_per_unit(unit_view(score, pattern, transposed), units, extra, largest=False, kernel=kernel)
     return mask & ~from_unit_view(dropped, mask.shape, pattern, transposed)
 
 
