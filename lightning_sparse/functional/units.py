@@ -123,9 +123,10 @@ def select_per_unit(
 ) -> Tensor:
     """:func:`topk_per_unit` on a weight-shaped ``values`` and ``candidates``: ``k`` per unit of ``pattern``;
     returns a mask of the weight's shape."""
+    shape = candidates.shape
     values, candidates = unit_view(values, pattern, transposed), unit_view(candidates, pattern, transposed)
     chosen = topk_per_unit(values, candidates, k, largest=largest, kernel=kernel)
-    return from_unit_view(chosen, candidates.shape, pattern, transposed)
+    return from_unit_view(chosen, shape, pattern, transposed)
 
 
 def fill_units(

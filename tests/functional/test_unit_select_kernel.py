@@ -131,3 +131,11 @@ def test_fill_and_trim_per_unit_targets():
     assert torch.equal(trimmed.sum(1), torch.minimum(target, mask.sum(1))) and not bool((trimmed & ~mask).any())
     with pytest.raises(ValueError, match="fewer candidates"):
         fill_units(score, mask, 51, "fan_in", kernel="cpp")
+
+
+def test_select_per_unit_keeps_a_conv_shape():
+    score = torch.randn(8, 3, 3, 3, generator=torch.Generator().manual_seed(0))
+    everywhere = torch.ones_like(score, dtype=torch.bool)
+    for kernel in ("cpp", "torch"):
+        chosen = select_per_unit(score, everywhere, 5, "fan_in", kernel=kernel)
+        assert chosen.shape == score.shape and chosen.reshape(8, -1).sum(1).tolist() == [5] * 8
