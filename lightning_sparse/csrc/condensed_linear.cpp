@@ -27,7 +27,6 @@
 // trusted to lie in [0, in): the Python side checks them when the module is built or loaded. Each ISA variant is
 // compiled with a target attribute and chosen at run time (__builtin_cpu_supports), so one build runs on every
 // x86-64 CPU; other architectures get the portable loops (which the compiler may vectorize).
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -80,27 +79,32 @@ void axpy_portable(const float* v, const index_t* idx, const float* xt, int64_t 
 
 #if LS_X86
 // ------------------------------------------------------------------------------------------------- AVX2
-__attribute__((target("avx2,fma"))) void block_dot_avx2(const float* v, const int32_t* idx, const float* x,
+// 8 indices as a vector of int32: int32 loaded as they are, uint16 widened
+__attribute__((target("avx2,fma"))) inline __m256i load_index8(const int32_t* i) {
+  return _mm256_loadu_si256((const __m256i*)i);
+}
+__attribute__((target("avx2,fma"))) inline __m256i load_index8(const uint16_t* i) {
+  return _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)i));
+}
+
+template <typename index_t>  // int32_t or uint16_t
+__attribute__((target("avx2,fma"))) void block_dot_avx2(const float* v, const index_t* idx, const float* x,
                                                         int64_t k, float* s) {
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
   int64_t j = 0;
   for (; j + 2 <= k; j += 2) {  // rows 0-7 and 8-15 of entries j and j + 1
-    const int32_t* i = idx + j * kBlock;
+    const index_t* i = idx + j * kBlock;
     const float* w = v + j * kBlock;
-    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w), _mm256_i32gather_ps(x, _mm256_loadu_si256((const __m256i*)i), 4), a0);
-    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 8), _mm256_i32gather_ps(x, _mm256_loadu_si256((const __m256i*)(i + 8)), 4),
-                         a1);
-    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 16),
-                         _mm256_i32gather_ps(x, _mm256_loadu_si256((const __m256i*)(i + 16)), 4), a2);
-    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 24),
-                         _mm256_i32gather_ps(x, _mm256_loadu_si256((const __m256i*)(i + 24)), 4), a3);
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w), _mm256_i32gather_ps(x, load_index8(i), 4), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 8), _mm256_i32gather_ps(x, load_index8(i + 8), 4), a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 16), _mm256_i32gather_ps(x, load_index8(i + 16), 4), a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 24), _mm256_i32gather_ps(x, load_index8(i + 24), 4), a3);
   }
   if (j < k) {
-    const int32_t* i = idx + j * kBlock;
+    const index_t* i = idx + j * kBlock;
     const float* w = v + j * kBlock;
-    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w), _mm256_i32gather_ps(x, _mm256_loadu_si256((const __m256i*)i), 4), a0);
-    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 8), _mm256_i32gather_ps(x, _mm256_loadu_si256((const __m256i*)(i + 8)), 4),
-                         a1);
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w), _mm256_i32gather_ps(x, load_index8(i), 4), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 8), _mm256_i32gather_ps(x, load_index8(i + 8), 4), a1);
   }
   _mm256_storeu_ps(s, _mm256_add_ps(a0, a2));
   _mm256_storeu_ps(s + 8, _mm256_add_ps(a1, a3));
@@ -152,20 +156,60 @@ __attribute__((target("avx2,fma"))) void axpy_avx2(const float* v, const index_t
   if (c0 < width) axpy_portable(v, idx, xt + c0, ld, k, width - c0, acc + c0);
 }
 
+// The scalar-load strategy (any AVX2 CPU): the 16 inputs of entry j are read with scalar loads and put into
+// vectors (the compiler's vinsertps/vinsertf128), then one FMA per 8 rows. No gather instruction: on CPUs whose
+// gathers are microcoded or slow (AMD Zen 1-4 among them) 16 scalar loads cost less than a 16-lane gather.
+template <typename index_t>
+__attribute__((target("avx2,fma"))) void block_dot_scalar_avx2(const float* v, const index_t* idx, const float* x,
+                                                               int64_t k, float* s) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+  auto at = [x](index_t i) { return x[static_cast<int64_t>(i)]; };
+  int64_t j = 0;
+  for (; j + 2 <= k; j += 2) {
+    const index_t* i = idx + j * kBlock;
+    const float* w = v + j * kBlock;
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w), _mm256_set_ps(at(i[7]), at(i[6]), at(i[5]), at(i[4]), at(i[3]),
+                                                           at(i[2]), at(i[1]), at(i[0])), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 8), _mm256_set_ps(at(i[15]), at(i[14]), at(i[13]), at(i[12]),
+                                                               at(i[11]), at(i[10]), at(i[9]), at(i[8])), a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 16), _mm256_set_ps(at(i[23]), at(i[22]), at(i[21]), at(i[20]),
+                                                                at(i[19]), at(i[18]), at(i[17]), at(i[16])), a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 24), _mm256_set_ps(at(i[31]), at(i[30]), at(i[29]), at(i[28]),
+                                                                at(i[27]), at(i[26]), at(i[25]), at(i[24])), a3);
+  }
+  if (j < k) {
+    const index_t* i = idx + j * kBlock;
+    const float* w = v + j * kBlock;
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w), _mm256_set_ps(at(i[7]), at(i[6]), at(i[5]), at(i[4]), at(i[3]),
+                                                           at(i[2]), at(i[1]), at(i[0])), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 8), _mm256_set_ps(at(i[15]), at(i[14]), at(i[13]), at(i[12]),
+                                                               at(i[11]), at(i[10]), at(i[9]), at(i[8])), a1);
+  }
+  _mm256_storeu_ps(s, _mm256_add_ps(a0, a2));
+  _mm256_storeu_ps(s + 8, _mm256_add_ps(a1, a3));
+}
+
 // ---------------------------------------------------------------------------------------------- AVX-512
-__attribute__((target("avx512f"))) void block_dot_avx512(const float* v, const int32_t* idx, const float* x,
+// 16 indices as a vector of int32: int32 loaded as they are, uint16 widened
+__attribute__((target("avx512f"))) inline __m512i load_index16(const int32_t* i) { return _mm512_loadu_si512(i); }
+__attribute__((target("avx512f"))) inline __m512i load_index16(const uint16_t* i) {
+  return _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)i));
+}
+
+template <typename index_t>  // int32_t or uint16_t
+__attribute__((target("avx512f"))) void block_dot_avx512(const float* v, const index_t* idx, const float* x,
                                                          int64_t k, float* s) {
   __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
   int64_t j = 0;
   for (; j + 2 <= k; j += 2) {
-    const int32_t* i = idx + j * kBlock;
+    const index_t* i = idx + j * kBlock;
     const float* w = v + j * kBlock;
-    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w), _mm512_i32gather_ps(_mm512_loadu_si512(i), x, 4), a0);
-    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + kBlock), _mm512_i32gather_ps(_mm512_loadu_si512(i + kBlock), x, 4), a1);
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w), _mm512_i32gather_ps(load_index16(i), x, 4), a0);
+    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + kBlock), _mm512_i32gather_ps(load_index16(i + kBlock), x, 4), a1);
   }
   if (j < k) {
-    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(v + j * kBlock),
-                         _mm512_i32gather_ps(_mm512_loadu_si512(idx + j * kBlock), x, 4), a0);
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(v + j * kBlock), _mm512_i32gather_ps(load_index16(idx + j * kBlock), x, 4),
+                         a0);
   }
   _mm512_storeu_ps(s, _mm512_add_ps(a0, a1));
 }
@@ -250,9 +294,42 @@ Isa detect_isa() {
 
 const Isa kIsa = detect_isa();
 
-template <typename index_t>
-inline void block_dot(const float* v, const index_t* idx, const float* x, int64_t k, float* s) {
+// How the small-batch (gather) order reads the 16 inputs of one entry of a block:
+// * kGather: one hardware gather (AVX-512: one of 16 lanes; AVX2: two of 8), fast on Intel cores;
+// * kScalar: 16 scalar loads put into vectors (AVX2 and up), for CPUs whose gathers are slow (AMD).
+// Both add the same products in the same order, so their results are equal bit for bit. Without AVX2 both are
+// the portable loop.
+enum class Strategy { kGather, kScalar };
+
+// The default when the caller names none ("auto"): a CPUID rule. Hardware gathers on Intel cores since Skylake
+// run at about one element per cycle or better; on AMD (Zen 1-4) they are microcoded and slower than scalar loads
+// (the README's figures: the gather order at 1.8-2.3x dense on an EPYC, against 5.4-6.3x on Intel).
+// CondensedLinear measures both once per shape instead (export/condensed.py) and passes its pick.
+Strategy default_strategy() {
 #if LS_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_is("intel")) return Strategy::kGather;
+  return Strategy::kScalar;
+#else
+  return Strategy::kGather;
+#endif
+}
+
+const Strategy kDefaultStrategy = default_strategy();
+
+const char* strategy_name(Strategy s) { return s == Strategy::kGather ? "gather" : "scalar"; }
+
+Strategy parse_strategy(c10::string_view name) {
+  if (name == "auto") return kDefaultStrategy;
+  if (name == "gather") return Strategy::kGather;
+  if (name == "scalar") return Strategy::kScalar;
+  TORCH_CHECK(false, "condensed_linear: strategy can be 'auto', 'gather' or 'scalar', got '", std::string(name), "'");
+}
+
+template <typename index_t>
+inline void block_dot(Strategy strategy, const float* v, const index_t* idx, const float* x, int64_t k, float* s) {
+#if LS_X86
+  if (strategy == Strategy::kScalar && kIsa != Isa::kPortable) return block_dot_scalar_avx2(v, idx, x, k, s);
   if (kIsa == Isa::kAvx512) return block_dot_avx512(v, idx, x, k, s);
   if (kIsa == Isa::kAvx2) return block_dot_avx2(v, idx, x, k, s);
 #endif
@@ -274,14 +351,15 @@ inline void axpy(const float* v, const index_t* idx, const float* xt, int64_t ld
 // `held` rows are computed; `map` (or nullptr: the identity) gives the output row of each, in [0, out).
 template <typename index_t>
 void gather_rows(const float* x, const float* values, const index_t* indices, const float* bias, float* y,
-                 int64_t batch, int64_t in, int64_t held, int64_t k, int64_t out, const int64_t* map) {
+                 int64_t batch, int64_t in, int64_t held, int64_t k, int64_t out, const int64_t* map,
+                 Strategy strategy) {
   const int64_t blocks = (held + kBlock - 1) / kBlock;
   at::parallel_for(0, blocks, grain(kBlock * k * batch), [&](int64_t begin, int64_t end) {
     float sums[kBlock];
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t o0 = blk * kBlock, rows = std::min(kBlock, held - o0);
       for (int64_t b = 0; b < batch; ++b) {
-        block_dot(values + blk * k * kBlock, indices + blk * k * kBlock, x + b * in, k, sums);
+        block_dot(strategy, values + blk * k * kBlock, indices + blk * k * kBlock, x + b * in, k, sums);
         float* dst = y + b * out;
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t o = map ? map[o0 + r] : o0 + r;
@@ -360,15 +438,27 @@ void fill_outputs(at::Tensor& y, const float* bias, int64_t out, int64_t L) {
     for (int64_t o = 0; o < out; ++o) std::fill_n(p + (s * out + o) * L, L, bias ? bias[o] : 0.f);
 }
 
+// f(const index_t* indices) for the index type of `indices`: int32, int64 or uint16 (whose values are < 65536)
+template <typename F>
+void dispatch_index(const at::Tensor& indices, F&& f) {
+  switch (indices.scalar_type()) {
+    case at::kInt: return f(indices.const_data_ptr<int32_t>());
+    case at::kLong: return f(indices.const_data_ptr<int64_t>());
+    default: return f(static_cast<const uint16_t*>(indices.const_data_ptr()));
+  }
+}
+
 at::Tensor condensed_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
                             const std::optional<at::Tensor>& bias, int64_t out, bool columns,
-                            const std::optional<at::Tensor>& rows) {
+                            const std::optional<at::Tensor>& rows, c10::string_view strategy_name) {
+  const Strategy strategy = parse_strategy(strategy_name);
   TORCH_CHECK(x.is_cpu() && values.is_cpu() && indices.is_cpu(), "condensed_linear: tensors must be on the CPU");
   TORCH_CHECK(x.scalar_type() == at::kFloat && values.scalar_type() == at::kFloat,
               "condensed_linear: x and values must be float32, got ", x.scalar_type(), " and ",
               values.scalar_type());
-  TORCH_CHECK(indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong,
-              "condensed_linear: indices must be int32 or int64, got ", indices.scalar_type());
+  TORCH_CHECK(indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong ||
+                  indices.scalar_type() == at::kUInt16,
+              "condensed_linear: indices must be int32, int64 or uint16, got ", indices.scalar_type());
   const int64_t* map = nullptr;  // the output row of each computed row (rows emptied by neuron ablation are not)
   int64_t held = out;
   if (rows.has_value() && rows->defined()) {
@@ -406,9 +496,9 @@ at::Tensor condensed_linear(const at::Tensor& x, const at::Tensor& values, const
       xt = at::empty({samples, in, padded_stride(L)}, x.options());
       xt.narrow(2, 0, L).copy_(x);
     }
-    AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "condensed_linear", [&] {
-      axpy_columns(xt.const_data_ptr<float>(), v, indices.const_data_ptr<index_t>(), b, y.mutable_data_ptr<float>(),
-                   samples, L, xt.size(2), in, held, k, out, map);
+    dispatch_index(indices, [&](auto* idx) {
+      axpy_columns(xt.const_data_ptr<float>(), v, idx, b, y.mutable_data_ptr<float>(), samples, L, xt.size(2), in,
+                   held, k, out, map);
     });
     return y;
   }
@@ -417,17 +507,17 @@ at::Tensor condensed_linear(const at::Tensor& x, const at::Tensor& values, const
   if (y.numel() == 0) return y;
   if (map) fill_outputs(y, b, out, 1);
   if (batch < kSmallBatch) {
-    AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "condensed_linear", [&] {
-      gather_rows(x.const_data_ptr<float>(), v, indices.const_data_ptr<index_t>(), b, y.mutable_data_ptr<float>(),
-                  batch, in, held, k, out, map);
+    dispatch_index(indices, [&](auto* idx) {
+      gather_rows(x.const_data_ptr<float>(), v, idx, b, y.mutable_data_ptr<float>(), batch, in, held, k, out, map,
+                  strategy);
     });
   } else {
     const int64_t ld = batch > chunk_width(in) ? padded_stride(batch) : batch;
     at::Tensor xt = at::empty({in, ld}, x.options());  // x transposed: [in, batch], row stride ld
     transpose(x.const_data_ptr<float>(), xt.mutable_data_ptr<float>(), batch, in, ld);
-    AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "condensed_linear", [&] {
-      axpy_rows(xt.const_data_ptr<float>(), v, indices.const_data_ptr<index_t>(), b, y.mutable_data_ptr<float>(),
-                batch, ld, in, held, k, out, map);
+    dispatch_index(indices, [&](auto* idx) {
+      axpy_rows(xt.const_data_ptr<float>(), v, idx, b, y.mutable_data_ptr<float>(), batch, ld, in, held, k, out,
+                map);
     });
   }
   return y;
@@ -446,8 +536,10 @@ std::string isa_name() {
 TORCH_LIBRARY_FRAGMENT(lightning_sparse, m) {
   m.def(
       "condensed_linear(Tensor x, Tensor values, Tensor indices, Tensor? bias, int out_features, bool columns=False,"
-      " Tensor? rows=None) -> Tensor");
+      " Tensor? rows=None, str strategy=\"auto\") -> Tensor");
   m.def("condensed_isa() -> str", &isa_name);  // which SIMD variant runs here: "avx512", "avx2" or "portable"
+  // the small-batch strategy that strategy="auto" takes on this CPU (the CPUID rule): "gather" or "scalar"
+  m.def("condensed_default_strategy() -> str", [] { return std::string(strategy_name(kDefaultStrategy)); });
 }
 
 TORCH_LIBRARY_IMPL(lightning_sparse, CPU, m) {

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+import time
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -35,6 +37,63 @@ from lightning_sparse.export._copy import apply_masks, freeze, replace_module
 
 log = logging.getLogger(__name__)
 
+CONDENSED_STRATEGIES = ("auto", "gather", "scalar")
+"""How the C++ kernel reads the inputs below 6 samples (batch 1): ``"gather"`` (hardware gathers, AVX-512 or
+AVX2), ``"scalar"`` (scalar loads into vectors, no gather instruction: for CPUs whose gathers are slow, such as
+AMD's), or ``"auto"`` (both timed once per layer shape in the process, the faster kept)."""
+STRATEGY_ENV = "LIGHTNING_SPARSE_CONDENSED_STRATEGY"
+"""Environment variable that, when set, replaces ``strategy="auto"`` (one of :data:`CONDENSED_STRATEGIES`)."""
+SMALL_BATCH = 6  # below this many samples the kernel takes the gather order, where the strategy applies (csrc)
+_CALIBRATED: dict[tuple[Any, ...], str] = {}  # (in, held rows, k, out, index dtype) -> the faster strategy
+
+
+def check_condensed_strategy(strategy: str, source: str = "`strategy`") -> str:
+    """Return ``strategy`` if it is one of :data:`CONDENSED_STRATEGIES`, else raise ``ValueError`` listing them."""
+    if strategy not in CONDENSED_STRATEGIES:
+        raise ValueError(f"{source} can be {', '.join(map(repr, CONDENSED_STRATEGIES))}, got {strategy!r}")
+    return strategy
+
+
+def requested_strategy(strategy: str) -> str:
+    """``strategy``, or for ``"auto"`` the value of :data:`STRATEGY_ENV` when that is set (checked)."""
+    if strategy == "auto" and os.environ.get(STRATEGY_ENV):
+        return check_condensed_strategy(os.environ[STRATEGY_ENV], f"environment variable {STRATEGY_ENV}")
+    return strategy
+
+
+def calibrate_strategy(op: Any, values: Tensor, indices: Tensor, out_features: int, in_features: int,
+                       rows: Tensor | None = None) -> str:  # fmt: skip
+    """The faster of ``"gather"`` and ``"scalar"`` for one sample through the C++ ``op`` with these packed
+    ``values`` and ``indices``, measured once per (shape, index dtype) in this process and cached: each strategy
+    is timed in 5 alternating samples of a few calls (about 1-3 ms in all), and the minimum per sample kept. The
+    CPU's default (``torch.ops.lightning_sparse.condensed_default_strategy()``) is kept unless the other is at
+    least 5 % faster, so that noise on a busy machine does not flip the choice."""
+    key = (in_features, values.shape[0], values.shape[1], out_features, indices.dtype, None if rows is None else rows.numel())
+    found = _CALIBRATED.get(key)
+    if found is not None:
+        return found
+    x = torch.ones(1, in_features)
+    default = str(torch.ops.lightning_sparse.condensed_default_strategy())
+    other = "scalar" if default == "gather" else "gather"
+
+    def sample(strategy: str, calls: int) -> float:
+        start = time.perf_counter()
+        for _ in range(calls):
+            op(x, values, indices, None, out_features, False, rows, strategy)
+        return (time.perf_counter() - start) / calls
+
+    with torch.inference_mode():
+        single = min(sample(default, 1), sample(other, 1))  # also the warm-up
+        calls = max(1, min(50, int(1e-4 / max(single, 1e-7))))
+        best = {default: float("inf"), other: float("inf")}
+        for _ in range(5):
+            for strategy in best:
+                best[strategy] = min(best[strategy], sample(strategy, calls))
+    chosen = other if best[other] < 0.95 * best[default] else default
+    log.debug("condensed kernel strategy for %s: %s (%s)", key, chosen, best)
+    _CALIBRATED[key] = chosen
+    return chosen
+
 
 class CondensedLinear(nn.Module):
     """An inference-only ``nn.Linear`` whose output rows all read the same number ``k`` of inputs.
@@ -54,6 +113,12 @@ class CondensedLinear(nn.Module):
     (the same sum, as ``[out, batch]``). ``kernel`` is ``"auto"`` (C++ if it builds, else a warning and torch),
     ``"cpp"`` (raise if it cannot be built) or ``"torch"``.
 
+    ``strategy`` picks how the C++ kernel reads the inputs below 6 samples (see :data:`CONDENSED_STRATEGIES`):
+    ``"gather"``, ``"scalar"`` or ``"auto"`` (the default: both timed once per layer shape and CPU in the process,
+    about 1-3 ms at the first call below 6 samples; the environment variable ``LIGHTNING_SPARSE_CONDENSED_STRATEGY``
+    replaces ``"auto"`` when set). Both compute the same sums in the same order. :attr:`kernel_strategy` says which
+    one runs.
+
     **No autograd**: the buffers are not parameters, and an input that requires grad while grad mode is on
     raises ``RuntimeError`` (instead of silently cutting the graph); run it under ``torch.no_grad()`` or
     ``torch.inference_mode()``. :func:`to_condensed` returns models whose parameters need no grad, so plain
@@ -70,9 +135,11 @@ class CondensedLinear(nn.Module):
         rows: Tensor | None = None,
         out_features: int | None = None,
         kernel: str = "auto",
+        strategy: str = "auto",
     ) -> None:
         super().__init__()
         self.kernel = kernels.check_condensed_kernel(kernel)
+        self.strategy = check_condensed_strategy(strategy)
         self.in_features = int(in_features)
         if (rows is None) != (out_features is None):
             raise ValueError(f"{type(self).__name__}: give `rows` and `out_features` together (or neither)")
@@ -95,13 +162,15 @@ class CondensedLinear(nn.Module):
         *,
         index_dtype: torch.dtype = torch.int32,
         kernel: str = "auto",
+        strategy: str = "auto",
     ) -> CondensedLinear:
         """The condensed counterpart of ``linear``: each row's non-zero weights (or, with ``mask``, the weights
         where the mask is True, zero or not); rows without any are left out (see ``rows``). Raises ``ValueError``
         if the other rows differ in count."""
         values, indices, rows = condense(linear.weight.detach(), mask, index_dtype)
         out = None if rows is None else linear.out_features
-        return cls(linear.in_features, values, indices, linear.bias, rows=rows, out_features=out, kernel=kernel)
+        return cls(linear.in_features, values, indices, linear.bias, rows=rows, out_features=out, kernel=kernel,
+                   strategy=strategy)  # fmt: skip
 
     def dense_weight(self) -> Tensor:
         """The equivalent dense weight ``[out_features, in_features]`` (zeros where no index points)."""
@@ -122,8 +191,13 @@ class CondensedLinear(nn.Module):
         buffers = self._buffers
         cpp = self._cpp(x)
         if cpp is not None:  # the kernel writes the held rows in place and the bias elsewhere
-            op, values, indices = cpp
-            return op(x.contiguous(), values, indices, buffers["bias"], self.out_features, False, buffers["rows"])
+            op, values, indices, strategy = cpp
+            if x.shape[0] >= SMALL_BATCH:
+                strategy = "auto"  # the axpy order: no strategy to choose
+            elif strategy is None:
+                strategy = self._resolve_strategy(op, values, indices)
+            return op(x.contiguous(), values, indices, buffers["bias"], self.out_features, False, buffers["rows"],
+                      strategy)  # fmt: skip
         held, bias = buffers["values"].shape[0], self._held_bias()
         with torch.no_grad():
             if self.k == 0 or held == 0:
@@ -140,8 +214,8 @@ class CondensedLinear(nn.Module):
         """``x [n, in, L]`` -> ``[n, out, L]`` (an NCHW activation with ``L = H*W``)."""
         buffers = self._buffers
         cpp = self._cpp(x)
-        if cpp is not None:
-            op, values, indices = cpp
+        if cpp is not None:  # the axpy order: no strategy to choose
+            op, values, indices, _ = cpp
             return op(x.contiguous(), values, indices, buffers["bias"], self.out_features, True, buffers["rows"])
         held, bias = buffers["values"].shape[0], self._held_bias()
         n, _, length = x.shape
@@ -173,10 +247,11 @@ class CondensedLinear(nn.Module):
             full = y.new_empty(shape).copy_(bias if len(shape) == 2 else bias[:, None])
         return full.index_copy_(dim, buffers["rows"], y)
 
-    def _cpp(self, x: Tensor) -> tuple[Any, Tensor, Tensor] | None:
-        """``(C++ op, packed values, packed indices)`` when the kernel applies to ``x`` (float32, CPU, kernel
-        "auto"/"cpp" and built), else None. On the per-call path: buffers are read from ``_buffers`` directly
-        (``nn.Module.__getattr__`` costs about as much as a small layer's product at batch 1)."""
+    def _cpp(self, x: Tensor) -> tuple[Any, Tensor, Tensor, str | None] | None:
+        """``(C++ op, packed values, packed indices, small-batch strategy or None if not chosen yet)`` when the
+        kernel applies to ``x`` (float32, CPU, kernel "auto"/"cpp" and built), else None. On the per-call path:
+        buffers are read from ``_buffers`` directly (``nn.Module.__getattr__`` costs about as much as a small
+        layer's product at batch 1)."""
         buffers = self._buffers
         values, indices = buffers["values"], buffers["indices"]
         if x.dtype != torch.float32 or x.device.type != "cpu" or values.device.type != "cpu":
@@ -184,10 +259,12 @@ class CondensedLinear(nn.Module):
         op = kernels.cpu_condensed_linear(self.kernel)
         return None if op is None else (op, *self._packed(values, indices))
 
-    def _packed(self, values: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
+    def _packed(self, values: Tensor, indices: Tensor) -> tuple[Tensor, Tensor, str | None]:
         """``values`` and ``indices`` in the kernel's layout, ``[ceil(out / 16), k, 16]``: entry ``(o, j)`` at
-        ``[o // 16, j, o % 16]`` (the last block padded with zero values at index 0). Built on first use and
-        again whenever the buffers change (replaced, moved or modified in place)."""
+        ``[o // 16, j, o % 16]`` (the last block padded with zero values at index 0), the indices as ``uint16``
+        when ``in_features <= 65536`` (a quarter fewer bytes to read per weight than int32, whatever the buffers'
+        dtype); and the small-batch strategy once resolved (None before). Built on first use and again whenever
+        the buffers change (replaced, moved or modified in place)."""
         cached = self.__dict__.get("_packed_cache")
         if (
             cached is not None
@@ -196,10 +273,41 @@ class CondensedLinear(nn.Module):
             and cached[2] == (values.data_ptr(), tensor_version(values), indices.data_ptr(), tensor_version(indices))
         ):
             return cached[3]
-        packed = (pack_blocks(values), pack_blocks(indices))
+        packed_indices = pack_blocks(indices)
+        if self.in_features <= 1 << 16:
+            packed_indices = packed_indices.to(torch.uint16)
+        packed = (pack_blocks(values), packed_indices, None)
         key = (values.data_ptr(), tensor_version(values), indices.data_ptr(), tensor_version(indices))
-        self.__dict__["_packed_cache"] = (values, indices, key, packed)
+        self.__dict__["_packed_cache"] = [values, indices, key, packed]
         return packed
+
+    def _resolve_strategy(self, op: Any, values: Tensor, indices: Tensor) -> str:
+        """The small-batch strategy for these packed buffers: the one asked for, or for ``"auto"`` the calibrated
+        one (see :func:`calibrate_strategy`); remembered with the packed buffers."""
+        strategy = requested_strategy(self.strategy)
+        if strategy == "auto":
+            strategy = calibrate_strategy(op, values, indices, self.out_features, self.in_features,
+                                          self._buffers["rows"])  # fmt: skip
+        cached = self.__dict__.get("_packed_cache")
+        if cached is not None and cached[3][1] is indices:
+            cached[3] = (cached[3][0], indices, strategy)
+        return strategy
+
+    @property
+    def kernel_strategy(self) -> str:
+        """How this layer's products below 6 samples (batch 1) run on the CPU in float32: ``"gather"`` or
+        ``"scalar"`` (the C++ kernel's strategies, see :data:`CONDENSED_STRATEGIES`; for ``strategy="auto"`` the
+        calibrated one, calibrating now if no call has yet), or ``"torch"`` (``kernel="torch"``, or the kernel
+        could not be built, or the buffers are not float32 CPU tensors).
+
+        Raises:
+            ValueError: :data:`STRATEGY_ENV` is set to a name not in :data:`CONDENSED_STRATEGIES`.
+        """
+        cpp = self._cpp(torch.empty(0, self.in_features))
+        if cpp is None or self._buffers["values"].dtype != torch.float32:
+            return "torch"
+        op, values, indices, strategy = cpp
+        return strategy if strategy is not None else self._resolve_strategy(op, values, indices)
 
     def _check_input(self, x: Tensor, features: int | None) -> None:
         name = type(self).__name__
@@ -242,8 +350,10 @@ class CondensedConv2d(CondensedLinear):
         rows: Tensor | None = None,
         out_features: int | None = None,
         kernel: str = "auto",
+        strategy: str = "auto",
     ) -> None:
-        super().__init__(in_channels, values, indices, bias, rows=rows, out_features=out_features, kernel=kernel)
+        super().__init__(in_channels, values, indices, bias, rows=rows, out_features=out_features, kernel=kernel,
+                         strategy=strategy)  # fmt: skip
         self.stride = (stride, stride) if isinstance(stride, int) else tuple(int(s) for s in stride)
 
     @property
@@ -262,6 +372,7 @@ class CondensedConv2d(CondensedLinear):
         *,
         index_dtype: torch.dtype = torch.int32,
         kernel: str = "auto",
+        strategy: str = "auto",
     ) -> CondensedConv2d:
         """The condensed counterpart of a 1x1 ``conv`` (see :func:`to_condensed` for which convolutions)."""
         reason = pointwise_conv_problem(conv)
@@ -271,7 +382,7 @@ class CondensedConv2d(CondensedLinear):
         values, indices, rows = condense(weight, None if mask is None else mask.flatten(1), index_dtype)
         out = None if rows is None else conv.out_channels
         return cls(conv.in_channels, values, indices, conv.bias, stride=conv.stride, rows=rows, out_features=out,
-                   kernel=kernel)  # fmt: skip
+                   kernel=kernel, strategy=strategy)  # fmt: skip
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 3:  # unbatched [C, H, W]
@@ -313,6 +424,7 @@ def to_condensed(
     skip_unstructured: bool = False,
     index_dtype: torch.dtype = torch.int32,
     kernel: str = "auto",
+    strategy: str = "auto",
 ) -> nn.Module:
     """A copy of ``model`` for CPU inference in which every constant-fan-in ``nn.Linear`` is a
     :class:`CondensedLinear`, and every constant-fan-in 1x1 ``nn.Conv2d`` (``groups=1``, no padding, any
@@ -334,9 +446,11 @@ def to_condensed(
         masks: optional masks by parameter name.
         skip_unstructured: leave sparse layers whose fan-in is not constant as they are (a ``UserWarning``
             names them) instead of raising.
-        index_dtype: ``torch.int32`` (default: half the index bytes of int64, faster at batch 1) or
-            ``torch.int64``.
+        index_dtype: ``torch.int32`` (default: half the index bytes of int64) or ``torch.int64``, the dtype
+            of the ``indices`` buffers (the C++ kernel reads its own uint16 copy below 65537 inputs).
         kernel: ``"auto"``, ``"cpp"`` or ``"torch"``, see :class:`CondensedLinear`.
+        strategy: ``"auto"``, ``"gather"`` or ``"scalar"``: how the C++ kernel reads the inputs at batch 1, see
+            :class:`CondensedLinear`.
 
     Returns:
         The copy, in eval mode, every parameter ``requires_grad=False`` (it is for inference; see
@@ -344,11 +458,12 @@ def to_condensed(
 
     Raises:
         ValueError: a sparse layer's rows hold different numbers of non-zero weights (or mask entries), naming
-            the layers, unless ``skip_unstructured``; bad ``masks``, ``index_dtype`` or ``kernel``.
+            the layers, unless ``skip_unstructured``; bad ``masks``, ``index_dtype``, ``kernel`` or ``strategy``.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"`model` must be an nn.Module, got {type(model).__name__}")
     kernels.check_condensed_kernel(kernel)
+    check_condensed_strategy(strategy)
     if index_dtype not in (torch.int32, torch.int64):
         raise ValueError(f"`index_dtype` must be torch.int32 or torch.int64, got {index_dtype}")
     net = copy.deepcopy(model)
@@ -393,9 +508,10 @@ def to_condensed(
         )
     for key, (module, mask) in plans.items():
         if isinstance(module, nn.Linear):
-            new: nn.Module = CondensedLinear.from_linear(module, mask, index_dtype=index_dtype, kernel=kernel)
+            new: nn.Module = CondensedLinear.from_linear(module, mask, index_dtype=index_dtype, kernel=kernel,
+                                                         strategy=strategy)  # fmt: skip
         else:
-            new = CondensedConv2d.from_conv(module, mask, index_dtype=index_dtype, kernel=kernel)
+            new = CondensedConv2d.from_conv(module, mask, index_dtype=index_dtype, kernel=kernel, strategy=strategy)
         for name in names[key]:
             if not name:
                 return freeze(new)

@@ -192,7 +192,7 @@ def test_condensed_kernel_checks_its_inputs():
     x = torch.randn(2, 10)
     with pytest.raises(RuntimeError, match=r"condensed_linear: x and values must be float32, got Double and Float"):
         op(x.double(), values, indices, bias, 4, False)
-    with pytest.raises(RuntimeError, match=r"condensed_linear: indices must be int32 or int64, got Short"):
+    with pytest.raises(RuntimeError, match=r"condensed_linear: indices must be int32, int64 or uint16, got Short"):
         op(x, values, indices.short(), bias, 4, False)
     with pytest.raises(RuntimeError, match=r"values and indices must be packed as \[1, k, 16\] for 4 rows"):
         op(x, values, indices[:, :2].contiguous(), bias, 4, False)
