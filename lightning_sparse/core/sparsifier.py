@@ -89,6 +89,12 @@ class UpdateReport:
     nonzero_before: dict[str, int]
     result: UpdateResult
 
+    def __repr__(self) -> str:
+        """One line: the step, rate and counts (not the masks)."""
+        r = self.result
+        return (f"UpdateReport(step={self.step}, rate={self.rate:.4g}, progress={self.progress:.3g},"
+                f" {len(r.masks)} layers, active={sum(r.active)}, pruned={sum(r.pruned)}, grown={sum(r.grown)})")  # fmt: skip
+
 
 class Sparsifier:
     """Keep a model sparse during training and update which weights are active.

@@ -56,7 +56,8 @@ class SparsityReport:
 
     Usage: ``report.cost_model = CostModel.build(...)`` once, then ``stats = report.measure(step, layers)``
     at every mask update, ``report.metrics(stats)`` for logging, ``report.table(stats)`` and
-    ``report.figure(path)`` at the end.
+    ``report.figure(path)`` at the end; :attr:`updates` gets ``(step, rate, fraction pruned)`` of every mask update
+    for the figure.
     """
 
     cost_model: CostModel | None = None
@@ -64,6 +65,13 @@ class SparsityReport:
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     heads: dict[str, int] = field(default_factory=dict)
     """Attention module name → its number of heads, for the modules measured so far."""
+    updates: list[tuple[int, float, float]] = field(default_factory=list)
+    """``(step, prune rate, fraction pruned)`` of every mask update (the figure's first panel): the rate the method
+    was given and the fraction of the active weights it pruned (regrown elsewhere by the growing methods)."""
+
+    def __repr__(self) -> str:
+        return (f"SparsityReport({len(self.shapes)} layers, {len(self.history)} measurements,"
+                f" {len(self.updates)} updates, cost model {'set' if self.cost_model is not None else 'unset'})")  # fmt: skip
 
     def measure(
         self,
@@ -129,16 +137,29 @@ class SparsityReport:
             "speedup_sparse_conv": speedup_sparse_conv(costs, {n: s.density for n, s in stats.items()}),
         }
 
-    def metrics(self, stats: Mapping[str, LayerChannelStats]) -> dict[str, float]:
+    def speedups_apply(self, stats: Mapping[str, LayerChannelStats]) -> bool:
+        """Whether the speedup estimates say something beyond the density: there is a cost model, and a
+        convolution among the layers of ``stats`` or a layer with empty input or output channels (for a network of
+        linear layers without empty channels, the dense estimate is 1 and the sparse one the inverse density)."""
+        if self.cost_model is None:
+            return False
+        conv = any(len(self.shapes.get(n, ())) > 2 for n in stats if n in self.cost_model.costs)
+        return conv or any(s.empty_in > 0 or s.empty_out > 0 for s in stats.values())
+
+    def metrics(self, stats: Mapping[str, LayerChannelStats], per_layer: bool = True) -> dict[str, float]:
         """``sparse/empty_in/<name>``, ``sparse/empty_out/<name>``, ``sparse/empty_heads/<attention module>``
-        (for :class:`MeasuredStats`) and the speedups, for a logger."""
+        (for :class:`MeasuredStats`; only with ``per_layer``) and the speedups where they apply
+        (:meth:`speedups_apply`), for a logger."""
         out: dict[str, float] = {}
+        if self.speedups_apply(stats):
+            out.update({f"sparse/{k}": v for k, v in self.speedups(stats).items()})
+        if not per_layer:
+            return out
         for name, s in stats.items():
             out[f"sparse/empty_in/{name}"] = s.empty_in
             out[f"sparse/empty_out/{name}"] = s.empty_out
         for module, fraction in getattr(stats, "empty_heads", {}).items():
             out[f"sparse/empty_heads/{module}"] = fraction
-        out.update({f"sparse/{k}": v for k, v in self.speedups(stats).items()})
         return out
 
     def table(self, stats: Mapping[str, LayerChannelStats]) -> str:
@@ -163,7 +184,7 @@ class SparsityReport:
                 f" {self.heads.get(m, '?')} ({f:.3f})"
                 for m, f in empty_heads.items()
             ]
-        speedups = self.speedups(stats)
+        speedups = self.speedups(stats) if self.speedups_apply(stats) else {}
         if speedups:
             lines.append(
                 f"estimated speedup: {speedups['speedup_dense_conv']:.3f}x dense convolution (empty channels"
@@ -184,5 +205,6 @@ class SparsityReport:
         """Write a PNG of the run and return the matplotlib figure (closed; loggers can still draw it): see
         :func:`~lightning_sparse.cost.figure.sparsity_figure`, which draws :attr:`history` and :attr:`shapes`."""
         return sparsity_figure(
-            self.history, self.shapes, path, title=title, masked=masked, target=target, sizes=sizes, max_lines=max_lines
-        )
+            self.history, self.shapes, path, title=title, masked=masked, target=target, sizes=sizes,
+            max_lines=max_lines, updates=self.updates,
+        )  # fmt: skip

@@ -39,18 +39,29 @@ def semi_structured_layers(
     """The names of the ``nn.Linear`` layers :func:`to_semi_structured` converts: those whose weight is 2:4
     (at most 2 non-zero weights in every group of 4 consecutive inputs; with a mask, exactly 2 of every 4 mask
     entries, :func:`~lightning_sparse.functional.patterns.check_pattern`) and whose shape the semi-structured
-    backend takes for ``dtype`` (default: the weight's). Runs on any device (nothing is converted).
+    backend takes for ``dtype`` (default: the weight's when it is ``float16`` or ``bfloat16``, else ``float16``,
+    what :func:`to_semi_structured` would cast to). Runs on any device and for any dtype of the model (nothing is
+    converted): a 2:4-trained ``float32`` CPU model gets its selection.
 
-    Layers without any zero weight (or with an all-True mask) are dense on purpose and not listed. Other
-    sparse layers raise ``ValueError`` naming them and why (not 2:4, shape, dtype), unless
-    ``skip_unsupported``: then they are left out with a ``UserWarning`` naming them.
+    Layers without any zero weight (or with an all-True mask) are dense on purpose and not listed. 2:4 layers whose
+    shape the backend does not take (``pattern="2:4"`` masks a 10-class output layer, but the kernel needs the rows
+    a multiple of 16 or 32) are left out with a ``UserWarning`` naming them and the shape rule. Other sparse layers
+    (not 2:4) raise ``ValueError`` naming them and why, unless ``skip_unsupported``: then they are left out with a
+    ``UserWarning`` naming them.
+
+    Raises:
+        ValueError: sparse layers that are not 2:4 (named), unless ``skip_unsupported``; a ``dtype`` other than
+            ``torch.float16`` or ``torch.bfloat16``.
     """
     from lightning_sparse.functional.patterns import check_pattern, nm_groups_view
 
+    if dtype is not None and dtype not in _SEMI_STRUCTURED_DTYPES:
+        raise ValueError(f"`dtype` must be torch.float16 or torch.bfloat16 (or None), got {dtype}")
     masks = masks or {}
     backend = _semi_structured_backend()
     chosen: list[str] = []
-    refused: dict[str, str] = {}
+    refused: dict[str, str] = {}  # sparse, not 2:4
+    shapes: dict[str, str] = {}  # 2:4, a shape the backend does not take
     seen: set[int] = set()
     for name, module in model.named_modules():
         if type(module) is not nn.Linear or id(module) in seen:
@@ -73,14 +84,11 @@ def semi_structured_layers(
             what = "non-zero weights" if mask is None else "mask entries (or fewer)"
             refused[label] = f"not 2:4: a group of 4 inputs holds more than 2 {what}"
             continue
-        target = dtype or weight.dtype
-        if target not in _SEMI_STRUCTURED_DTYPES:
-            refused[label] = f"{target} weights: semi-structured inference here takes float16 or bfloat16 (pass dtype=)"
-            continue
+        target = dtype or (weight.dtype if weight.dtype in _SEMI_STRUCTURED_DTYPES else torch.float16)
         config = backend._DTYPE_SHAPE_CONSTRAINTS[target]
         rows, cols = weight.shape
         if rows % config.sparse_min_rows or cols % config.sparse_min_cols:
-            refused[label] = (
+            shapes[label] = (
                 f"shape {tuple(weight.shape)}: {backend.__name__} needs the rows a multiple of {config.sparse_min_rows}"
                 f" and the inputs a multiple of {config.sparse_min_cols} for {target}"
             )
@@ -88,9 +96,16 @@ def semi_structured_layers(
         chosen.append(name)
     if refused and not skip_unsupported:
         raise ValueError(
-            "to_semi_structured: these sparse Linear layers cannot be made 2:4 semi-structured: "
+            "to_semi_structured: these sparse Linear layers are not 2:4: "
             + "; ".join(f"{n!r} ({why})" for n, why in refused.items())
             + ". Train them with pattern='2:4', keep them dense, or pass skip_unsupported=True to leave them as they are"
+        )
+    if shapes:
+        warnings.warn(
+            f"to_semi_structured: left {len(shapes)} 2:4 Linear layer(s) dense, their shape does not fit the"
+            " semi-structured kernel: " + "; ".join(f"{n!r} ({why})" for n, why in shapes.items()),
+            UserWarning,
+            stacklevel=2,
         )
     if refused:
         warnings.warn(
@@ -132,7 +147,8 @@ def to_semi_structured(
     Raises:
         RuntimeError: the model's Linear weights are not on a CUDA device (e.g. on the CPU: use
             :func:`to_condensed` there), or the GPU is older than compute capability 8.0.
-        ValueError: sparse layers that are not 2:4 (named), unless ``skip_unsupported``; a bad ``dtype``.
+        ValueError: sparse layers that are not 2:4 (named), unless ``skip_unsupported``; a bad ``dtype``; 2:4
+            layers whose weights are neither ``float16`` nor ``bfloat16`` when ``dtype`` is not given.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"`model` must be an nn.Module, got {type(model).__name__}")
@@ -161,6 +177,14 @@ def to_semi_structured(
     if dtype is not None:
         net = net.to(dtype)
     names = semi_structured_layers(net, masks, dtype=dtype, skip_unsupported=skip_unsupported)
+    wrong = {n or "Linear": net.get_submodule(n).weight.dtype for n in names}
+    wrong = {n: d for n, d in wrong.items() if d not in _SEMI_STRUCTURED_DTYPES}
+    if wrong:
+        raise ValueError(
+            f"to_semi_structured: the 2:4 Linear layer(s) {', '.join(map(repr, wrong))} hold"
+            f" {', '.join(sorted({str(d) for d in wrong.values()}))} weights; semi-structured weights are"
+            " torch.float16 or torch.bfloat16: pass dtype=torch.float16 or dtype=torch.bfloat16 (or cast the model)"
+        )
     backend = _semi_structured_backend()
     for name in names:
         module = net.get_submodule(name)

@@ -53,7 +53,7 @@ class _RefusesSparsity(type):
 class SparseTrainingCallback(Callback, metaclass=_RefusesSparsity):
     """Keep a network sparse during the whole of training, updating which weights are active.
 
-    Every argument but ``speedup_timing`` and ``figure`` is an option of :class:`~lightning_sparse.SparseOptions`,
+    Every argument but ``speedup_timing``, ``figure``, ``table`` and ``per_layer_metrics`` is an option of :class:`~lightning_sparse.SparseOptions`,
     which describes each in full; the lines below are the short forms that LightningCLI's ``--help`` shows.
 
     Args:
@@ -72,7 +72,8 @@ class SparseTrainingCallback(Callback, metaclass=_RefusesSparsity):
         stop_at: end of the update window as a fraction of training, in (0, 1]; ``None``: the algorithm's default.
         seed: seed of the initial masks and of random growth, in [0, 2**63); ``None`` draws one on rank zero.
         speedup_timing: layer costs of the speedup estimates: ``"flops"`` or ``"measure"`` (timed once).
-        figure: write ``sparsity.png`` to the trainer's log directory at the end of ``fit`` (and to TensorBoard).
+        figure: write ``sparsity.png`` to the log directory of the trainer's loggers at the end of ``fit`` (and send
+            it to the loggers that take images); nothing is written without a logger (``logger=False``).
         mask_kernel: ``"auto"``, ``"cpp"`` or ``"torch"``: how masks are applied to CPU weights, and how mask
             updates select on the CPU (the same masks on every path).
         mask_frozen: also mask frozen weights (``requires_grad=False``): their masks stay fixed, except under GMP
@@ -86,6 +87,10 @@ class SparseTrainingCallback(Callback, metaclass=_RefusesSparsity):
         keep_neurons: names or globs of the layers whose neurons are never ablated; ``None``: the last masked layer.
         compute: ``"dense"`` or ``"condensed"`` (with ``pattern="fan_in"``: masked ``nn.Linear`` and 1x1 ``nn.Conv2d``
             layers train from their condensed form; see :class:`~lightning_sparse.SparseOptions`).
+        table: print the per-layer table (:meth:`summary`) at the end of ``fit``.
+        per_layer_metrics: also log the per-layer and per-module metrics (``sparse/density/<param>``,
+            ``sparse/nonzero_density/<param>``, ``sparse/empty_in|out/<param>``, ``sparse/empty_heads/<module>``);
+            ``False`` logs only the whole-network ones.
 
     Works with one device, DDP (``"ddp"``, ``"ddp_spawn"``) and FSDP2 (``ModelParallelStrategy``, masks sharded
     like their weights). The metrics it logs are listed in :mod:`~lightning_sparse.lightning.loggers`.
@@ -118,6 +123,8 @@ class SparseTrainingCallback(Callback, metaclass=_RefusesSparsity):
         neuron_ablation: float | None = None,
         keep_neurons: Sequence[str] | None = None,
         compute: Literal["dense", "condensed"] = "dense",
+        table: bool = True,
+        per_layer_metrics: bool = True,
     ) -> None:
         self.options = SparseOptions(
             density, algorithm, prune_rate, prune_rate_schedule, init, dense_layers, update_interval, stop_at, seed,
@@ -126,10 +133,13 @@ class SparseTrainingCallback(Callback, metaclass=_RefusesSparsity):
         )  # fmt: skip
         if not isinstance(speedup_timing, str) or speedup_timing not in TIMINGS:
             raise ValueError(f"`speedup_timing` can be {', '.join(TIMINGS)}, got {speedup_timing!r}")
-        if not isinstance(figure, bool):
-            raise ValueError(f"`figure` must be True or False, got {figure!r} ({type(figure).__name__})")
+        for name, flag in (("figure", figure), ("table", table), ("per_layer_metrics", per_layer_metrics)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"`{name}` must be True or False, got {flag!r} ({type(flag).__name__})")
         self.speedup_timing = speedup_timing
         self.figure = figure
+        self.table = table
+        self.per_layer_metrics = per_layer_metrics
         self.sparsifier: Sparsifier | None = None
         self._pending_state: dict[str, Any] | None = None  # a checkpoint's state, loaded when the Sparsifier binds
         self._pending_epoch_end: int | None = None  # the step of an epoch-end update not run yet
@@ -253,6 +263,7 @@ class SparseTrainingCallback(Callback, metaclass=_RefusesSparsity):
             trainer_support.snip_on_first_batch(trainer, pl_module, sparsifier)
         trainer_support.mask_weight_averages(trainer, sparsifier)
         self._metrics.name(siblings.index(self), len(siblings))
+        self._metrics.per_layer = self.per_layer_metrics
         capture = InputCapture(pl_module, [sparsifier.layers[n].module for n in sparsifier.names])
         self._metrics.start(trainer, sparsifier, capture)
         self._applied_step = trainer.global_step
@@ -262,6 +273,7 @@ class SparseTrainingCallback(Callback, metaclass=_RefusesSparsity):
         # the weights validated and checkpointed at the end of an epoch are the weights trained in it, and a run
         # that ends (max_epochs, max_steps, EarlyStopping, max_time) gets no update after its last step.
         if self._pending_epoch_end is None:
+            self._metrics.flush(trainer)  # the last step's row (no other row can fall on its step now)
             return
         step, self._pending_epoch_end = self._pending_epoch_end, None
         sparsifier = self._require_sparsifier()
@@ -269,6 +281,7 @@ class SparseTrainingCallback(Callback, metaclass=_RefusesSparsity):
             update = sparsifier.epoch_end(step)
         if update is not None:
             self._metrics.log_update(trainer, pl_module, sparsifier, update)
+        self._metrics.flush(trainer)  # the last epoch's row, with its update if it had one
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         self._require_sparsifier().before_optimizer_step()
@@ -295,15 +308,22 @@ class SparseTrainingCallback(Callback, metaclass=_RefusesSparsity):
             self._metrics.set_step_flops(sparsifier)
         self._metrics.log_epoch(trainer, pl_module, sparsifier)  # every method, every epoch
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._metrics.flush(trainer)  # before Lightning finalizes the loggers
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         sparsifier = self._require_sparsifier()
         stats = self._metrics.measure(sparsifier, trainer.global_step)
         masks = {k: v.detach().cpu().clone() for k, v in sparsifier.masks.items()}
         sparsifier.finish()
         self._pending_epoch_end = None  # the run is over: no update after its last step
-        rank_zero_info(self.summary(stats))
+        if self.table:
+            rank_zero_info(self.summary(stats))
+        drawn = None
         if self.figure and trainer.is_global_zero and importlib.util.find_spec("matplotlib") is not None:
-            path, fig = self._metrics.figure(pl_module, sparsifier, self.options)
+            drawn = self._metrics.figure(pl_module, sparsifier, self.options)
+        if drawn is not None:
+            path, fig = drawn
             sent = send_figure(trainer.loggers, fig, path, trainer.global_step, f"{self._metrics.prefix}/summary")
             sent_to = f", sent to {', '.join(sent)}" if sent else ""
             rank_zero_info(f"SparseTrainingCallback: figure written to {path}{sent_to}")
@@ -313,6 +333,7 @@ class SparseTrainingCallback(Callback, metaclass=_RefusesSparsity):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # A run refused (or failed) before its first optimizer step leaves the model as it was: the DST
         # thresholds this fit attached are taken off, and the Sparsifier of an earlier fit is kept.
+        self._metrics.flush(trainer)  # the row kept for the last step, before Lightning finalizes the loggers
         if self._dst.refused(pl_module):
             self.sparsifier = self._dst.before
         self._dst.done()

@@ -4,6 +4,7 @@ stores sparse Linear weights in CSR; ``to_condensed`` condenses constant-fan-in 
 torchvision's ResNet-50, small MLPs and 1x1 convolutions."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -707,11 +708,12 @@ def test_semi_structured_layer_selection():
     half = copy.deepcopy(model).half()
     assert semi_structured_layers(half) == ["0", "2"]  # [4] is dense: left as it is
     assert semi_structured_layers(model, dtype=torch.bfloat16) == ["0", "2"]
-    with pytest.raises(ValueError, match=r"'0' \(torch.float32 weights: .*float16 or bfloat16"):
-        semi_structured_layers(model)
+    assert semi_structured_layers(model) == ["0", "2"]  # float32: the selection, judged for float16
+    with pytest.raises(ValueError, match=r"`dtype` must be torch.float16 or torch.bfloat16 \(or None\), got torch.float32"):
+        semi_structured_layers(model, dtype=torch.float32)
     with torch.no_grad():
         half[2].weight[5, :4] = 1.0  # one group of 4 with 4 non-zero weights
-    with pytest.raises(ValueError, match=r"cannot be made 2:4 semi-structured: '2' \(not 2:4: a group of 4 inputs"):
+    with pytest.raises(ValueError, match=r"layers are not 2:4: '2' \(not 2:4: a group of 4 inputs"):
         semi_structured_layers(half)
     with pytest.warns(UserWarning, match=r"left 1 sparse Linear layer\(s\) dense: '2'"):
         assert semi_structured_layers(half, skip_unsupported=True) == ["0"]
@@ -728,8 +730,42 @@ def test_semi_structured_layer_selection():
     _two_four_(odd[0])
     with torch.no_grad():
         odd[1].weight[:, ::2] = 0
-    with pytest.raises(ValueError, match=r"'0' \(shape \(8, 64\): .* multiple of 16 .*'1' \(not 2:4: 30 inputs"):
+    with pytest.raises(ValueError, match=r"layers are not 2:4: '1' \(not 2:4: 30 inputs"):
         semi_structured_layers(odd)
+    with pytest.warns(UserWarning) as caught:
+        assert semi_structured_layers(odd, skip_unsupported=True) == []
+    said = [str(w.message) for w in caught]
+    assert any(re.search(r"left 1 2:4 Linear layer\(s\) dense, their shape does not fit the semi-structured"
+                         r" kernel: '0' \(shape \(8, 64\): .* multiple of 16", m) for m in said), said  # fmt: skip
+    assert any("left 1 sparse Linear layer(s) dense: '1' (not 2:4: 30 inputs" in m for m in said), said
+
+
+def test_semi_structured_layers_of_a_2_4_trained_float32_cpu_model():
+    """Issue 23: a model trained with pattern='2:4' (float32, CPU) gets its selection, not advice to train with
+    2:4; the 10-row output layer the pattern masks is left out (the kernel needs rows in multiples of 16 or 32),
+    and said."""
+    from lightning_sparse import Sparsifier
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sparsifier = Sparsifier(model, optimizer, total_steps=6, algorithm="rigl", pattern="2:4", update_interval=2,
+                            seed=0)  # fmt: skip
+    for _ in range(6):
+        x, y = torch.randn(16, 128), torch.randint(0, 10, (16,))
+        nn.functional.cross_entropy(model(x), y).backward()
+        sparsifier.before_optimizer_step()
+        optimizer.step()
+        sparsifier.step()
+        optimizer.zero_grad()
+    masks = {k: v.clone() for k, v in sparsifier.masks.items()}
+    sparsifier.finish()
+    assert sorted(masks) == ["0.weight", "2.weight", "4.weight"]  # the output layer is masked 2:4 too
+    assert model[0].weight.dtype == torch.float32 and model[0].weight.device.type == "cpu"
+    for given in (None, masks):
+        with pytest.warns(UserWarning, match=r"left 1 2:4 Linear layer\(s\) dense, their shape does not fit .*"
+                                             r"'4' \(shape \(10, 128\): .*rows a multiple of"):  # fmt: skip
+            assert semi_structured_layers(model, given) == ["0", "2"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="2:4 semi-structured sparsity needs a CUDA GPU")
