@@ -9,7 +9,8 @@ training FLOPs, its own time).
 Logged at every mask update and epoch end: ``sparse/density``, ``sparse/density/<param>``, ``sparse/prune_rate``
 (updates), ``sparse/empty_in|out/<param>``, ``sparse/empty_heads/<attention module>`` (fraction of its heads with an
 all-masked Q, K or V projection), ``sparse/speedup_dense_conv``, ``sparse/speedup_sparse_conv``,
-``sparse/train_flops_ratio``, ``sparse/overhead``.
+``sparse/train_flops_ratio``, ``sparse/overhead``, ``sparse/explored`` and ``sparse/explored/<param>`` (ITOP's
+``R_s``: the fraction of positions ever active, :meth:`~lightning_sparse.Sparsifier.explored`).
 """
 
 from __future__ import annotations
@@ -95,12 +96,19 @@ class SparseMetrics:
         sizes = dict(zip(sparsifier.names, sparsifier.sizes))
         density = self.density_metrics(sparsifier, {n: c / sizes[n] for n, c in update.nonzero_before.items()})
         costs = self.cost_metrics(trainer, sparsifier)
-        self.log(pl_module, {**density, "sparse/prune_rate": update.rate, **costs}, on_step=True)
+        explored = self.explored_metrics(sparsifier)
+        self.log(pl_module, {**density, "sparse/prune_rate": update.rate, **costs, **explored}, on_step=True)
 
     def log_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, sparsifier: Sparsifier) -> None:
         """One row per epoch end, for every method: densities of the weights as trained, and the costs."""
         density = self.density_metrics(sparsifier, sparsifier.nonzero_densities())
-        self.log(pl_module, {**density, **self.cost_metrics(trainer, sparsifier)}, on_step=False)
+        explored = self.explored_metrics(sparsifier)
+        self.log(pl_module, {**density, **self.cost_metrics(trainer, sparsifier), **explored}, on_step=False)
+
+    def explored_metrics(self, sparsifier: Sparsifier) -> dict[str, float]:
+        """``sparse/explored`` (ITOP's ``R_s`` over the masked weights) and ``sparse/explored/<param>``."""
+        explored = sparsifier.explored()
+        return {"sparse/explored": explored.model, **{f"sparse/explored/{n}": r for n, r in explored.layers.items()}}
 
     def density_metrics(self, sparsifier: Sparsifier, densities: Mapping[str, float]) -> dict[str, float]:
         """``sparse/density`` (over the layers given) and ``sparse/density/<param>``."""
