@@ -14,7 +14,6 @@ from lightning_sparse.methods.exploration import (
     BackwardSet,
     GraNetCount,
     MESTScore,
-    SoftMemoryBound,
     global_keep_counts,
     itop,
     schedule_density,
