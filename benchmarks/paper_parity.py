@@ -27,7 +27,13 @@ error on Fashion-MNIST LeNets.
     images, the 6000 held out are unused, 10000 test): LeNet-300-100 and LeNet-5 (Caffe) at 5 % weights, every
     method and dense, SGD with Nesterov momentum 0.9, lr 0.1 divided by 10 at 1/2 and 3/4 of training, batch 100,
     weight decay 5e-4; a plain PyTorch loop with ``lightning_sparse.Sparsifier``, each method with its own
-    defaults (DST learns its density). Test error of the last epoch, mean ± std over seeds.
+    defaults (DST learns its density). Test error of the last epoch, mean ± std over seeds; ``R_s``, the fraction
+    of the masked positions ever active during the run (ITOP's in-time over-parameterization rate,
+    ``Sparsifier.explored()``; 1 for runs that start dense); the training FLOPs of the run relative to dense
+    training, counted as ``SparseTrainingCallback`` counts ``sparse/train_flops_ratio`` (``TrainFlops``: each
+    step at the densities of the masks it trained with, dense weight gradients at every step for sparse momentum
+    and DST, and at the update steps of gradient growth). ``--methods granet mest topkast`` adds the exploring
+    methods (``lightning_sparse.methods.exploration``).
 """
 
 from __future__ import annotations
@@ -73,8 +79,9 @@ RIGL_CODE_END_STEP = 25000  # rigl/imagenet_resnet/imagenet_train_eval.py: --mas
 SPARSE_MOMENTUM_REFERENCE = 11.19  # % test error, LeNet-300-100 at 5 %, the reference implementation (mean)
 PRUNING_REFERENCE = 10.69  # % test error, dense-to-sparse magnitude pruning under the same settings
 
-METHODS = ["dense", "sparse_momentum", "rigl", "set", "dsr", "static", "snip", "gmp", "dst"]
-FROM_SCRATCH = ("sparse_momentum", "rigl", "set", "dsr", "static", "snip")  # sparse from the first step
+METHODS = ["dense", "sparse_momentum", "rigl", "set", "dsr", "static", "snip", "gmp", "dst", "granet", "mest", "topkast"]
+FROM_SCRATCH = ("sparse_momentum", "rigl", "set", "dsr", "static", "snip", "mest", "topkast")  # sparse from the first step
+NEVER_DENSE = (*FROM_SCRATCH, "granet")  # granet starts at density 0.5 (its init_density) and never trains dense
 # gmp prunes a dense network; dst's thresholds start at 0, so it starts dense too
 
 
@@ -226,11 +233,13 @@ def train_model(
     density: float | None,
     data: Sequence[torch.Tensor],
     batch_size: int = 100,
+    flops: TrainFlops | None = None,
     **sparse_options: object,
 ) -> tuple[nn.Module, Sparsifier | None, float]:
     """One training run of part (c)'s setting: the trained model (masks applied), its ``Sparsifier`` (``None``
     for dense) and the training time in seconds. ``sparse_options`` go to the ``Sparsifier`` (``pattern=``,
-    ``dense_layers=``, as ``benchmarks/structured.py`` uses them)."""
+    ``dense_layers=``, as ``benchmarks/structured.py`` uses them). ``flops``: counts the run's training FLOPs as
+    the callback does (see :func:`count_flops`)."""
     x_train, y_train = data[0], data[1]
     torch.manual_seed(seed)
     model = MODELS[net]()
@@ -244,6 +253,7 @@ def train_model(
     # made after the Sparsifier: DST adds its thresholds to the optimizer as a new parameter group
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[total // 2, 3 * total // 4], gamma=0.1)
     generator = torch.Generator().manual_seed(seed)
+    counted = count_flops(flops, model, sparsifier, x_train[:1])
     start = time.perf_counter()
     model.train()
     for _ in range(epochs):
@@ -258,14 +268,39 @@ def train_model(
                 sparsifier.before_optimizer_step()
             optimizer.step()
             if sparsifier is not None:
-                sparsifier.step()
+                counted(sparsifier.step())
             optimizer.zero_grad()
             scheduler.step()
         if sparsifier is not None:
-            sparsifier.epoch_end()
+            counted(sparsifier.epoch_end(), epoch_end=True)
     if sparsifier is not None:
         sparsifier.finish()
+    counted(None, final=True)
     return model.eval(), sparsifier, time.perf_counter() - start
+
+
+def count_flops(flops: TrainFlops | None, model: nn.Module, sparsifier: Sparsifier | None, example: torch.Tensor):
+    """A function to call after every ``sparsifier.step()`` and ``epoch_end()`` with what they return, and once at
+    the end (``final``): it drives ``flops`` as ``SparseTrainingCallback`` does (the layers' forward FLOPs from the
+    cost model, each update counted at its step with the new masks' densities; DST, whose masks change at every
+    step, at each epoch end). Does nothing without ``flops``; a dense run counts ratio 1."""
+    if flops is None:
+        return lambda *args, **kwargs: None
+    cost = CostModel.build(model, "", example).flops
+    densities = sparsifier.densities() if sparsifier is not None else {}
+    dense_gradients = sparsifier is not None and sparsifier.needs_dense_gradients
+    growth = sparsifier is not None and sparsifier.uses_gradient_growth
+    flops.set_step_flops(cost, densities, dense_gradients)
+    steps = [0]
+
+    def counted(report: object, epoch_end: bool = False, final: bool = False) -> None:
+        if not epoch_end and not final:
+            steps[0] += 1
+            flops.advance(steps[0])
+        if sparsifier is not None and (report is not None or (epoch_end and sparsifier.learns_every_step)):
+            flops.mask_update(steps[0], cost, sparsifier.densities(), dense_gradients, growth and report is not None)
+
+    return counted
 
 
 def test_error_and_density(model: nn.Module, sparsifier: Sparsifier | None, data: Sequence[torch.Tensor]) -> dict[str, float]:
@@ -288,9 +323,13 @@ def test_error_and_density(model: nn.Module, sparsifier: Sparsifier | None, data
 def train_once(
     net: str, method: str, seed: int, epochs: int, density: float, data: Sequence[torch.Tensor], batch_size: int = 100
 ) -> dict[str, float]:
-    """One run; returns the test error (%), the final density of the masked weights and the wall time."""
-    model, sparsifier, seconds = train_model(net, method, seed, epochs, density, data, batch_size)
-    return {**test_error_and_density(model, sparsifier, data), "seconds": seconds}
+    """One run; returns the test error (%), the final density of the masked weights, ``R_s`` (the fraction of masked
+    positions ever active; 1 when dense), the training FLOPs relative to dense and the wall time."""
+    flops = TrainFlops()
+    model, sparsifier, seconds = train_model(net, method, seed, epochs, density, data, batch_size, flops=flops)
+    explored = sparsifier.explored().model if sparsifier is not None else 1.0
+    ratio = flops.ratio if flops.ratio is not None else 1.0
+    return {**test_error_and_density(model, sparsifier, data), "explored": explored, "flops": ratio, "seconds": seconds}
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -299,7 +338,7 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 RUN_LINE = re.compile(
     r"^\s+(?P<net>\w+) (?P<method>\w+)\s+seed (?P<seed>\d+): test error\s+(?P<test_error>[\d.]+) %, density"
-    r" (?P<density>[\d.]+),\s+(?P<seconds>[\d.]+) s$"
+    r" (?P<density>[\d.]+),(?: R_s (?P<explored>[\d.]+), train FLOPs (?P<flops>[\d.]+)x,)?\s+(?P<seconds>[\d.]+) s$"
 )
 HEADER_LINE = re.compile(r"^## \(c\) Fashion-MNIST, density (?P<density>[\d.]+), (?P<epochs>\d+) epochs")
 
@@ -316,7 +355,8 @@ def part_c(nets: Sequence[str], methods: Sequence[str], seeds: Sequence[int], ep
                 r = train_once(net, method, seed, epochs, density, data)
                 results[net][method].append({**r, "seed": seed})
                 out(f"    {net} {method:16s} seed {seed}: test error {r['test_error']:6.2f} %, density"
-                    f" {r['density']:.4f}, {r['seconds']:6.1f} s")  # fmt: skip
+                    f" {r['density']:.4f}, R_s {r['explored']:.4f}, train FLOPs {r['flops']:.4f}x,"
+                    f" {r['seconds']:6.1f} s")  # fmt: skip
     print_tables(results, epochs, density)
 
 
@@ -330,7 +370,7 @@ def tables_from(logs: Sequence[str]) -> None:
             if header := HEADER_LINE.match(line):
                 setting = (float(header["density"]), int(header["epochs"]))
             elif (run := RUN_LINE.match(line)) and setting is not None:
-                values = {k: float(run[k]) for k in ("test_error", "density", "seconds")}
+                values = {k: float(run[k]) for k in ("test_error", "density", "explored", "flops", "seconds") if run[k]}
                 found[(*setting, run["net"], run["method"], int(run["seed"]))] = {**values, "seed": int(run["seed"])}
     first_seen = {key[:3]: i for i, key in reversed(list(enumerate(found)))}  # tables in the order of the logs
     order = sorted(found, key=lambda key: (first_seen[key[:3]], METHODS.index(key[3]), key[4]))
@@ -349,8 +389,8 @@ def print_tables(
     for net, by_method in results.items():
         seeds = sorted({int(r["seed"]) for rs in by_method.values() for r in rs})
         out(f"\n### {net}, density {density}, {epochs} epochs, seeds {seeds} (test error %, mean ± std)\n")
-        out("| method | test error % | per seed | final density | s per run |")
-        out("|---|---|---|---|---|")
+        out("| method | test error % | per seed | final density | R_s | train FLOPs | s per run |")
+        out("|---|---|---|---|---|---|---|")
         means = {}
         for method, rs in by_method.items():
             if not rs:
@@ -359,8 +399,9 @@ def print_tables(
             means[method] = mean
             per_seed = ", ".join(f"{r['test_error']:.2f}" for r in rs)
             note = " (learned)" if method == "dst" else ""
+            explored, flops = (_mean_of(rs, key) for key in ("explored", "flops"))
             out(f"| {method} | {mean:.2f} ± {std:.2f} | {per_seed} | {statistics.mean(r['density'] for r in rs):.4f}{note}"
-                f" | {statistics.mean(r['seconds'] for r in rs):.1f} |")  # fmt: skip
+                f" | {explored} | {flops} | {statistics.mean(r['seconds'] for r in rs):.1f} |")  # fmt: skip
         out("")
         if net == "lenet300" and "sparse_momentum" in means:
             m = means["sparse_momentum"]
@@ -368,14 +409,25 @@ def print_tables(
             out(
                 f"- sparse momentum {m:.2f} %: {verdict} the reference implementation's {SPARSE_MOMENTUM_REFERENCE:.2f} %"
             )
-        scratch = {m: v for m, v in means.items() if m in FROM_SCRATCH}
-        if scratch:
+        for label, group in (("from-scratch", FROM_SCRATCH), ("never-dense", NEVER_DENSE)):
+            scratch = {m: v for m, v in means.items() if m in group}
+            if not scratch or (label == "never-dense" and "granet" not in scratch):
+                continue
             best = min(scratch, key=scratch.get)
-            line = f"- best from-scratch method ({', '.join(FROM_SCRATCH)}): {best} {scratch[best]:.2f} %"
+            line = f"- best {label} method ({', '.join(group)}): {best} {scratch[best]:.2f} %"
+            if "gmp" in means:
+                verdict = "at or below" if scratch[best] <= means["gmp"] else "ABOVE"
+                line += f": {verdict} gmp's {means['gmp']:.2f} % here"
             if net == "lenet300":
                 verdict = "at or below" if scratch[best] <= PRUNING_REFERENCE else "ABOVE"
-                line += f": {verdict} {PRUNING_REFERENCE:.2f} % (dense-to-sparse magnitude pruning, same settings)"
+                line += f"; {verdict} {PRUNING_REFERENCE:.2f} % (dense-to-sparse magnitude pruning, same settings)"
             out(line)
+
+
+def _mean_of(runs: Sequence[Mapping[str, float]], key: str) -> str:
+    """The mean of ``key`` over the runs that have it (runs of logs from before it was printed do not), or ``-``."""
+    values = [r[key] for r in runs if key in r]
+    return f"{statistics.mean(values):.3f}" if values else "-"
 
 
 def main() -> None:

@@ -382,6 +382,11 @@ def _pattern_density(pattern: Pattern, density: Any, resolved: SparseAlgorithm |
             f"pattern={str(pattern)!r} needs a method that regrows what it prunes (or GMP's count='gmp'): the"
             " growth rule refills every unit of the pattern; this algorithm has grow='none'"
         )
+    if pattern.structured and not resolved.supports_patterns:
+        raise ValueError(
+            f"pattern={str(pattern)!r} is refused for algorithm {_name(algorithm)}: its count rule sets how many each"
+            " layer grows (GraNet, MEST), which only an unstructured run follows; use pattern='unstructured'"
+        )
     if pattern.kind != "nm":
         return density
     nm = pattern.n / pattern.m

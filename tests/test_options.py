@@ -85,7 +85,7 @@ def test_sparsifier_converts_numbers_too():
         (dict(seed=-1), r"`seed` must be an int in \[0, 2\*\*63\) or None, got -1 \(int\)"),
         (dict(dense_layers=5), r"`dense_layers` must be a name or glob pattern \(str\) or a sequence of them, got 5 \(int\)"),
         (dict(dense_layers=["fc", 3]), r"`dense_layers` must be a name or glob pattern \(str\) or a sequence of them, got \('fc', 3\) \(tuple\)"),
-        (dict(algorithm=["rigl"]), r"`algorithm` can be sparse_momentum, rigl, set, dsr, static, snip, gmp, dst, a SparseAlgorithm or a DST, got \['rigl'\]"),
+        (dict(algorithm=["rigl"]), r"`algorithm` can be sparse_momentum, rigl, set, dsr, static, snip, gmp, granet, mest, topkast, dst, a SparseAlgorithm or a DST, got \['rigl'\]"),
         (dict(prune_rate_schedule=["cosine"]), r"`prune_rate_schedule` can be cosine, linear, constant or a function of progress, got \['cosine'\]"),
         (dict(init=3), r"`init` can be uniform, erk, er, got 3"),
         (dict(mask_kernel=None), r"`mask_kernel` can be 'auto', 'cpp', 'torch', got None"),

@@ -20,7 +20,7 @@ from lightning_sparse.options import SparseOptions
 def init_counts(shapes: Sequence[Sequence[int]], groups: Mapping[str, Sequence[int]], options: SparseOptions) -> list[int]:
     """Active weights per layer of the initialization: ``options.init`` within each density group (``groups``:
     layer indices by group glob)."""
-    density = dict(options.groups)
+    density = _start_densities(options)
     counts = [0] * len(shapes)
     for group, indices in groups.items():
         for i, n in zip(indices, layer_active_counts([shapes[i] for i in indices], density[group], options.init)):
@@ -36,7 +36,8 @@ def initial_masking(
     generator: torch.Generator,
 ) -> Masking:
     """The masks of ``params`` at the start of a run (see the module's docstring), not yet applied."""
-    if options.algorithm.start != "random":  # contiguous full masks, whatever the weight's memory format
+    start = getattr(options.algorithm, "start_density", None)
+    if options.algorithm.start != "random" or (start is not None and start >= 1.0):  # contiguous full masks
         local = [distributed.local(p) for p in params.values()]
         masks = [torch.ones(w.shape, dtype=torch.bool, device=w.device) for w in local]
         return Masking(params, kernel=options.mask_kernel, local_masks=masks)
@@ -47,6 +48,12 @@ def initial_masking(
         transposed = [layers[n].transposed for n in params]
         return Masking.random(params, pattern_counts(shapes, counts, pattern, transposed), options.init, generator,
                               options.mask_kernel, pattern=pattern, transposed=transposed)  # fmt: skip
-    density = dict(options.groups)
+    density = _start_densities(options)
     by = density["*"] if list(density) == ["*"] else counts
     return Masking.random(params, by, options.init, generator, options.mask_kernel)
+
+
+def _start_densities(options: SparseOptions) -> dict[str, float]:
+    """Each density group's starting density: the group's, or a method's higher start (GraNet's ``init_density``)."""
+    start = getattr(options.algorithm, "start_density", None)
+    return {g: (max(d, start) if start is not None else d) for g, d in dict(options.groups).items()}

@@ -96,6 +96,16 @@ class UpdateReport:
                 f" {len(r.masks)} layers, active={sum(r.active)}, pruned={sum(r.pruned)}, grown={sum(r.grown)})")  # fmt: skip
 
 
+@dataclass(frozen=True)
+class Explored:
+    """ITOP's in-time over-parameterization rate ``R_s`` (Liu et al., ICML 2021): the fraction of positions that
+    have ever been active during the run, per masked layer (``layers``, by parameter name) and over all masked
+    weights (``model``)."""
+
+    layers: dict[str, float]
+    model: float
+
+
 class Sparsifier:
     """Keep a model sparse during training and update which weights are active.
 
@@ -174,6 +184,8 @@ class Sparsifier:
             check_same_run(self.options, state)  # before binding touches the model (DST attaches its thresholds)
         self._compute: CondensedCompute | None = None  # compute="condensed": the attached layers
         self._bind(state)
+        self._explored: list[Tensor] | None = None  # per layer, the positions ever active (local rows under FSDP2)
+        self._reset_explored()
         if state is not None:
             self.load_state_dict(state)
         self.attach_compute()
@@ -307,7 +319,7 @@ class Sparsifier:
     def _to_target(self) -> bool:
         """GMP prunes towards its target density: the end of its window is always an update."""
         algorithm = self.options.algorithm
-        return isinstance(algorithm, SparseAlgorithm) and algorithm.prunes_to_schedule
+        return isinstance(algorithm, SparseAlgorithm) and algorithm.reaches_target
 
     def _warn_if_no_updates(self) -> None:
         updates = self.schedule.count_updates(self._total_steps)
@@ -370,6 +382,35 @@ class Sparsifier:
         line += f", pattern {self.pattern}" if self.pattern.structured else ""
         ablation = self.options.neuron_ablation
         return line + (f", neuron ablation {ablation:g}" if ablation is not None else "")
+
+    # ------------------------------------------------------------------ exploration (ITOP's R_s)
+    def _reset_explored(self) -> None:
+        """Start the record of explored positions from the current masks (copies: one byte per weight)."""
+        masking = getattr(self, "masking", None)
+        self._explored = None if masking is None else [m.clone() for m in masking.masks]
+
+    def _explore(self, masks: Iterable[Tensor]) -> None:
+        """Add ``masks`` (local, like the current ones) to the positions ever active."""
+        if self._explored is not None:
+            for explored, mask in zip(self._explored, masks):
+                explored |= mask
+
+    def _layout(self) -> tuple[list[Any], Any]:
+        """The masked weights' shard specs and their common process group (for sums over FSDP2 shards)."""
+        return self.masking.specs, self.masking.group
+
+    def explored(self) -> Explored:
+        """ITOP's ``R_s``: the fraction of each masked layer's positions, and of all masked positions, that have
+        been active at some point of the run (since the masks were drawn, or since the checkpoint's run began).
+        Methods that start dense (GMP, GraNet from 1.0) have explored everything. One host read (all-reduced
+        over FSDP2 shards; under DDP the masks, hence the record, agree on every process)."""
+        if not self._explored:
+            return Explored({}, 0.0)
+        specs, group = self._layout()
+        local_counts = torch.stack([e.sum() for e in self._explored]).to(torch.int64)
+        counts = distributed.reduce_layer_sums(local_counts, specs, group).tolist()
+        sizes = self.sizes
+        return Explored({n: c / s for n, c, s in zip(self.names, counts, sizes)}, sum(counts) / max(sum(sizes), 1))
 
     # ------------------------------------------------------------------ the loop
     def before_optimizer_step(self) -> None:
@@ -535,6 +576,7 @@ class Sparsifier:
         masking.set_masks(result.masks, result.active)
         if not self.sharded:
             self._masks_agree()
+        self._explore(masking.masks)
         masking.apply_()
         self._refresh_compute()
         if algorithm.dynamic:  # grown weights start at zero, their optimizer state as the method's reference
@@ -619,6 +661,7 @@ class Sparsifier:
         masking.active = masking.count_active()
         if not self.sharded:
             self._masks_agree()
+        self._reset_explored()  # SNIP's full masks while it waited for its batch were never trained
         masking.apply_()
         self._wait_for_snip(False)
         self.attach_compute()
@@ -645,6 +688,7 @@ class Sparsifier:
             "generator_state": self.generator.get_state(),
             "algorithm_state": copy.deepcopy(self.algorithm_state),  # not the live dicts (neuron ablation's budgets)
             "masks": self.masking.state_dict(),
+            "explored": self._explored_state(),
             "snip_pending": self._needs_snip,
             "density": self.options.density,
             "algorithm": self.options.algorithm_name,
@@ -671,10 +715,37 @@ class Sparsifier:
         self._refresh_compute()
         self._dense_gradients_next()
 
+    def _explored_state(self) -> dict[str, Tensor]:
+        """The positions ever active, full ``torch.bool`` CPU tensors by name (gathered over FSDP2 shards)."""
+        masking = self.masking
+        return {
+            name: distributed.gather_rows(explored, spec).to("cpu", copy=True)
+            for name, explored, spec in zip(masking.names, self._explored or [], masking.specs)
+        }
+
+    def _load_explored(self, saved: Mapping[str, Tensor] | None) -> None:
+        """Restore the record of explored positions (a checkpoint without one starts it from its masks); it always
+        holds the current masks."""
+        self._reset_explored()
+        if not saved:
+            return
+        masking = self.masking
+        if set(saved) != set(masking.names):
+            raise ValueError(
+                f"the checkpoint's explored positions are for {sorted(saved)}, the masked weights are"
+                f" {sorted(masking.names)}: resume with the checkpoint's layers, or start a new run"
+            )
+        for name, spec, weight, explored in zip(masking.names, masking.specs, masking.weights, self._explored or []):
+            full = saved[name]
+            if full.dtype != torch.bool or tuple(full.shape) != spec.shape:
+                raise ValueError(f"the checkpoint's explored positions of {name!r} must be torch.bool of shape {spec.shape}")
+            explored |= distributed.local_rows(full, spec).to(weight.device).reshape(explored.shape)
+
     def _load_masks(self, state: Mapping[str, Any]) -> None:
         if "masks" not in state:
             raise ValueError("the checkpoint's sparse training state holds no masks")
         self.masking.load_masks(state["masks"])
+        self._load_explored(state.get("explored"))
         transposed = [self.layers[n].transposed for n in self.masking.names]
         on_the_way = self._to_target or bool(state.get("snip_pending", False))
         check_loaded_pattern(self.masking, self.options, transposed, on_the_way)

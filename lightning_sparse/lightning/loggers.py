@@ -20,6 +20,8 @@ it, the update's values first):
   something: when a convolution is masked or some layer has empty channels (a plain MLP without empty channels
   logs neither; see :meth:`~lightning_sparse.cost.SparsityReport.speedups_apply`).
 * ``sparse/train_flops_ratio``, ``sparse/overhead``.
+* ``sparse/explored``: ITOP's ``R_s``, the fraction of the masked positions that have ever been active
+  (:meth:`~lightning_sparse.Sparsifier.explored`); ``sparse/explored/<param>`` per layer.
 
 ``per_layer_metrics=False`` leaves out every per-layer and per-module metric (``.../<param>``, ``.../<module>``).
 """
@@ -115,6 +117,7 @@ class SparseMetrics:
             **self.density_metrics(sparsifier, update.nonzero_before),
             "sparse/prune_rate": update.rate,
             **self.cost_metrics(trainer, sparsifier),
+            **self.explored_metrics(sparsifier),
         }
         self.log(trainer, metrics, update=True)
 
@@ -122,7 +125,21 @@ class SparseMetrics:
         """The row of an epoch end, for every method: the masks' density, the non-zero density of the weights as
         trained, and the costs."""
         nonzero = dict(zip(sparsifier.names, sparsifier.masking.nonzero_counts()))
-        self.log(trainer, {**self.density_metrics(sparsifier, nonzero), **self.cost_metrics(trainer, sparsifier)})
+        metrics = {
+            **self.density_metrics(sparsifier, nonzero),
+            **self.cost_metrics(trainer, sparsifier),
+            **self.explored_metrics(sparsifier),
+        }
+        self.log(trainer, metrics)
+
+    def explored_metrics(self, sparsifier: Sparsifier) -> dict[str, float]:
+        """``sparse/explored`` (ITOP's ``R_s`` over the masked weights) and, with :attr:`per_layer`,
+        ``sparse/explored/<param>``."""
+        explored = sparsifier.explored()
+        metrics = {"sparse/explored": explored.model}
+        if self.per_layer:
+            metrics.update({f"sparse/explored/{n}": r for n, r in explored.layers.items()})
+        return metrics
 
     def density_metrics(self, sparsifier: Sparsifier, nonzero: Mapping[str, int]) -> dict[str, float]:
         """``sparse/density`` (mask density: active / masked weights, from the masks' exact counts),

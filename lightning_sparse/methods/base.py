@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property, partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -168,10 +168,20 @@ class UpdateResult:
     grown: list[int]
 
 
+class Counts(NamedTuple):
+    """A count rule's answer when a layer does not regrow what it loses (GraNet, MEST): per layer, how many active
+    weights leave (``pruned``) and how many positions the growth rule adds after pruning (``grown``). A count rule
+    that returns a plain list prunes that many and, unstructured, regrows the same number (or what
+    redistribution hands each layer)."""
+
+    pruned: list[int]
+    grown: list[int]
+
+
 PruneRule = Callable[[LayerState, int], Tensor]
 GrowthRule = Callable[[LayerState, Tensor, int, torch.Generator], Tensor]
 RedistributionRule = Callable[[Sequence[LayerState]], "Tensor | None"]
-CountRule = Callable[[Sequence[LayerState], list[int], "list[float] | None", UpdateContext], list[int]]
+CountRule = Callable[[Sequence[LayerState], list[int], "list[float] | None", UpdateContext], "list[int] | Counts"]
 
 
 def shard_reducer(layers: Sequence[LayerState]) -> Callable[[Tensor], Tensor] | None:

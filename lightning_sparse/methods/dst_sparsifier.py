@@ -93,6 +93,12 @@ class DSTSparsifier(Sparsifier):
                 else f"larger than a LeNet, > {dst_math.LENET_MAX_WEIGHTS:,}",
             )
 
+    def _reset_explored(self) -> None:
+        self._explored = [m.clone() for m in self.masks.values()]
+
+    def _layout(self) -> tuple[list[Any], Any]:
+        return self._specs, self._group
+
     def _raw(self, name: str) -> Tensor:
         return dst_math.raw_weight(self._modules[name], self.layers[name].attr)
 
@@ -180,6 +186,7 @@ class DSTSparsifier(Sparsifier):
         if not self._attached():
             self._reattach()
         self._finished = False
+        self._explore(self.masks.values())  # the masks the optimizer step just learned
         reset = dst_math.reset_collapsed_(self.thresholds, self.densities(), self.dst.collapse_density)
         if reset:
             log.info("DST: thresholds of %s reset (density <= %s)", ", ".join(reset), self.dst.collapse_density)

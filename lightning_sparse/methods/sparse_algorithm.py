@@ -119,8 +119,29 @@ class SparseAlgorithm:
 
     @property
     def needs_gradient(self) -> bool:
-        """Whether the built-in growth rule reads this step's dense gradient (RigL's ``grow="gradient"``)."""
-        return self.grow == "gradient"
+        """Whether the rules read this step's gradient: RigL's ``grow="gradient"``, or a rule that says so with a
+        ``reads_gradient = True`` attribute (MEST's prune score, :class:`~lightning_sparse.methods.MESTScore`)."""
+        return self.dynamic and (
+            self.grow == "gradient" or any(getattr(r, "reads_gradient", False) for r in (self.rules.prune, self.rules.grow))
+        )
+
+    @property
+    def reaches_target(self) -> bool:
+        """Whether the method ends its update window at the run's density by its own schedule (GMP, GraNet, MEST's
+        soft memory bound): the window's last step is then always an update."""
+        return self.prunes_to_schedule or bool(getattr(self.rules.count, "reaches_target", False))
+
+    @property
+    def supports_patterns(self) -> bool:
+        """Whether the method can keep a structured pattern (GraNet's and MEST's own growth counts cannot)."""
+        return self.prunes_to_schedule or not getattr(self.rules.count, "reaches_target", False)
+
+    @property
+    def start_density(self) -> float | None:
+        """The density the masks start from when the count rule sets one (GraNet's ``init_density``; 1.0 starts
+        dense); ``None``: the run's density."""
+        value = getattr(self.rules.count, "init_density", None)
+        return None if value is None else float(value)
 
     @property
     def prunes_to_schedule(self) -> bool:

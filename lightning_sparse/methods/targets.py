@@ -35,7 +35,7 @@ from torch import Tensor
 from lightning_sparse.functional.patterns import Pattern, unit_counts, unit_shape
 from lightning_sparse.functional.schedules import gmp_sparsity
 from lightning_sparse.functional.units import round_half_up, round_to_rows, trim_units
-from lightning_sparse.methods.base import LayerState, UpdateContext, UpdateResult, layer_counts, shard_reducer
+from lightning_sparse.methods.base import Counts, LayerState, UpdateContext, UpdateResult, layer_counts, shard_reducer
 from lightning_sparse.methods.rules import CountRule, PruneRule
 
 Reducer = Callable[[Tensor], Tensor]
@@ -59,6 +59,7 @@ class Target:
     moves = True
     grows = True
     pattern: Pattern | None = None
+    grown: list[int] | None = None  # per layer, set by a count rule that answers Counts
 
     def __init__(self, layers: Sequence[LayerState]) -> None:
         self.layers = layers
@@ -70,8 +71,19 @@ class Target:
 
     def count(self, rule: CountRule, layers: Sequence[LayerState], active: list[int], shares: list[float] | None,
               context: UpdateContext) -> list[int]:  # fmt: skip
-        """How many active weights each layer loses (the count rule's numbers, clipped to ``[0, active]``)."""
-        return [min(max(p, 0), a) for p, a in zip(rule(layers, active, shares, context), active)]
+        """How many active weights each layer loses (the count rule's numbers, clipped to ``[0, active]``). A rule
+        that answers :class:`~lightning_sparse.methods.base.Counts` also says how many each layer grows
+        (:attr:`grown`, kept for :meth:`plan`)."""
+        counted = rule(layers, active, shares, context)
+        if isinstance(counted, Counts):
+            if self.pattern is not None:
+                raise ValueError(
+                    f"pattern={str(self.pattern)!r}: the count rule {_name(rule)} sets its own growth counts (GraNet,"
+                    " MEST), which only an unstructured update (pattern='unstructured') follows"
+                )
+            self.grown = [max(g, 0) for g in counted.grown]
+            counted = counted.pruned
+        return [min(max(p, 0), a) for p, a in zip(counted, active)]
 
     def prune(self, rule: PruneRule, layers: Sequence[LayerState], pruned: list[int]) -> list[Tensor]:
         """The masks after pruning ``pruned`` weights of each layer."""
@@ -102,6 +114,8 @@ class Unstructured(Target):
         survivors = [a - p for a, p in zip(active, pruned)]
         if not algorithm.grows:
             grown = [0] * len(layers)
+        elif self.grown is not None:  # the count rule's own growth, within each layer's free positions
+            grown = [min(g, layer.numel - s) for g, layer, s in zip(self.grown, layers, survivors)]
         elif shares is None:
             grown = list(pruned)
         else:
@@ -236,3 +250,7 @@ def check_units(
             " structured pattern, growth rules must grow with LayerState.add_highest or add_random, which fill"
             " every unit of the pattern"
         )
+
+
+def _name(rule: object) -> str:
+    return repr(getattr(rule, "__qualname__", None) or type(rule).__name__)

@@ -15,6 +15,7 @@ tag being ``ALGORITHM`` or ``ALGORITHM_VARIANT``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -29,7 +30,7 @@ from lightning_sparse import SparseTrainingCallback  # noqa: E402
 from tests.helpers import DigitsMLP, digits_loader  # noqa: E402
 from tests.helpers import trainer as quiet_trainer
 
-STEP_ALGORITHMS = {"rigl": 2, "dsr": 2, "gmp": 2}  # update intervals short enough for a few updates
+STEP_ALGORITHMS = {"rigl": 2, "dsr": 2, "gmp": 2, "granet": 2, "mest": 2, "topkast": 2}  # update intervals short enough for a few updates
 
 
 class BuiltLate(DigitsMLP):
@@ -113,6 +114,8 @@ def run(out: Path, algorithm: str, variant: str, epochs: int) -> None:
         "weights": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "num_updates": sparse.state_dict()["num_updates"],
         "world_size": trainer.world_size,
+        "explored": dataclasses.asdict(sparse.sparsifier.explored()),
+        "explored_state": sparse.state_dict().get("explored"),
         "warnings": warnings.messages,
     }
     tag = f"{algorithm}_{variant}" if variant else algorithm

@@ -12,7 +12,7 @@ import torch
 from lightning_sparse.functional.patterns import check_pattern, unit_counts
 
 SCRIPT = Path(__file__).with_name("ddp_run.py")
-ALGORITHMS = ["sparse_momentum", "rigl", "set", "dsr", "snip"]
+ALGORITHMS = ["sparse_momentum", "rigl", "set", "dsr", "snip", "granet", "mest", "topkast"]
 RUNS = [*ALGORITHMS, "rigl:ablation", "sparse_momentum:diverge", "dst:late"]
 
 pytestmark = pytest.mark.slow
@@ -44,6 +44,10 @@ def test_masks_identical_on_both_ranks_after_every_update(runs, algorithm):
         assert rank0["num_updates"] >= 2 and changes >= 2  # the masks really moved
     for name, value in rank0["weights"].items():
         assert torch.equal(value, rank1["weights"][name]), name
+    assert rank0["explored"] == rank1["explored"]  # ITOP's R_s: the same record on both ranks
+    for name, explored in rank0["explored_state"].items():
+        assert torch.equal(explored, rank1["explored_state"][name])
+        assert torch.equal(explored | rank0["masks"][-1][name], explored)  # it holds the current mask
 
 
 def test_neuron_ablation_under_ddp_gives_the_same_masks_on_both_ranks(runs):

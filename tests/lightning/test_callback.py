@@ -260,7 +260,7 @@ def test_density_out_of_range(density):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(algorithm="sparse_mom"), r"`algorithm` can be sparse_momentum, rigl, set, dsr, static, snip, gmp, dst, a SparseAlgorithm or a DST, got 'sparse_mom'"),
+        (dict(algorithm="sparse_mom"), r"`algorithm` can be sparse_momentum, rigl, set, dsr, static, snip, gmp, granet, mest, topkast, dst, a SparseAlgorithm or a DST, got 'sparse_mom'"),
         (dict(prune_rate_schedule="step"), r"`prune_rate_schedule` can be cosine, linear, constant"),
         (dict(init="kaiming"), r"`init` can be uniform, erk, er, got 'kaiming'"),
         (dict(prune_rate=1.5), r"`prune_rate` must be in \[0, 1\]"),

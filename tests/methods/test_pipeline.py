@@ -143,7 +143,7 @@ def test_custom_rules_are_called():
 
 
 def test_unknown_names_list_the_known_ones():
-    with pytest.raises(ValueError, match=r"`algorithm` can be sparse_momentum, rigl, set, dsr, static, snip, gmp, dst, a SparseAlgorithm or a DST, got 'foo'"):
+    with pytest.raises(ValueError, match=r"`algorithm` can be sparse_momentum, rigl, set, dsr, static, snip, gmp, granet, mest, topkast, dst, a SparseAlgorithm or a DST, got 'foo'"):
         get_algorithm("foo")
     with pytest.raises(ValueError, match=r"`grow` can be momentum, gradient, random, none or a function, got 'gradient_x'"):
         SparseAlgorithm(grow="gradient_x")
