@@ -74,11 +74,12 @@ def test_every_docs_page_is_in_the_nav():
 def test_extras():
     extras = read_configuration(ROOT / "setup.cfg")["options"]["extras_require"]
     names = lambda extra: {re.split(r"[<>=\[]", req)[0] for req in extras[extra]}  # noqa: E731
-    assert set(extras) == {"export", "plot", "examples", "docs", "test", "dev", "all"}
+    assert set(extras) == {"export", "plot", "examples", "hf", "docs", "test", "dev", "all"}
     # the default test run skips the timm and transformers tests without them; ruff is not a test dependency
     assert not names("test") & {"ruff", "timm", "transformers", "mkdocs"}
     assert {"pytest", "scikit-learn", "torch-pruning", "matplotlib", "tensorboard", "torchdata"} <= names("test")
     assert names("docs") == {"mkdocs", "mkdocs-material", "mkdocstrings"}
-    assert names("test") | names("docs") | {"ruff", "timm", "transformers"} <= names("dev")
+    assert names("hf") == {"transformers", "accelerate"}  # what the Hugging Face Trainer integration needs
+    assert names("test") | names("docs") | names("hf") | {"ruff", "timm"} <= names("dev")
     assert set().union(*(names(extra) for extra in extras)) == names("all")
     assert (ROOT / "LICENSE").read_text().lstrip().startswith("Apache License")

@@ -336,6 +336,14 @@ class Sparsifier:
         """Fraction of active weights per layer, from the masks' exact counts (no device read)."""
         return {n: a / s for n, a, s in zip(self.masking.names, self.masking.active, self.masking.sizes)}
 
+    def active_counts(self) -> dict[str, int]:
+        """Active (masked-in) weights per layer, the masks' exact counts over the whole weight (no device read)."""
+        return dict(zip(self.masking.names, self.masking.active))
+
+    def nonzero_counts(self) -> dict[str, int]:
+        """Non-zero weights per layer over the whole weight, measured from the weights (one device read)."""
+        return dict(zip(self.masking.names, self.masking.nonzero_counts()))
+
     def nonzero_densities(self) -> dict[str, float]:
         """Fraction of non-zero weights per layer, measured from the weights (one device read)."""
         counts = self.masking.nonzero_counts()

@@ -25,12 +25,14 @@ def sparsity_figure(
     sizes: Mapping[str, int] | None = None,
     max_lines: int = 12,
     updates: Sequence[tuple[int, float, float]] = (),
+    explored: Sequence[tuple[int, float]] = (),
 ) -> Any:
     """Write a PNG of a run's recorded statistics (``history``: ``(step, stats)`` pairs, the last one of a step
     drawn; ``shapes``: layer shapes) and return the matplotlib figure (closed; loggers can still draw it).
 
     Three panels: (1) the mask updates: the prune rate each update was given and the fraction of the active
-    weights it pruned (``updates``: ``(step, rate, fraction pruned)``), or a note when there were none; (2) the
+    weights it pruned (``updates``: ``(step, rate, fraction pruned)``), with the fraction of the positions ever
+    active (``explored``: ``(step, R_s)``), or a note when there were none; (2) the
     mask density of every layer, with the overall density (weighted by ``sizes``) and the ``target``: step lines
     (a log scale with 1-2-5 ticks when densities differ by more than 10x) for up to ``max_lines`` layers, a heat
     map (layer x recorded step) beyond, on a log colour scale spanning at least a factor 10 around the target (or
@@ -44,6 +46,7 @@ def sparsity_figure(
         target: the requested overall density.
         sizes: weights per layer (default: from the recorded shapes), to weight the overall density.
         updates: ``(step, prune rate, fraction of the active weights pruned)`` per mask update.
+        explored: ``(step, R_s)``: ITOP's explored fraction of the masked positions (the last of a step drawn).
     """
     import matplotlib
 
@@ -59,7 +62,7 @@ def sparsity_figure(
     series = {n: [last[s][n].density if n in last[s] else math.nan for s in steps] for n in names}
     fig, (ax_updates, ax_layers, ax_empty) = plt.subplots(1, 3, figsize=(17, 5), width_ratios=(1, 1.3, 1.2))
     fig.suptitle(title or "sparse training")
-    _mask_updates(ax_updates, updates)
+    _mask_updates(ax_updates, updates, explored)
     _layer_densities(fig, ax_layers, steps, series, sizes, target, max_lines)
     _empty_channels(ax_empty, steps[-1], last[steps[-1]], names)
     fig.tight_layout()
@@ -69,21 +72,26 @@ def sparsity_figure(
     return fig
 
 
-def _mask_updates(ax: Any, updates: Sequence[tuple[int, float, float]]) -> None:
-    """Panel 1: per mask update, the prune rate given and the fraction of the active weights pruned; a note
-    when there was no update."""
+def _mask_updates(ax: Any, updates: Sequence[tuple[int, float, float]], explored: Sequence[tuple[int, float]]) -> None:
+    """Panel 1: per mask update, the prune rate given and the fraction of the active weights pruned, with the
+    explored fraction of the positions (ITOP's ``R_s``) as a step line; a note when there was no update."""
     from matplotlib.ticker import MaxNLocator
 
+    last = dict(explored)  # one value per step: the last recorded
     if not updates:
         ax.axis("off")
-        ax.text(0.5, 0.5, "no mask updates\n(masks fixed, or learned at every step)", ha="center", va="center",
-                transform=ax.transAxes)  # fmt: skip
+        said = f"\nexplored (R_s): {last[max(last)]:.4f}" if last else ""
+        ax.text(0.5, 0.5, f"no mask updates\n(masks fixed, or learned at every step){said}", ha="center",
+                va="center", transform=ax.transAxes)  # fmt: skip
         return
+    if last:
+        steps = sorted(last)
+        ax.step(steps, [last[s] for s in steps], where="post", color="tab:green", label="explored (R_s)")
     steps = [u[0] for u in updates]
     ax.plot(steps, [u[1] for u in updates], marker="o", linestyle="--", color="tab:gray", label="prune rate given")
     ax.plot(steps, [u[2] for u in updates], marker=".", linestyle="none", markersize=10, color="tab:red",
             label="fraction of active weights pruned")  # fmt: skip
-    top = max(max(u[1] for u in updates), max(u[2] for u in updates))
+    top = max(max(u[1] for u in updates), max(u[2] for u in updates), *last.values())
     ax.set_ylim(0, min(1.02, top * 1.2 + 1e-3))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="optimizer step", ylabel="fraction", title=f"mask updates ({len(updates)})")

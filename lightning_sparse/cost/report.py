@@ -37,6 +37,8 @@ from lightning_sparse.cost.speedup import speedup_dense_conv, speedup_sparse_con
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
+    from lightning_sparse.core.sparsifier import Explored
+
 __all__ = ["MeasuredStats", "SparsityReport"]
 
 
@@ -68,6 +70,10 @@ class SparsityReport:
     updates: list[tuple[int, float, float]] = field(default_factory=list)
     """``(step, prune rate, fraction pruned)`` of every mask update (the figure's first panel): the rate the method
     was given and the fraction of the active weights it pruned (regrown elsewhere by the growing methods)."""
+
+    explored: list[tuple[int, float]] = field(default_factory=list)
+    """``(step, R_s)`` at every logged row: ITOP's fraction of the masked positions that have ever been active
+    (:meth:`~lightning_sparse.Sparsifier.explored`), drawn in the figure's first panel."""
 
     def __repr__(self) -> str:
         return (f"SparsityReport({len(self.shapes)} layers, {len(self.history)} measurements,"
@@ -162,19 +168,28 @@ class SparsityReport:
             out[f"sparse/empty_heads/{module}"] = fraction
         return out
 
-    def table(self, stats: Mapping[str, LayerChannelStats]) -> str:
-        """Per layer: shape, density, empty input/output channels, share of the dense FLOPs; then the empty heads
-        of each attention module (for :class:`MeasuredStats`)."""
+    def table(self, stats: Mapping[str, LayerChannelStats], explored: Explored | None = None) -> str:
+        """Per layer: shape, density, empty input/output channels, share of the dense FLOPs, and with ``explored``
+        (:meth:`~lightning_sparse.Sparsifier.explored`) the fraction of its positions ever active (ITOP's
+        ``R_s``; ``-`` for layers it does not cover) and a line with the model's; then the empty heads of each
+        attention module (for :class:`MeasuredStats`)."""
         flops = self.cost_model.flops if self.cost_model is not None else {}
         total = sum(flops.values()) or 1
         rows = [("layer", "shape", "density", "empty in", "empty out", "FLOPs share")]
+        if explored is not None:
+            rows[0] += ("explored",)
         for name, s in stats.items():
             share = f"{flops[name] / total:.3f}" if name in flops else "-"
             shape = "x".join(map(str, self.shapes.get(name, ())))
-            rows.append((name, shape, f"{s.density:.4f}", f"{s.empty_in:.3f}", f"{s.empty_out:.3f}", share))
+            row = (name, shape, f"{s.density:.4f}", f"{s.empty_in:.3f}", f"{s.empty_out:.3f}", share)
+            if explored is not None:
+                row += (f"{explored.layers[name]:.4f}" if name in explored.layers else "-",)
+            rows.append(row)
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
+        if explored is not None:
+            lines.append(f"explored (R_s): {explored.model:.4f} of the masked positions have been active")
         empty_heads = getattr(stats, "empty_heads", {})
         if empty_heads:
             width = max(len(m) for m in empty_heads)
@@ -206,5 +221,5 @@ class SparsityReport:
         :func:`~lightning_sparse.cost.figure.sparsity_figure`, which draws :attr:`history` and :attr:`shapes`."""
         return sparsity_figure(
             self.history, self.shapes, path, title=title, masked=masked, target=target, sizes=sizes,
-            max_lines=max_lines, updates=self.updates,
+            max_lines=max_lines, updates=self.updates, explored=self.explored,
         )  # fmt: skip

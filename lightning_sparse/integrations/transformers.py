@@ -14,7 +14,7 @@ the Trainer's loop that the Sparsifier's call order asks for (:data:`lightning_s
     on_train_end          sparsifier.finish()
 
 Requires ``transformers`` and ``accelerate`` (which ``transformers.Trainer`` needs):
-``pip install transformers accelerate``.
+``pip install transformers accelerate`` (or ``pip install "lightning-sparse[hf]"``).
 """
 
 from __future__ import annotations

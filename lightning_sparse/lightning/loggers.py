@@ -117,25 +117,26 @@ class SparseMetrics:
             **self.density_metrics(sparsifier, update.nonzero_before),
             "sparse/prune_rate": update.rate,
             **self.cost_metrics(trainer, sparsifier),
-            **self.explored_metrics(sparsifier),
+            **self.explored_metrics(trainer, sparsifier),
         }
         self.log(trainer, metrics, update=True)
 
     def log_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, sparsifier: Sparsifier) -> None:
         """The row of an epoch end, for every method: the masks' density, the non-zero density of the weights as
         trained, and the costs."""
-        nonzero = dict(zip(sparsifier.names, sparsifier.masking.nonzero_counts()))
+        nonzero = sparsifier.nonzero_counts()
         metrics = {
             **self.density_metrics(sparsifier, nonzero),
             **self.cost_metrics(trainer, sparsifier),
-            **self.explored_metrics(sparsifier),
+            **self.explored_metrics(trainer, sparsifier),
         }
         self.log(trainer, metrics)
 
-    def explored_metrics(self, sparsifier: Sparsifier) -> dict[str, float]:
+    def explored_metrics(self, trainer: pl.Trainer, sparsifier: Sparsifier) -> dict[str, float]:
         """``sparse/explored`` (ITOP's ``R_s`` over the masked weights) and, with :attr:`per_layer`,
         ``sparse/explored/<param>``."""
         explored = sparsifier.explored()
+        self.report.explored.append((trainer.global_step, explored.model))
         metrics = {"sparse/explored": explored.model}
         if self.per_layer:
             metrics.update({f"sparse/explored/{n}": r for n, r in explored.layers.items()})
@@ -145,7 +146,8 @@ class SparseMetrics:
         """``sparse/density`` (mask density: active / masked weights, from the masks' exact counts),
         ``sparse/nonzero_density`` (non-zero / masked weights, from ``nonzero``: layer name → non-zero count),
         and, with :attr:`per_layer`, both per layer (``sparse/density/<param>``, ``sparse/nonzero_density/<param>``)."""
-        names, sizes, active = sparsifier.names, sparsifier.sizes, sparsifier.masking.active
+        names, sizes, counts = sparsifier.names, sparsifier.sizes, sparsifier.active_counts()
+        active = [counts[n] for n in names]
         total = max(sum(sizes), 1)
         metrics = {
             "sparse/density": sum(active) / total,
@@ -206,7 +208,8 @@ class SparseMetrics:
             stats = self.report.history[-1][1] if self.report.history else self.report.measure(-1, dict(masks))
         if sparsifier is not None:
             title += f", {sparsifier.describe()}"
-        table = title + "\n" + self.report.table(stats)
+        explored = sparsifier.explored() if sparsifier is not None else None
+        table = title + "\n" + self.report.table(stats, explored=explored)
         if sparsifier is not None and sparsifier.left_dense:
             table += "\nleft dense:\n" + "\n".join(f"  {n}: {why}" for n, why in sparsifier.left_dense.items())
         return table

@@ -125,13 +125,22 @@ class DSTSparsifier(Sparsifier):
     def sizes(self) -> list[int]:
         return [s.numel for s in self._specs]
 
-    def densities(self) -> dict[str, float]:
+    def active_counts(self) -> dict[str, int]:
+        """Weights above their threshold per layer (the masks ``|W| > t``; one host read, all-reduced over
+        FSDP2 shards)."""
         masks = self.masks
         if not masks:
             return {}
         local_counts = torch.stack([m.sum() for m in masks.values()]).to(torch.int64)
         counts = distributed.reduce_layer_sums(local_counts, self._specs, self._group).tolist()
-        return {name: c / size for name, c, size in zip(masks, counts, self.sizes)}
+        return {name: int(c) for name, c in zip(masks, counts)}
+
+    def nonzero_counts(self) -> dict[str, int]:
+        """The weights DST trains with are the raw ones times the masks: non-zero where active."""
+        return self.active_counts()
+
+    def densities(self) -> dict[str, float]:
+        return {name: c / size for (name, c), size in zip(self.active_counts().items(), self.sizes)}
 
     def nonzero_densities(self) -> dict[str, float]:
         return self.densities()

@@ -123,5 +123,15 @@ def test_summary_table_has_channels_and_flops_share(cnn_fit):
     assert "empty in" in table and "FLOPs share" in table and "estimated speedup" in table
     for name in cb.masks:
         assert name in table
-    shares = [float(line.split()[-1]) for line in table.splitlines() if line.startswith("net.")]
+    rows = [line.split() for line in table.splitlines() if line.startswith("net.")]
+    shares = [float(row[-2]) for row in rows]
     assert sum(shares) == pytest.approx(1.0, abs=0.01)
+    # the last column: the fraction of a masked layer's positions ever active (ITOP's R_s), at least its density
+    explored = cb.sparsifier.explored()
+    for row in rows:
+        if row[0] in cb.masks:
+            assert float(row[-1]) == pytest.approx(explored.layers[row[0]], abs=5e-5)
+            assert float(row[-1]) >= float(row[2]) - 1e-4
+        else:
+            assert row[-1] == "-"
+    assert f"explored (R_s): {explored.model:.4f} of the masked positions have been active" in table

@@ -15,9 +15,9 @@ from lightning_sparse import SparseTrainingCallback
 from tests.helpers import DigitsCNN, DigitsMLP, digits_loader, trainer
 
 LAYERS = ("net.0.weight", "net.2.weight", "net.4.weight")
-KINDS = ("density", "nonzero_density", "empty_in", "empty_out")
+KINDS = ("density", "nonzero_density", "explored", "empty_in", "empty_out")
 PER_LAYER = [f"sparse/{kind}/{name}" for kind in KINDS for name in LAYERS]
-DOCUMENTED = ["sparse/density", "sparse/nonzero_density", *PER_LAYER, "sparse/train_flops_ratio", "sparse/overhead"]
+DOCUMENTED = ["sparse/density", "sparse/nonzero_density", "sparse/explored", *PER_LAYER, "sparse/train_flops_ratio", "sparse/overhead"]
 SPEEDUPS = ("sparse/speedup_dense_conv", "sparse/speedup_sparse_conv")
 
 
@@ -56,6 +56,15 @@ def test_every_documented_metric_at_every_epoch_end(tmp_path, algorithm):
         # the speedup estimates of a plain MLP mean something only once a layer has empty channels
         emptied = any(float(row[f"sparse/empty_{io}/{n}"]) > 0 for io in ("in", "out") for n in LAYERS)
         assert all((m in row) == emptied for m in SPEEDUPS), (algorithm, row["step"], emptied)
+        # ITOP's R_s: every active position has been explored
+        assert float(row["sparse/explored"]) >= float(row["sparse/density"]) - 1e-6, algorithm
+    # ... and it never decreases
+    explored = [float(r["sparse/explored"]) for r in rows]
+    assert explored == sorted(explored), algorithm
+    if algorithm in ("static", "snip"):  # fixed masks explore nothing beyond them
+        assert explored[-1] == pytest.approx(float(rows[-1]["sparse/density"]), abs=1e-6)
+    elif algorithm in ("set", "sparse_momentum"):  # the ones that update within these 36 steps
+        assert explored[-1] > float(rows[-1]["sparse/density"]) + 0.01, algorithm
 
 
 def test_step_updates_are_logged_at_their_steps(tmp_path):
