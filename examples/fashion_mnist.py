@@ -5,23 +5,29 @@ learning rate 0.1 decayed by 10x every 25000 mini-batches, weight decay 5e-4, ba
 set held out for validation; test error of the last epoch. Every option of the Trainer (``--trainer.*``, the
 logger included), the model (``--model.*``), the data (``--data.*``) and the callbacks comes from the command
 line or a YAML file (``--config``). Without a callback the network trains dense; the sparse method is
-``lightning_sparse.SparseTrainingCallback``, added as any Lightning callback. ``fit`` is followed by ``test``,
-and the script prints the test error and the final density. Metrics go to TensorBoard (CSV files when
-tensorboard is not installed), each run in its own directory, ``runs/fashion_mnist/<net>_<method>/version_N``
-(``--trainer.logger`` replaces it; ``--trainer.default_root_dir`` moves it).
+``lightning_sparse.SparseTrainingCallback``, added as any Lightning callback. ``fit`` ends by testing the final
+model and prints the test error and the final density (``validate`` and ``test`` are LightningCLI's).
+
+The command line is the one the three examples share (``examples/_cli.py``): ``--threads N`` (default: 1 on a
+machine with at most 2 cores, torch's choice otherwise), and each run logs to TensorBoard (CSV files when
+tensorboard is not installed) in its own directory, named by the options that distinguish it,
+``runs/fashion_mnist/<net>_<method>/seed_<seed>-<hash>/`` (``<hash>``: of every other option), so different
+options never share a directory (``--trainer.logger`` replaces it; ``--trainer.default_root_dir`` moves it).
 
 The data are read offline from Debian's ``dataset-fashion-mnist`` package (idx files under
 /usr/share/datasets/fashion-mnist/); nothing is downloaded.
 
     # LeNet-300-100 at 5 % weights (sparse momentum), 10 epochs
-    python examples/fashion_mnist.py --trainer.callbacks+=lightning_sparse.SparseTrainingCallback \\
-        --trainer.callbacks.density 0.05 --trainer.max_epochs 10
-    # LeNet-5, dense (no sparse callback)
-    python examples/fashion_mnist.py --model.net lenet5 --trainer.max_epochs 10
+    python examples/fashion_mnist.py fit --model.net lenet300 \\
+        --trainer.callbacks+=lightning_sparse.SparseTrainingCallback --trainer.callbacks.density 0.05 \\
+        --trainer.max_epochs 10
+    # LeNet-5, dense (no sparse callback), on 2 threads
+    python examples/fashion_mnist.py fit --model.net lenet5 --trainer.max_epochs 10 --threads 2
     # the paper-parity benchmark's run (20 epochs, lr /10 at 1/2 and 3/4), with RigL instead of sparse momentum
-    python examples/fashion_mnist.py --config examples/configs/fashion_mnist_lenet300.yaml \\
+    python examples/fashion_mnist.py fit --config examples/configs/fashion_mnist_lenet300.yaml \\
         --trainer.callbacks.algorithm rigl
-    python examples/fashion_mnist.py --help                  # every option; --print_config shows a full YAML
+    python examples/fashion_mnist.py fit --help              # every option; --print_config shows a full YAML
+    python examples/fashion_mnist.py fit --trainer.callbacks.help lightning_sparse.SparseTrainingCallback
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import gzip
 import os
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,13 +44,13 @@ import lightning as L
 import numpy as np
 import torch
 import torchmetrics
-from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
-from lightning.pytorch.loggers.tensorboard import _TENSORBOARD_AVAILABLE
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset, random_split
 
 from lightning_sparse import SparseTrainingCallback
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cli import ExampleCLI, method_name, sparse_callbacks  # noqa: E402  (the examples' shared command line)
 
 DATA_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 MEAN, STD = 0.2860, 0.3530
@@ -238,34 +244,6 @@ class EpochTimer(L.Callback):
         self.times.append(time.perf_counter() - self._start - self._val_time)
 
 
-def sparse_callbacks(callbacks: Iterable[Any]) -> list[SparseTrainingCallback]:
-    return [c for c in callbacks if isinstance(c, SparseTrainingCallback)]
-
-
-def method_name(callbacks: Iterable[Any]) -> str:
-    """``"dense"`` without a sparse callback, else ``"<algorithm>_<density>"`` (``"dst_learned"``; density groups:
-    ``"<algorithm>_groups"``; ``"_partially_dense"`` appended with ``dense_layers``), several joined by ``+``."""
-    names = []
-    for cb in sparse_callbacks(callbacks):
-        density = cb.density
-        if density is None:
-            label = "learned"
-        elif isinstance(density, (int, float)):
-            label = f"{density:g}"
-        else:
-            label = "groups"
-        names.append(f"{cb.algorithm_name}_{label}" + ("_partially_dense" if cb.dense_layers else ""))
-    return "+".join(names) or "dense"
-
-
-def default_logger(save_dir: str | Path, name: str, version: str | int | None = None) -> Logger:
-    """TensorBoard's logger when tensorboard is installed, else CSV files; ``<save_dir>/<name>/<version>``
-    (``version_N``, the next free one, when ``version`` is ``None``)."""
-    if _TENSORBOARD_AVAILABLE:
-        return TensorBoardLogger(save_dir, name=name, version=version)
-    return CSVLogger(save_dir, name=name, version=version)
-
-
 def final_density(module: nn.Module, callbacks: Sequence[Any]) -> float:
     """Nonzero fraction of the weights the forward pass uses: the sparse callbacks' masked weights (DST's are the
     thresholded ones), or every Linear/Conv2d weight without a sparse callback."""
@@ -334,26 +312,52 @@ def run(
     }
 
 
-class FashionMNISTCLI(LightningCLI):
-    """LightningCLI whose default logger (``--trainer.logger`` unset) writes each run to
-    ``<default_root_dir>/<net>_<method>/version_N``."""
+class FashionMNISTCLI(ExampleCLI):
+    """The examples' CLI (``examples/_cli.py``: ``--threads``, one directory per set of options,
+    ``<default_root_dir>/<net>_<method>/seed_<seed>-<hash>/``); ``fit`` ends by testing the final model and printing
+    the test error and the final density (``self.result`` holds the figures)."""
 
-    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
-        config = self.config_init["trainer"]
-        if config.get("logger") in (None, True):
-            name = f"{self.model.hparams.net}_{method_name(config.get('callbacks') or [])}"
-            kwargs["logger"] = default_logger(config.get("default_root_dir") or ".", name)
-        return super().instantiate_trainer(**kwargs)
+    result: dict[str, Any] | None = None
+
+    def model_name(self) -> str:
+        return self.model.hparams.net
+
+    def after_fit(self) -> None:
+        trainer, module = self.trainer, self.model
+        timer = next(c for c in trainer.callbacks if isinstance(c, EpochTimer))
+        test = trainer.test(module, self.datamodule, verbose=False)[0]
+        sparse = sparse_callbacks(trainer.callbacks)
+        self.result = result = {
+            "model": module.hparams.net,
+            "method": method_name(sparse),
+            "seed": self.config["fit"]["seed_everything"],
+            "test_error": 100.0 * (1.0 - test["test/acc"]),
+            "final_density": final_density(module, sparse),
+            "epoch_times": timer.times,
+            "log_dir": trainer.log_dir,
+        }
+        kind = ", ".join(
+            f"{c.algorithm_name} at density {c.density}"
+            if c.density is not None
+            else f"{c.algorithm_name} (learned density)"
+            for c in sparse
+        )
+        epochs = f"{len(timer.times)} epoch" + "s" * (len(timer.times) != 1)
+        median = f"{np.median(timer.times):.2f} s per epoch (median)" if timer.times else "no epoch"
+        print(
+            f"{result['model']} on Fashion-MNIST, {kind or 'dense'}, {epochs}, seed {result['seed']}:"
+            f" test error {result['test_error']:.2f}%, final density {result['final_density']:.4f},"
+            f" {median}, {torch.get_num_threads()} thread(s); logs in {result['log_dir']}",
+            flush=True,
+        )
 
 
-def main(args: list[str] | None = None) -> dict[str, Any]:
-    """Parse ``args`` (default: the command line), fit, test, print the test error and the final density, and
-    return the figures."""
-    timer = EpochTimer()
-    cli = FashionMNISTCLI(
+def main(args: list[str] | None = None) -> FashionMNISTCLI:
+    """Run the command line ``args`` (default: ``sys.argv``), e.g. ``["fit", "--model.net", "lenet5"]``; after
+    ``fit``, the returned CLI's ``result`` holds the figures printed."""
+    return FashionMNISTCLI(
         Classifier,
         FashionMNIST,
-        run=False,
         args=args,
         seed_everything_default=0,
         trainer_defaults={
@@ -363,36 +367,10 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
             "enable_model_summary": False,
             "enable_progress_bar": sys.stdout.isatty(),
             "default_root_dir": "runs/fashion_mnist",
-            "callbacks": [timer],  # always there, not configurable
+            "callbacks": [EpochTimer()],  # always there, not configurable
         },
         parser_kwargs={"description": "LeNet-300-100 / LeNet-5 on Fashion-MNIST, dense or sparse from scratch."},
     )
-    trainer, module = cli.trainer, cli.model
-    trainer.fit(module, cli.datamodule)
-    test = trainer.test(module, cli.datamodule, verbose=False)[0]
-    sparse = sparse_callbacks(trainer.callbacks)
-    result = {
-        "model": module.hparams.net,
-        "method": method_name(sparse),
-        "seed": cli.config["seed_everything"],
-        "test_error": 100.0 * (1.0 - test["test/acc"]),
-        "final_density": final_density(module, sparse),
-        "epoch_times": timer.times,
-        "log_dir": trainer.log_dir,
-    }
-    kind = ", ".join(
-        f"{c.algorithm_name} at density {c.density}"
-        if c.density is not None
-        else f"{c.algorithm_name} (learned density)"
-        for c in sparse
-    )
-    epochs = f"{len(timer.times)} epoch" + "s" * (len(timer.times) != 1)
-    print(
-        f"{result['model']} on Fashion-MNIST, {kind or 'dense'}, {epochs}, seed {result['seed']}:"
-        f" test error {result['test_error']:.2f}%, final density {result['final_density']:.4f},"
-        f" {np.median(timer.times):.2f} s per epoch (median); logs in {result['log_dir']}"
-    )
-    return result
 
 
 if __name__ == "__main__":

@@ -16,13 +16,19 @@ partially dense ResNet-50 keeps the first convolution and the downsample (shortc
 **Batch size.** ``--data.batch_size`` is per device (per process), as torchvision's reference scripts count it:
 the total batch is ``batch_size x devices x num_nodes``. The paper's 256 is 32 on 8 GPUs, 16 on 2 nodes of 8.
 
-**Runs and checkpoints.** Each run has its own directory, named by method, density and seed:
-``<default_root_dir>/<arch>_<method>/seed_<seed>/`` (``runs/imagenet/resnet50_sparse_momentum_0.1/seed_0/``) with
-the TensorBoard logs (CSV without tensorboard), ``config.yaml``, SLURM's ``hpc_ckpt_N.ckpt`` and ``checkpoints/``:
-``last.ckpt`` (the newest state: at the end of every epoch, by ``--checkpoint``, and every 1000 steps, by
-``--recovery``) and the 3 best by ``val/top1`` (``--checkpoint.save_top_k``); nothing else is kept.
-``--ckpt_path last`` resumes from the newest of ``last.ckpt`` and ``hpc_ckpt_N.ckpt`` (starts afresh when there
-is none), so the same command starts a run and continues it. ``--trainer.logger`` replaces the logger (and the
+**Runs and checkpoints.** The command line is the one the three examples share (``examples/_cli.py``):
+``--threads N`` (torch's CPU threads; default: 1 on a machine with at most 2 cores, torch's choice otherwise), and
+each run has its own directory, named by the options that distinguish it:
+``<default_root_dir>/<arch>_<method>/seed_<seed>-<hash>/`` (``runs/imagenet/resnet50_sparse_momentum_0.1/
+seed_0-1a2b3c4d/``), ``<hash>`` being that of every other option (all but ``--ckpt_path``, ``--threads``, the
+progress bar and the like), so runs with different options never share a directory. It holds the TensorBoard
+logs (CSV without tensorboard), ``config.yaml``, SLURM's ``hpc_ckpt_N.ckpt`` and ``checkpoints/``: ``last.ckpt``
+(the newest state: at the end of every epoch, by ``--checkpoint``, and every 1000 steps, by ``--recovery``) and
+the 3 best by ``val/top1`` (``--checkpoint.save_top_k``); nothing else is kept. ``--ckpt_path last`` resumes from
+the newest of that directory's ``last.ckpt`` and ``hpc_ckpt_N.ckpt`` (starts afresh when there is none), so the
+same command starts a run and continues it, and never resumes a run with other options. To continue a finished
+run for more epochs (another ``--trainer.max_epochs``: a new directory), name its checkpoint:
+``--ckpt_path runs/imagenet/.../checkpoints/last.ckpt``. ``--trainer.logger`` replaces the logger (and the
 directory).
 
 The data are an ImageFolder tree (``ROOT/train/<class>/*.JPEG``, ``ROOT/val/<class>/*.JPEG``) named with
@@ -56,7 +62,8 @@ from __future__ import annotations
 import glob
 import math
 import os
-from collections.abc import Iterable, Sequence
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -65,14 +72,13 @@ import torch
 import torchmetrics
 import torchvision
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
-from lightning.pytorch.loggers.tensorboard import _TENSORBOARD_AVAILABLE
+from lightning.pytorch.cli import LightningArgumentParser
 from torch import nn
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision import transforms as T
 
-from lightning_sparse import SparseTrainingCallback
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cli import ExampleCLI  # noqa: E402  (the examples' shared command line)
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -229,24 +235,6 @@ class ImageNetData(L.LightningDataModule):
         )
 
 
-def method_name(callbacks: Iterable[Any]) -> str:
-    """``"dense"`` without a sparse callback, else ``"<algorithm>_<density>"`` (``"dst_learned"``; density groups:
-    ``"<algorithm>_groups"``; ``"_partially_dense"`` appended with ``dense_layers``), several joined by ``+``."""
-    names = []
-    for cb in callbacks:
-        if isinstance(cb, SparseTrainingCallback):
-            density = cb.density
-            label = "learned" if density is None else f"{density:g}" if isinstance(density, (int, float)) else "groups"
-            names.append(f"{cb.algorithm_name}_{label}" + ("_partially_dense" if cb.dense_layers else ""))
-    return "+".join(names) or "dense"
-
-
-def default_logger(save_dir: str | Path, name: str, version: str) -> Logger:
-    """TensorBoard's logger when tensorboard is installed, else CSV files; writes to ``<save_dir>/<name>/<version>``."""
-    logger = TensorBoardLogger if _TENSORBOARD_AVAILABLE else CSVLogger
-    return logger(save_dir, name=name, version=version)
-
-
 def newest_checkpoint(trainer: L.Trainer) -> str | None:
     """The newest of the ``last*.ckpt`` of the trainer's ModelCheckpoints and the ``hpc_ckpt_N.ckpt`` (what
     Lightning saves on SLURM's SIGUSR1 before requeueing) in ``default_root_dir``."""
@@ -258,11 +246,13 @@ def newest_checkpoint(trainer: L.Trainer) -> str | None:
     return max(candidates, key=os.path.getmtime, default=None)
 
 
-class ImageNetCLI(LightningCLI):
-    """LightningCLI with the two checkpoint callbacks, the run directory named by method, density and seed, and
+class ImageNetCLI(ExampleCLI):
+    """The examples' CLI (``examples/_cli.py``: ``--threads``, one directory per set of options,
+    ``<default_root_dir>/<arch>_<method>/seed_<seed>-<hash>/``) with the two checkpoint callbacks, and
     ``--ckpt_path last`` that also finds SLURM's ``hpc_ckpt_N.ckpt``."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        super().add_arguments_to_parser(parser)
         parser.link_arguments("data.num_classes", "model.num_classes")
         # the 3 best by val/top1 (epoch ends) and last.ckpt; both callbacks write last.ckpt, whichever saved last
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -278,15 +268,8 @@ class ImageNetCLI(LightningCLI):
             "recovery.enable_version_counter": False,
         })  # fmt: skip
 
-    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
-        config = (self.config_init[self.subcommand] if self.subcommand else self.config_init)["trainer"]
-        if config.get("logger") in (None, True):  # the default: this run's own directory
-            seed = (self.config[self.subcommand] if self.subcommand else self.config)["seed_everything"]
-            name = f"{self.model.hparams.arch}_{method_name(config.get('callbacks') or [])}"
-            logger = default_logger(config.get("default_root_dir") or ".", name, f"seed_{seed}")
-            kwargs["logger"] = logger
-            kwargs["default_root_dir"] = logger.log_dir  # SLURM's hpc_ckpt_N.ckpt go there
-        return super().instantiate_trainer(**kwargs)
+    def model_name(self) -> str:
+        return self.model.hparams.arch
 
     def before_fit(self) -> None:
         config = self.config_init["fit"]
@@ -294,14 +277,14 @@ class ImageNetCLI(LightningCLI):
             config["ckpt_path"] = newest_checkpoint(self.trainer) or "last"  # "last" without one: starts afresh
 
 
-def main(args: list[str] | None = None) -> None:
-    ImageNetCLI(
+def main(args: list[str] | None = None) -> ImageNetCLI:
+    """Run the command line ``args`` (default: ``sys.argv``), e.g. ``["fit", "--config", CONFIG]``."""
+    return ImageNetCLI(
         ImageNetClassifier,
         ImageNetData,
         args=args,
         seed_everything_default=0,
         trainer_defaults={"max_epochs": 100, "default_root_dir": "runs/imagenet", "log_every_n_steps": 50},
-        save_config_kwargs={"overwrite": True},  # a resumed run writes its config.yaml again
     )
 
 

@@ -14,20 +14,30 @@ RigL and sparse momentum use their own defaults (RigL: ERK within each group, an
 75% of training; sparse momentum: uniform within each group, an update at the end of every epoch but the last).
 The data are read offline from Debian's ``dataset-fashion-mnist`` (see ``fashion_mnist.py``).
 
-    python examples/vit_fashion_mnist.py --threads 1          # dense, rigl, sparse_momentum; 5 epochs each
-    python examples/vit_fashion_mnist.py --methods rigl --attn-density 0.3 --mlp-density 0.1 --epochs 2
+On LightningCLI, with the command line the three examples share (``examples/_cli.py``): ``fit`` trains one method
+(``--model.method``: ``dense``, ``rigl`` (the default), ``sparse_momentum``, ``set``, ...), then tests the final model
+and prints the test error, each group's density, the empty attention heads and the run time; ``--model.attn_density``,
+``--model.mlp_density``, ``--model.lr``, ``--data.batch_size``, ``--trainer.max_epochs`` (5), ``--seed_everything``,
+``--trainer.limit_{train,val,test}_batches``, ``--trainer.default_root_dir`` and ``--data.data_dir`` are the former
+``--methods``, ``--attn-density``, ``--mlp-density``, ``--lr``, ``--batch-size``, ``--epochs``, ``--seed``,
+``--limit-*-batches``, ``--out`` and ``--data-dir``.
+
+    for m in dense rigl sparse_momentum; do python examples/vit_fashion_mnist.py fit --model.method $m; done
+    python examples/vit_fashion_mnist.py fit --model.method rigl --model.attn_density 0.3 --model.mlp_density 0.1 \\
+        --trainer.max_epochs 2 --threads 2
 
 The model is small enough that a second CPU thread gains little (about 27 ms instead of 40 ms per step of 128
 images), and on a machine whose cores other processes share, torch's two threads can be ten times slower than one:
-``--threads 1`` there.
+``--threads`` defaults to 1 on a machine with at most 2 cores.
 
-Each method logs to ``<out>/<method>/version_N/`` (a ``CSVLogger``: ``metrics.csv``, and the callback's
-``sparsity.png``).
+Each run logs (TensorBoard; CSV files without tensorboard; and the callback's ``sparsity.png``) to its own
+directory, named by the options that distinguish it:
+``runs/vit_fashion_mnist/vit_<method>_attn<attn_density>_mlp<mlp_density>/seed_<seed>-<hash>/`` (``vit_dense/...``
+without a sparse callback), ``<hash>`` being that of every other option.
 """
 
 from __future__ import annotations
 
-import argparse
 import fnmatch
 import math
 import statistics
@@ -38,6 +48,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.cli import LightningArgumentParser
 from lightning.pytorch.loggers import CSVLogger
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -45,6 +56,7 @@ from torch import nn
 from lightning_sparse import ALGORITHMS, SparseTrainingCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cli import ExampleCLI  # noqa: E402  (the examples' shared command line)
 from fashion_mnist import DATA_DIR, ClassifierSteps, EpochTimer, FashionMNIST  # noqa: E402  (same data, steps, timer)
 
 ATTENTION = "*.attn.*"  # timm's blocks.N.attn.qkv and blocks.N.attn.proj
@@ -66,12 +78,50 @@ def vit(patch_size: int = 7, embed_dim: int = 64, depth: int = 4, num_heads: int
 
 
 class ViTClassifier(ClassifierSteps):
-    """Cross-entropy ViT classifier: AdamW, linear warm-up then cosine decay per optimizer step."""
+    """Cross-entropy ViT classifier: AdamW, linear warm-up then cosine decay per optimizer step; trained dense or
+    with one sparse method, the attention and the MLPs at their own densities.
 
-    def __init__(self, lr: float = 2e-3, weight_decay: float = 0.05, warmup_fraction: float = 0.1, **model: Any):
+    Args:
+        method: ``"dense"`` (no sparse callback) or a sparse method (``"rigl"``, ``"sparse_momentum"``, ``"set"``,
+            ...): the model adds ``SparseTrainingCallback(density={"*.attn.*": attn_density, "*": mlp_density},
+            algorithm=method, dense_layers=["*.patch_embed.*", "*.head"])`` (``configure_callbacks``).
+        attn_density: density of the ``"*.attn.*"`` group (``qkv`` and ``proj`` of every block).
+        mlp_density: density of the ``"*"`` group (the other masked layers: ``fc1`` and ``fc2`` of every block).
+        lr: AdamW's peak learning rate.
+        weight_decay: AdamW's weight decay (matrices only).
+        warmup_fraction: the fraction of the optimizer steps of linear warm-up.
+        patch_size, embed_dim, depth, num_heads: the ViT's.
+    """
+
+    def __init__(
+        self,
+        method: str = "rigl",
+        attn_density: float = 0.15,
+        mlp_density: float = 0.05,
+        lr: float = 2e-3,
+        weight_decay: float = 0.05,
+        warmup_fraction: float = 0.1,
+        patch_size: int = 7,
+        embed_dim: int = 64,
+        depth: int = 4,
+        num_heads: int = 4,
+    ) -> None:
         super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"`method` can be {', '.join(METHODS)}, got {method!r}")
         self.save_hyperparameters()
-        self.net = vit(**model)
+        self.net = vit(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads)
+
+    @property
+    def density(self) -> dict[str, float]:
+        return {ATTENTION: self.hparams.attn_density, REST: self.hparams.mlp_density}
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        fitting = self._trainer is None or self.trainer.state.fn == "fit"  # `test` keeps the masks fit left
+        if self.hparams.method == "dense" or not fitting:
+            return []
+        seed = torch.initial_seed() % 2**63  # seed_everything's seed
+        return [SparseTrainingCallback(self.density, algorithm=self.hparams.method, dense_layers=DENSE_LAYERS, seed=seed)]
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
@@ -146,6 +196,28 @@ def empty_heads(trainer: L.Trainer) -> dict[str, float] | None:
     return found or None
 
 
+def evaluate(
+    trainer: L.Trainer, module: ViTClassifier, data: FashionMNIST, start: float, fit_time: float
+) -> dict[str, Any]:
+    """After ``fit``: test the final model and gather the figures ``report`` prints."""
+    sparse = next((c for c in trainer.callbacks if isinstance(c, SparseTrainingCallback)), None)
+    timer = next(c for c in trainer.callbacks if isinstance(c, EpochTimer))
+    heads = empty_heads(trainer)  # read before `test`, which replaces the callback metrics
+    test = trainer.test(module, data, verbose=False)[0]
+    n_test = min(len(data.test_set), int(trainer.num_test_batches[0]) * 1000)
+    return {
+        "method": module.hparams.method,
+        "test_error": 100.0 * (1.0 - test["test/acc"]),
+        "test_images": n_test,
+        "groups": group_densities(module, sparse, list(module.density)),
+        "empty_heads": heads,
+        "fit_time": fit_time,
+        "epoch_time": statistics.median(timer.times) if timer.times else float("nan"),
+        "run_time": time.perf_counter() - start,
+        "log_dir": trainer.log_dir,
+    }
+
+
 def run(
     method: str = "rigl",
     attn_density: float = 0.15,
@@ -162,24 +234,15 @@ def run(
     progress_bar: bool = False,
     data: FashionMNIST | None = None,
 ) -> dict[str, Any]:
-    """Train one method (``"dense"``: no callback) and test it; returns the figures. ``data`` (a datamodule of
-    ``batch_size``) can be shared between runs."""
+    """Train one method (``"dense"``: no callback) from Python and test it, logging to ``<out>/<method>/version_N``;
+    returns the figures. ``data`` (a datamodule of ``batch_size``) can be shared between runs."""
     start = time.perf_counter()
     L.seed_everything(seed, workers=True)
-    module = ViTClassifier(lr=lr)
-    density = {ATTENTION: attn_density, REST: mlp_density}
-    timer = EpochTimer()
-    callbacks: list[L.Callback] = [timer]
-    sparse = None
-    if method != "dense":
-        sparse = SparseTrainingCallback(density=density, algorithm=method, dense_layers=DENSE_LAYERS, seed=seed)
-        callbacks.insert(0, sparse)
-    logger = CSVLogger(save_dir=str(out), name=method)
+    module = ViTClassifier(method=method, attn_density=attn_density, mlp_density=mlp_density, lr=lr)
     trainer = L.Trainer(
-        accelerator="cpu",
         max_epochs=epochs,
-        callbacks=callbacks,
-        logger=logger,
+        callbacks=[EpochTimer()],
+        logger=CSVLogger(save_dir=str(out), name=method),
         enable_checkpointing=False,
         enable_progress_bar=progress_bar,
         enable_model_summary=False,
@@ -191,21 +254,7 @@ def run(
     )
     data = data if data is not None else FashionMNISTOnce(batch_size=batch_size, data_dir=data_dir)
     trainer.fit(module, data)
-    fit_time = time.perf_counter() - start
-    heads = empty_heads(trainer)  # read before `test`, which replaces the callback metrics
-    test = trainer.test(module, data, verbose=False)[0]
-    n_test = min(len(data.test_set), int(trainer.num_test_batches[0]) * 1000)
-    return {
-        "method": method,
-        "test_error": 100.0 * (1.0 - test["test/acc"]),
-        "test_images": n_test,
-        "groups": group_densities(module, sparse, list(density)),
-        "empty_heads": heads,
-        "fit_time": fit_time,
-        "epoch_time": statistics.median(timer.times),
-        "run_time": time.perf_counter() - start,
-        "log_dir": logger.log_dir,
-    }
+    return evaluate(trainer, module, data, start, time.perf_counter() - start)
 
 
 def report(result: dict[str, Any]) -> str:
@@ -230,61 +279,67 @@ def report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def batches(text: str) -> int | float:
-    """Lightning's meaning: an integer is a number of batches ("1": one batch), a float a fraction ("1.0": all)."""
-    return float(text) if any(c in text for c in ".eE") else int(text)
+class ViTCLI(ExampleCLI):
+    """The examples' CLI (``examples/_cli.py``: ``--threads``, one directory per set of options,
+    ``<default_root_dir>/vit_<method>_attn<attn_density>_mlp<mlp_density>/seed_<seed>-<hash>/``); ``fit`` ends by
+    testing the final model and printing ``report`` (``self.result`` holds the figures)."""
 
+    result: dict[str, Any] | None = None
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=["dense", "rigl", "sparse_momentum"])
-    parser.add_argument("--attn-density", type=float, default=0.15, help=f"density of the {ATTENTION!r} group")
-    parser.add_argument("--mlp-density", type=float, default=0.05, help="density of the other blocks' layers (MLPs)")
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--limit-train-batches", type=batches, default=1.0, help="batches (3) or a fraction (0.5)")
-    parser.add_argument("--limit-val-batches", type=batches, default=1.0, help="batches (3) or a fraction (0.5)")
-    parser.add_argument("--limit-test-batches", type=batches, default=1.0, help="batches (3) or a fraction (0.5)")
-    parser.add_argument("--out", type=Path, default=Path("runs/vit_fashion_mnist"), help="CSV logs: <out>/<method>/")
-    parser.add_argument("--data-dir", type=Path, default=DATA_DIR)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    args = parser.parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.set_defaults({"data.batch_size": 128})
 
-    print(
-        f"ViT (patch 7, dim 64, depth 4, 4 heads, MLP ratio 2) on Fashion-MNIST, {args.epochs} epochs, batch"
-        f" {args.batch_size}, seed {args.seed}; sparse: {ATTENTION!r} at {args.attn_density}, {REST!r} (the MLPs) at"
-        f" {args.mlp_density}, {' and '.join(DENSE_LAYERS)} dense; {torch.get_num_threads()} CPU thread(s)"
-    )
-    results = []
-    data = FashionMNISTOnce(batch_size=args.batch_size, data_dir=args.data_dir)
-    for method in args.methods:
-        result = run(
-            method=method,
-            attn_density=args.attn_density,
-            mlp_density=args.mlp_density,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            seed=args.seed,
-            limit_train_batches=args.limit_train_batches,
-            limit_val_batches=args.limit_val_batches,
-            limit_test_batches=args.limit_test_batches,
-            out=args.out,
-            data_dir=args.data_dir,
-            progress_bar=sys.stdout.isatty(),
-            data=data,
+    def model_name(self) -> str:
+        return "vit"
+
+    def run_name(self) -> str:
+        hp = self.model.hparams
+        if hp.method == "dense":
+            return "vit_dense"
+        return f"vit_{hp.method}_attn{hp.attn_density:g}_mlp{hp.mlp_density:g}"
+
+    def before_fit(self) -> None:
+        self._start = time.perf_counter()
+        hp, config = self.model.hparams, self.config["fit"]
+        sparse = (
+            f"{ATTENTION!r} at {hp.attn_density}, {REST!r} (the MLPs) at {hp.mlp_density},"
+            f" {' and '.join(DENSE_LAYERS)} dense"
+            if hp.method != "dense"
+            else "no sparse callback"
         )
-        print(report(result), flush=True)
-        results.append(result)
-    print("method            test error  density  run time")
-    for r in results:
-        active = sum(a for a, _ in r["groups"].values())
-        total = sum(t for _, t in r["groups"].values())
-        print(f"{r['method']:<17} {r['test_error']:>9.2f}%  {active / total:>7.4f}  {r['run_time']:>7.1f} s")
+        print(
+            f"ViT (patch {hp.patch_size}, dim {hp.embed_dim}, depth {hp.depth}, {hp.num_heads} heads, MLP ratio 2) on"
+            f" Fashion-MNIST, {hp.method}, {self.trainer.max_epochs} epochs, batch {self.datamodule.batch_size}, seed"
+            f" {config['seed_everything']}; {sparse}; {torch.get_num_threads()} CPU thread(s)",
+            flush=True,
+        )
+
+    def after_fit(self) -> None:
+        fit_time = time.perf_counter() - self._start
+        self.result = evaluate(self.trainer, self.model, self.datamodule, self._start, fit_time)
+        print(report(self.result), flush=True)
+
+
+def main(args: list[str] | None = None) -> ViTCLI:
+    """Run the command line ``args`` (default: ``sys.argv``), e.g. ``["fit", "--model.method", "rigl"]``; after
+    ``fit``, the returned CLI's ``result`` holds the figures printed."""
+    return ViTCLI(
+        ViTClassifier,
+        FashionMNISTOnce,
+        args=args,
+        seed_everything_default=0,
+        trainer_defaults={
+            "max_epochs": 5,
+            "deterministic": True,
+            "enable_checkpointing": False,
+            "enable_model_summary": False,
+            "enable_progress_bar": sys.stdout.isatty(),
+            "default_root_dir": "runs/vit_fashion_mnist",
+            "callbacks": [EpochTimer()],  # always there, not configurable
+        },
+        parser_kwargs={"description": "A small ViT on Fashion-MNIST, dense or sparse with density groups."},
+    )
 
 
 if __name__ == "__main__":

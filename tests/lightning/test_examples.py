@@ -11,6 +11,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 import fashion_mnist  # noqa: E402
 
 
+@pytest.fixture
+def threads(monkeypatch):
+    """The examples set torch's thread count and OMP_NUM_THREADS (--threads): put both back afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # restored (or removed) at the end
+    monkeypatch.setattr(sys, "argv", ["example.py"])  # the CLIs parse `args`, not pytest's command line
+    yield
+    torch.set_num_threads(before)
+
+
 def test_read_idx_shapes():
     test = fashion_mnist.load_fashion_mnist("test")
     assert test.tensors[0].shape == (10000, 1, 28, 28)
@@ -24,19 +36,21 @@ TINY = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--tr
 
 @pytest.mark.slow  # the paper-parity configs on Fashion-MNIST, three runs
 @pytest.mark.parametrize("net", ["lenet300", "lenet5"])
-def test_fashion_mnist_sparse_runs(net, tmp_path, capsys, monkeypatch):
+def test_fashion_mnist_sparse_runs(net, tmp_path, capsys, threads):
+    import re
+
     import yaml
 
-    monkeypatch.setattr(sys, "argv", ["fashion_mnist.py"])  # the CLI parses `args`, not pytest's command line
     config = EXAMPLES / "configs" / f"fashion_mnist_{net}.yaml"  # the paper-parity run, sparse momentum at 5 %
-    args = ["--config", str(config), *TINY, "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(tmp_path)]
-    result = fashion_mnist.main(args)
+    args = ["fit", "--config", str(config), *TINY, "--trainer.max_epochs", "2",
+            "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
+    result = fashion_mnist.main(args).result
     assert result["final_density"] <= 0.05 + 1e-3
     assert 0.0 <= result["test_error"] <= 100.0
     assert len(result["epoch_times"]) == 2
-    # the default logger: one directory per run, named by net and method, versioned
-    log_dir = tmp_path / f"{net}_sparse_momentum_0.05" / "version_0"
-    assert Path(result["log_dir"]) == log_dir
+    # the default logger: one directory per set of options, named by net, method, seed and the options' hash
+    log_dir = Path(result["log_dir"])
+    assert log_dir.parent == tmp_path / f"{net}_sparse_momentum_0.05" and re.fullmatch(r"seed_0-[0-9a-f]{8}", log_dir.name)
     assert list(log_dir.glob("events.out.tfevents.*")) and (log_dir / "sparsity.png").exists()
     saved = yaml.safe_load((log_dir / "config.yaml").read_text())
     assert saved["model"]["net"] == net and saved["model"]["lr_milestones"] == [0.5, 0.75]
@@ -45,22 +59,56 @@ def test_fashion_mnist_sparse_runs(net, tmp_path, capsys, monkeypatch):
     assert f"{net} on Fashion-MNIST, sparse_momentum at density 0.05, 2 epochs, seed 0: test error" in out
     assert f"final density {result['final_density']:.4f}" in out
     if net == "lenet300":
-        fashion_mnist.main(args)  # the same command again: a new version, nothing overwritten
-        assert (log_dir.parent / "version_1" / "sparsity.png").exists()
+        assert Path(fashion_mnist.main(args).result["log_dir"]) == log_dir  # the same options: the same directory
+        other = fashion_mnist.main([*args, "--seed_everything", "1"]).result["log_dir"]
+        assert Path(other).parent == log_dir.parent and Path(other).name.startswith("seed_1-")
 
 
-def test_fashion_mnist_dense_runs(tmp_path, monkeypatch):
+def test_fashion_mnist_fit_prints_the_test_error(tmp_path, capsys, threads):
     import csv
 
-    monkeypatch.setattr(sys, "argv", ["fashion_mnist.py"])
     config = EXAMPLES / "configs" / "fashion_mnist_lenet300.yaml"
     logger = ["--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(tmp_path)]
-    result = fashion_mnist.main(["--config", str(config), *TINY, "--trainer.callbacks", "[]", *logger])  # no callback
+    cli = fashion_mnist.main(["fit", "--config", str(config), *TINY, "--trainer.callbacks", "[]", *logger])  # dense
+    result = cli.result
     assert result["final_density"] == 1.0 and result["method"] == "dense"
     metrics = tmp_path / "lightning_logs" / "version_0" / "metrics.csv"
     assert Path(result["log_dir"]) == metrics.parent
     rows = list(csv.DictReader(metrics.open()))
-    assert any(row["val/acc"] for row in rows) and any(row["test/acc"] for row in rows)
+    assert any(row["val/acc"] for row in rows) and any(row["test/acc"] for row in rows)  # fit ends with test
+    out = capsys.readouterr().out
+    assert f"lenet300 on Fashion-MNIST, dense, 1 epoch, seed 0: test error {result['test_error']:.2f}%" in out
+    assert "final density 1.0000" in out
+
+
+def test_threads_option_sets_torchs_thread_count(tmp_path, threads):
+    import os
+
+    import _cli
+    import torch
+
+    validate = ["validate", "--trainer.limit_val_batches", "1", "--trainer.default_root_dir", str(tmp_path)]
+    fashion_mnist.main([*validate, "--threads", "3"])
+    assert torch.get_num_threads() == 3 and os.environ["OMP_NUM_THREADS"] == "3"  # DDP's processes keep it
+    os.environ.pop("OMP_NUM_THREADS")
+    torch.set_num_threads(2)
+    fashion_mnist.main(validate)  # the default: 1 thread on at most 2 cores, else torch's
+    assert torch.get_num_threads() == (1 if _cli.available_cores() <= 2 else 2)
+
+
+@pytest.mark.parametrize("example", ["fashion_mnist", "imagenet", "vit_fashion_mnist"])
+def test_a_bad_option_gives_lightningclis_error(example, capsys, threads):
+    import importlib
+
+    main = importlib.import_module(example).main
+    for args in (["fit", "--model.no_such_option", "1"], ["fit", "--threads", "many"], ["--trainer.max_epochs", "1"]):
+        with pytest.raises(SystemExit) as exit:
+            main(args)
+        assert exit.value.code == 2
+        assert "error:" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the former argparse options of the ViT example
+        main(["fit", "--epochs", "1"])
+    assert "error:" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # a Fashion-MNIST run
@@ -71,6 +119,45 @@ def test_fashion_mnist_run_function(tmp_path):  # the benchmarks' entry point
 
 
 IMAGENET = EXAMPLES / "imagenet.py"
+
+
+# a squeezenet on 4 fake 32x32 images, one training and one validation batch: about a second a run
+TINY_IMAGENET = ["--config", str(EXAMPLES / "configs" / "imagenet_resnet50.yaml"), "--model.arch", "squeezenet1_1",
+                 "--data.fake_data", "true", "--data.image_size", "32", "--data.num_classes", "10",
+                 "--data.fake_size", "4", "--data.batch_size", "2", "--data.workers", "0",
+                 "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
+                 "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
+                 "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+                 "--trainer.callbacks.figure", "false", "--trainer.callbacks.table", "false"]  # fmt: skip
+
+
+def test_imagenet_run_directories_follow_the_options(tmp_path, monkeypatch, threads):
+    import re
+
+    import imagenet
+    import torch
+
+    args = ["fit", *TINY_IMAGENET, "--trainer.default_root_dir", str(tmp_path), "--trainer.max_epochs", "2"]
+    # the first run stops after its first epoch, as if it had been killed: last.ckpt is epoch 0's
+    stop = lambda module: setattr(module.trainer, "should_stop", True)  # noqa: E731
+    monkeypatch.setattr(imagenet.ImageNetClassifier, "on_train_epoch_end", stop, raising=False)
+    first = imagenet.main([*args, "--ckpt_path", "last"]).trainer  # nothing to resume: starts afresh
+    run_dir = Path(first.log_dir)
+    assert run_dir.parent == tmp_path / "squeezenet1_1_sparse_momentum_0.1"
+    assert re.fullmatch(r"seed_0-[0-9a-f]{8}", run_dir.name) and first.global_step == 1
+    assert (run_dir / "checkpoints" / "last.ckpt").exists() and (run_dir / "config.yaml").exists()
+    # other options, another directory: another density; another option of the recipe (the same name, another hash)
+    for other, name in ((["--trainer.callbacks.density", "0.2"], "squeezenet1_1_sparse_momentum_0.2"),
+                        (["--model.label_smoothing", "0.1"], "squeezenet1_1_sparse_momentum_0.1")):  # fmt: skip
+        trainer = imagenet.main([*args, *other, "--ckpt_path", "last"]).trainer
+        assert Path(trainer.log_dir).parent.name == name and Path(trainer.log_dir) != run_dir
+        assert trainer.ckpt_path is None and trainer.global_step == 1  # the first run's last.ckpt is not theirs
+    # the same options (and --ckpt_path last, --threads, the progress bar aside): the same directory, resumed
+    monkeypatch.undo()
+    resumed = imagenet.main([*args, "--ckpt_path", "last", "--threads", "1"]).trainer
+    assert Path(resumed.log_dir) == run_dir and Path(resumed.ckpt_path).parent == run_dir / "checkpoints"
+    assert resumed.global_step == 2 and resumed.current_epoch == 2
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
 
 
 @pytest.mark.slow  # two launches of a 2-process DDP run (the resume is a second command)
@@ -86,12 +173,13 @@ def test_imagenet_fake_data_runs_under_ddp_and_resumes(tmp_path):
               "--trainer.precision", "32-true", "--trainer.default_root_dir", str(tmp_path),
               "--trainer.enable_progress_bar", "false", "--trainer.callbacks.figure", "false",
               "--checkpoint.monitor", "step", "--checkpoint.save_top_k", "1",  # keep the newest epoch only
-              "--ckpt_path", "last"]  # fmt: skip
+              "--threads", "1"]  # fmt: skip
     # 8 images, 4 per process and step on 2 processes: one step per epoch
-    first = subprocess.run([sys.executable, str(IMAGENET), *common, "--trainer.max_epochs", "1"],
+    first = subprocess.run([sys.executable, str(IMAGENET), *common, "--trainer.max_epochs", "1", "--ckpt_path", "last"],
                            capture_output=True, text=True, timeout=600)  # fmt: skip
     assert first.returncode == 0, first.stderr[-3000:]
-    run_dir = tmp_path / "resnet50_sparse_momentum_0.1" / "seed_0"  # named by method, density and seed
+    (run_dir,) = (tmp_path / "resnet50_sparse_momentum_0.1").iterdir()  # named by method, density, seed, options
+    assert re.fullmatch(r"seed_0-[0-9a-f]{8}", run_dir.name)
     checkpoints = run_dir / "checkpoints"
     names = sorted(p.name for p in checkpoints.iterdir())
     assert len(names) == 2 and re.fullmatch(r"epoch=0-top1=\d\.\d{4}\.ckpt", names[0]) and names[1] == "last.ckpt"
@@ -104,14 +192,17 @@ def test_imagenet_fake_data_runs_under_ddp_and_resumes(tmp_path):
     total = sum(m.numel() for m in masks.values())
     assert sum(int(m.sum()) for m in masks.values()) == pytest.approx(0.1 * total, abs=len(masks))
     assert state["num_updates"] == 0  # the update after epoch 0 runs at the next epoch's first step
-    # the same command with one more epoch continues from last.ckpt
-    resumed = subprocess.run([sys.executable, str(IMAGENET), *common, "--trainer.max_epochs", "2"],
+    # one more epoch is another run (another directory), continued from the first one's last.ckpt
+    resumed = subprocess.run([sys.executable, str(IMAGENET), *common, "--trainer.max_epochs", "2",
+                              "--ckpt_path", str(checkpoints / "last.ckpt")],
                              capture_output=True, text=True, timeout=600)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Restored all states from the checkpoint" in resumed.stderr + resumed.stdout
-    names = sorted(p.name for p in checkpoints.iterdir())  # bounded: epoch 0's is gone
+    (second,) = {p for p in (tmp_path / "resnet50_sparse_momentum_0.1").iterdir()} - {run_dir}
+    names = sorted(p.name for p in (second / "checkpoints").iterdir())
     assert len(names) == 2 and names[0].startswith("epoch=1-top1=") and names[1] == "last.ckpt"
-    checkpoint = torch.load(checkpoints / "last.ckpt", weights_only=True)
+    assert len(list(checkpoints.iterdir())) == 2  # the first run's are untouched
+    checkpoint = torch.load(second / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 2
     (state,) = [v for k, v in checkpoint["callbacks"].items() if k.startswith("SparseTrainingCallback")]
     assert state["num_updates"] == 1
@@ -141,27 +232,45 @@ def test_imagenet_slurm_script_parses():
     assert "srun python examples/imagenet.py fit" in text and "--trainer.num_nodes" in text
 
 
-VIT = Path(__file__).resolve().parents[2] / "examples" / "vit_fashion_mnist.py"
+VIT = EXAMPLES / "vit_fashion_mnist.py"
 
 
-@pytest.mark.slow  # a process training three ViTs
+def test_vit_fashion_mnist_fit(tmp_path, capsys, threads):
+    import re
+
+    import vit_fashion_mnist
+
+    cli = vit_fashion_mnist.main(["fit", *TINY, "--model.method", "rigl", "--trainer.default_root_dir", str(tmp_path)])
+    log_dir = Path(cli.result["log_dir"])
+    assert log_dir.parent == tmp_path / "vit_rigl_attn0.15_mlp0.05" and re.fullmatch(r"seed_0-[0-9a-f]{8}", log_dir.name)
+    out = capsys.readouterr().out
+    assert re.search(r"^rigl: test error \d+\.\d\d% \(1000 test images\)$", out, re.M), out
+    line = re.search(r"^rigl: density '\*\.attn\.\*' 0\.1\d+ \((\d+)/65536\), '\*' 0\.0\d+ \((\d+)/65536\),", out, re.M)
+    assert line and abs(int(line[1]) - 0.15 * 65536) <= 4 and abs(int(line[2]) - 0.05 * 65536) <= 4, out
+
+
+@pytest.mark.slow  # three processes, each training a ViT
 def test_vit_fashion_mnist_density_groups_run(tmp_path):
     import re
     import subprocess
 
-    args = ["--epochs", "1", "--limit-train-batches", "3", "--limit-val-batches", "1",
-            "--limit-test-batches", "1", "--threads", "1", "--out", str(tmp_path)]  # fmt: skip
-    done = subprocess.run([sys.executable, str(VIT), *args], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = done.stdout
+    args = ["fit", *TINY, "--threads", "1", "--trainer.default_root_dir", str(tmp_path)]
     for method in ("dense", "rigl", "sparse_momentum"):
+        done = subprocess.run([sys.executable, str(VIT), *args, "--model.method", method],
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        out = done.stdout
         assert re.search(rf"^{method}: test error \d+\.\d\d% \(1000 test images\)$", out, re.M), out
         assert re.search(rf"^{method}: run time \d+\.\d s \(fit \d+\.\d s, median training epoch", out, re.M), out
-        assert (tmp_path / method / "version_0" / "metrics.csv").exists()
-    assert re.search(r"^dense: empty attention heads n/a$", out, re.M), out  # no callback, no metric
-    # 4 blocks x (qkv 64x192 + proj 64x64) = 65536 attention weights, as many in the MLPs
-    assert re.search(r"^dense: density '\*\.attn\.\*' 1\.0000 \(65536/65536\), '\*' 1\.0000 \(65536/65536\)", out, re.M)
-    for method in ("rigl", "sparse_momentum"):
+        name = "vit_dense" if method == "dense" else f"vit_{method}_attn0.15_mlp0.05"
+        (log_dir,) = (tmp_path / name).iterdir()
+        assert list(log_dir.glob("events.out.tfevents.*")) and (log_dir / "config.yaml").exists()
+        if method == "dense":
+            assert re.search(r"^dense: empty attention heads n/a$", out, re.M), out  # no callback, no metric
+            # 4 blocks x (qkv 64x192 + proj 64x64) = 65536 attention weights, as many in the MLPs
+            dense = r"^dense: density '\*\.attn\.\*' 1\.0000 \(65536/65536\), '\*' 1\.0000 \(65536/65536\)"
+            assert re.search(dense, out, re.M), out
+            continue
         # the callback's sparse/empty_heads/net.blocks.N.attn, N = 0..3
         heads = rf"^{method}: empty attention heads \d\.\d{{3}} \(mean over 4 attention modules: "
         assert re.search(heads, out, re.M), out
