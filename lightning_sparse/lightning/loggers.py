@@ -175,8 +175,8 @@ class SparseMetrics:
         """Keep ``metrics`` for the row of this step, on Lightning's step axis (the metrics of optimizer step
         ``s``, ``global_step`` ``s`` after it, are at step ``s - 1``, where Lightning writes its epoch metrics);
         they are in ``trainer.callback_metrics`` at once. The row is written to every logger by :meth:`flush`,
-        once no other row can fall on its step: an update and an epoch end at the same step share one row (the
-        update's values win: its non-zero density is of the weights as trained, its mask density after it).
+        once no other row can fall on its step: an update and an epoch end at the same step share one row, the
+        update's (its non-zero density is of the weights as trained, its mask density and costs after it).
         With several sparse callbacks, callback ``i`` logs ``sparse/<i>/...``."""
         if self.prefix != "sparse":
             metrics = {self.prefix + k.removeprefix("sparse"): v for k, v in metrics.items()}
@@ -195,7 +195,9 @@ class SparseMetrics:
         if row is None or not trainer.is_global_zero:
             return
         step, epoch, at_epoch_end, at_update = row
-        metrics = {**at_epoch_end, **at_update, "epoch": epoch}
+        # an update measures everything an epoch end does, after it: its row replaces the epoch end's whole (a
+        # merge would keep metrics the update no longer logs, e.g. speedups of channels it refilled)
+        metrics = {**(at_update or at_epoch_end), "epoch": epoch}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
 
