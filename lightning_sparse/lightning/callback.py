@@ -312,6 +312,16 @@ class SparseTrainingCallback(Callback, metaclass=_RefusesSparsity):
         self._metrics.flush(trainer)  # before Lightning finalizes the loggers
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.sparsifier is None and trainer.fit_loop.done:
+            # `fit(ckpt_path=...)` of a run that had already reached its end: Lightning trains nothing and skips
+            # `on_train_start`, where the masks are bound; the restored weights are the masked ones as saved
+            rank_zero_warn(
+                "SparseTrainingCallback: nothing was trained, the checkpoint's run had already reached its end"
+                f" (step {trainer.global_step}, epoch {trainer.current_epoch}): its weights are as saved, sparse."
+                " Raise max_epochs or max_steps to train on."
+            )
+            self._dst.done()
+            return
         sparsifier = self._require_sparsifier()
         stats = self._metrics.measure(sparsifier, trainer.global_step)
         masks = {k: v.detach().cpu().clone() for k, v in sparsifier.masks.items()}

@@ -261,3 +261,21 @@ def test_ema_keeps_the_masks_of_every_sparse_callback():
     assert set(masks) == {"net.0.weight", "net.2.weight", "net.4.weight"}
     for name, mask in masks.items():  # both callbacks' masks hold on the average and on the model it hands back
         assert int((averaged[name][~mask] != 0).sum()) == 0 and int((params[name][~mask] != 0).sum()) == 0, name
+
+
+def test_fit_from_the_checkpoint_of_a_finished_run_trains_nothing_and_says_so(tmp_path):
+    # examples' `--ckpt_path last` on a run that already reached max_epochs: no error, a warning, weights as saved
+    cb = SparseTrainingCallback(density=0.2, algorithm="rigl", update_interval=5, seed=0, figure=False, table=False)
+    first = trainer(max_epochs=1, callbacks=[cb], default_root_dir=tmp_path, enable_checkpointing=True)
+    model = DigitsMLP()
+    first.fit(model, digits_loader())
+    path = first.checkpoint_callback.best_model_path
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    again = SparseTrainingCallback(density=0.2, algorithm="rigl", update_interval=5, seed=0, figure=False, table=False)
+    second = trainer(max_epochs=1, callbacks=[again], default_root_dir=tmp_path)
+    fresh = DigitsMLP()
+    with pytest.warns(UserWarning, match="nothing was trained, the checkpoint's run had already reached its end"):
+        second.fit(fresh, digits_loader(), ckpt_path=path)
+    assert second.global_step == first.global_step
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in saved.items())
+    assert again.sparsifier is None
