@@ -32,7 +32,12 @@ from lightning_sparse.methods.sparse_algorithm import SparseAlgorithm
 
 ALGORITHMS: dict[str, SparseAlgorithm | DST] = {
     "sparse_momentum": SparseAlgorithm(
-        prune="magnitude", grow="momentum", redistribute="momentum", count="ceil", nearly_dense_edge_case=True
+        prune="magnitude",
+        grow="momentum",
+        redistribute="momentum",
+        count="ceil",
+        nearly_dense_edge_case=True,
+        reset_grown=True,  # the reference keeps the grown weights' momentum: that diverged (docs/methods.md)
     ),
     "rigl": SparseAlgorithm(
         prune="magnitude",

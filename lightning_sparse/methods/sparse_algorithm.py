@@ -66,8 +66,10 @@ class SparseAlgorithm:
             ``"snip"`` (one batch's ``|g·w|`` at the start of training).
         reset_grown: zero the optimizer state (momentum, Adam's moments) at grown positions, so that a grown
             weight does not inherit the momentum its position gathered while inactive (RigL, SET, DSR, whose
-            references keep no state for absent weights). ``False`` keeps it (sparse momentum, whose reference
-            grows where that momentum is largest and keeps it). Grown weights always start at zero.
+            references keep no state for absent weights; sparse momentum's default too, although its reference
+            keeps it: a layer that grows from 5 % to 99 % in one update then takes one step of all that momentum,
+            and LeNet-5 diverged so on Fashion-MNIST). ``False`` keeps it (sparse momentum's reference, which grows
+            where that momentum is largest). Grown weights always start at zero.
         reinit_when_same: whether a weight dropped and regrown in the same update counts as grown (zeroed, and
             its state reset with ``reset_grown``). ``False`` (RigL's reference default and sparse momentum's):
             it keeps its value and state, and only positions inactive before the update start afresh. ``True``

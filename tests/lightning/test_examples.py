@@ -30,8 +30,11 @@ def test_read_idx_shapes():
 
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-TINY = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1",
-        "--trainer.limit_test_batches", "1"]  # fmt: skip
+# one validation batch (of 1000, out of 6) and one test batch (1000 of 10000) as fractions: the command line reads
+# "1" as 1.0 (every batch) in some environments (typing caches Union[int, float] and Union[float, int] as one object,
+# in whichever order a process built it first; docs/examples.md), never 0.2 or 0.1
+TINY = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "0.2",
+        "--trainer.limit_test_batches", "0.1"]  # fmt: skip
 
 
 @pytest.mark.slow  # the paper-parity configs on Fashion-MNIST, three runs
@@ -87,7 +90,7 @@ def test_threads_option_sets_torchs_thread_count(tmp_path, threads):
     import _cli
     import torch
 
-    validate = ["validate", "--trainer.limit_val_batches", "1", "--trainer.default_root_dir", str(tmp_path)]
+    validate = ["validate", "--trainer.limit_val_batches", "0.2", "--trainer.default_root_dir", str(tmp_path)]
     fashion_mnist.main([*validate, "--threads", "3"])
     assert torch.get_num_threads() == 3 and os.environ["OMP_NUM_THREADS"] == "3"  # DDP's processes keep it
     os.environ.pop("OMP_NUM_THREADS")
@@ -126,7 +129,7 @@ TINY_IMAGENET = ["--config", str(EXAMPLES / "configs" / "imagenet_resnet50.yaml"
                  "--data.fake_data", "true", "--data.image_size", "32", "--data.num_classes", "10",
                  "--data.fake_size", "4", "--data.batch_size", "2", "--data.workers", "0",
                  "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
-                 "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
+                 "--trainer.limit_train_batches", "0.5",  # of 2 batches (not "1": see TINY); validation: 1 batch
                  "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
                  "--trainer.callbacks.figure", "false", "--trainer.callbacks.table", "false"]  # fmt: skip
 

@@ -117,9 +117,10 @@ def test_start_flags_per_method():
     # counts as grown). RigL: rigl sparse_optimizers_base.py reset_momentum / reinit_when_same=False.
     # SET: Mocanu's weightsEvolution (pdw of a new connection = 0; every regrown position is a new connection).
     # DSR: Intel's parameterized_tensors.py (gradients masked, unused weights zeroed before growth).
-    # Sparse momentum: sparse_learning never touches the optimizer state (momentum_growth reads it).
+    # Sparse momentum: sparse_learning never touches the optimizer state (momentum_growth reads it); ours resets
+    # it at grown positions (issue 24: carried momentum diverged LeNet-5), reset_grown=False is the reference's.
     expected = {
-        "sparse_momentum": (False, False),
+        "sparse_momentum": (True, False),
         "rigl": (True, False),
         "set": (True, True),
         "dsr": (True, True),
@@ -172,18 +173,26 @@ def test_set_and_dsr_grown_weights_start_at_zero_without_momentum(algorithm):
     assert torch.all(buf[kept] == 1.0)  # the kept weights' momentum is untouched
 
 
-def test_sparse_momentum_grown_weights_start_at_zero_and_keep_their_momentum():
-    layer, opt, before, weights_before, result = _grown_case("sparse_momentum")
+@pytest.mark.parametrize("reference", [False, True])
+def test_sparse_momentum_grown_weights_start_at_zero_with_their_momentum_reset_unless_asked(reference):
+    import dataclasses
+
+    # the default resets the grown positions' momentum; reset_grown=False is the reference's: it keeps it
+    algorithm = dataclasses.replace(ALGORITHMS["sparse_momentum"], reset_grown=False) if reference else "sparse_momentum"
+    layer, opt, before, weights_before, result = _grown_case(algorithm)
     new = result.masks[0]
     grown_new = new & ~before
     assert int(grown_new.sum()) > 0
     buf = opt.state[layer.weight]["momentum_buffer"]
     assert torch.all(layer.weight[grown_new] == 0)
-    assert torch.all(buf == 1.0)  # sparse_learning never touches the optimizer state
-    # a weight dropped and regrown in the same update keeps its value (the reference applies the mask only after
-    # growth)
+    if reference:
+        assert torch.all(buf == 1.0)  # sparse_learning never touches the optimizer state
+    else:
+        assert torch.all(buf[grown_new] == 0) and torch.all(buf[~grown_new] == 1.0)  # only the grown positions
+    # a weight dropped and regrown in the same update keeps its value and state (the reference applies the mask
+    # only after growth; reinit_when_same=False)
     regrown = new & before & ~result.pruned_masks[0]
-    assert torch.equal(layer.weight.detach()[regrown], weights_before[regrown])
+    assert torch.equal(layer.weight.detach()[regrown], weights_before[regrown]) and torch.all(buf[regrown] == 1.0)
 
 
 @pytest.fixture
