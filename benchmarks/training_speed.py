@@ -7,7 +7,9 @@ Each synthetic measurement times single steps: the median plain step plus the ex
 dense-gradient backward and the update) divided by ``--interval`` (RigL's 100). Updates run in
 ``functional/selection.py``, whose speed is issue 21's item 3.
 
-* ``mlp``: an MLP 3072-3072-3072-10 (ReLU) at batch 256 and 1, random data, SGD with momentum;
+* ``mlp``: an MLP 3072-3072-3072-10 (ReLU) at batch 256 and 1, random data, SGD with momentum (``--optimizer
+  sgd-fused``: ``fused=True``; the SGD step over the dense weights is paid in every mode, and torch's default
+  for-each implementation spends about three times as long on it as the fused one);
 * ``lenet``: LeNet-300-100 on Fashion-MNIST, one whole epoch at batch 128 (the time of the epoch and the test
   error after it: accuracy is unchanged by the compute mode), read as ``examples/fashion_mnist.py`` reads it;
 * ``vit``: the MLP blocks of ``examples/vit_fashion_mnist.py`` (4 blocks 64-128-64, GELU, residual) on the
@@ -39,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import cpu_model  # noqa: E402
 
 MODES = ("dense", "compute=dense", "compute=condensed")
+OPTIMIZER: dict[str, bool] = {}  # torch.optim.SGD's implementation flags, from --optimizer (the same in every mode)
 
 
 def mlp() -> nn.Module:
@@ -66,7 +69,7 @@ class VitMLPs(nn.Module):
 def trainer_for(make, mode: str, density: float, total: int, interval: int):
     torch.manual_seed(0)
     model = make()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, **OPTIMIZER)
     sparsifier = None
     if mode != "dense":
         sparsifier = Sparsifier(model, optimizer, total_steps=total, algorithm="rigl", density=density, pattern="fan_in",
@@ -158,8 +161,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
     parser.add_argument("--interval", type=int, default=100, help="RigL update interval (amortized in the timing)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--optimizer", choices=["sgd", "sgd-fused"], default="sgd",
+        help="torch.optim.SGD with its default (for-each) implementation, or fused=True (one C++ pass per tensor)",
+    )  # fmt: skip
     args = parser.parse_args()
-    print(f"CPU: {cpu_model()}; torch {torch.__version__}")
+    OPTIMIZER.update({"fused": True} if args.optimizer == "sgd-fused" else {})
+    print(f"CPU: {cpu_model()}; torch {torch.__version__}; optimizer: SGD momentum 0.9 ({args.optimizer})")
     warm_kernels()
     for threads in args.threads:
         torch.set_num_threads(threads)
