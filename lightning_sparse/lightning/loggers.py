@@ -242,14 +242,15 @@ _CONTAINERS = (torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict)
 def network_name(pl_module: torch.nn.Module, masked: Sequence[str]) -> str:
     """The name a user knows the trained network by: the class of the LightningModule's submodule that holds every
     masked layer (``ResNet`` for a LightningModule with ``self.model = resnet50()``, through ``torch.compile``'s
-    wrapper), or the LightningModule's class when the layers are its own or in a plain container
-    (``nn.Sequential``, ``nn.ModuleList``, ``nn.ModuleDict``)."""
+    wrapper; a subclass of ``nn.Sequential`` such as ``class LeNet5(nn.Sequential)`` counts), or the LightningModule's
+    class when the layers are its own or in a plain container (exactly ``nn.Sequential``, ``nn.ModuleList`` or
+    ``nn.ModuleDict``)."""
     own = type(pl_module).__name__
     heads = {n.split(".", 1)[0] for n in masked if "." in n}
     if len(heads) != 1 or len(heads) != len({n.split(".", 1)[0] for n in masked}):
         return own
     child = getattr(pl_module, heads.pop(), None)
     child = getattr(child, "_orig_mod", child)  # torch.compile
-    if not isinstance(child, torch.nn.Module) or isinstance(child, _CONTAINERS):
+    if not isinstance(child, torch.nn.Module) or type(child) in _CONTAINERS:
         return own
     return type(child).__name__

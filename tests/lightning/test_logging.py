@@ -158,3 +158,26 @@ def test_speedups_of_a_plain_mlp_without_empty_channels_are_not_logged(tmp_path)
     conv = SparseTrainingCallback(density=0.9, algorithm="static", seed=0, figure=False)
     rows = _sparse_rows(_rows(tmp_path / "cnn", conv, epochs=1, model=DigitsCNN()))
     assert rows and all(m in r for r in rows for m in SPEEDUPS)  # a convolution: the estimates apply
+
+
+def test_the_figure_names_the_network_not_the_lightningmodule():
+    import torch
+    from torch import nn
+
+    from lightning_sparse.lightning.loggers import network_name
+
+    class LeNet(nn.Sequential):  # a named network built as a Sequential (the examples' LeNets)
+        pass
+
+    class Module(nn.Module):  # stands for a LightningModule
+        def __init__(self, net: nn.Module) -> None:
+            super().__init__()
+            self.net = net
+
+    named = Module(LeNet(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)))
+    assert network_name(named, ["net.0.weight", "net.2.weight"]) == "LeNet"
+    assert network_name(Module(torch.compile(LeNet(nn.Linear(4, 2)))), ["net.0.weight"]) == "LeNet"
+    # a plain container says nothing: the LightningModule's class; so do layers of the module itself
+    assert network_name(Module(nn.Sequential(nn.Linear(4, 2))), ["net.0.weight"]) == "Module"
+    assert network_name(Module(nn.ModuleList([nn.Linear(4, 2)])), ["net.0.weight"]) == "Module"
+    assert network_name(Module(nn.Linear(4, 2)), ["net.weight", "head.weight"]) == "Module"
