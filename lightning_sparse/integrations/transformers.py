@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from lightning_sparse.core.sparsifier import Sparsifier, UpdateReport
+from lightning_sparse.methods import ALGORITHMS
 from lightning_sparse.options import SparseOptions
 
 STATE_FILE = "sparse_trainer_state.pt"
@@ -56,8 +57,8 @@ class SparseTrainerCallback(TrainerCallback):
         density: fraction of the masked weights that are active, in (0, 1], or density groups ``{name glob:
             density}``. GPT-2's ``Conv1D``, ``nn.Linear`` and convolutions are masked; embeddings (and the output
             layer tied to them) stay dense unless ``mask_embeddings=True``.
-        algorithm: ``"sparse_momentum"``, ``"rigl"``, ``"set"``, ``"dsr"``, ``"static"``, ``"snip"``, ``"gmp"`` or
-            a :class:`~lightning_sparse.SparseAlgorithm` (``"dst"`` is refused: its thresholds must join the
+        algorithm: a name of :data:`~lightning_sparse.ALGORITHMS` (``"sparse_momentum"``, ``"rigl"``, ``"set"``,
+            ``"granet"``, ...) or a :class:`~lightning_sparse.SparseAlgorithm` (``"dst"`` is refused: its thresholds must join the
             optimizer before the Trainer makes it; use the Lightning callback or a plain loop).
         log_updates: log each mask update at its own step (sets ``control.should_log``), whatever
             ``logging_steps`` says; ``False``: the update's metrics wait for the next logging step.
@@ -92,10 +93,11 @@ class SparseTrainerCallback(TrainerCallback):
     ) -> None:
         self.options = SparseOptions(density=density, algorithm=algorithm, **options)
         if self.options.is_dst:
+            allowed = ", ".join(repr(name) for name in ALGORITHMS if name != "dst")
             raise ValueError(
-                "SparseTrainerCallback supports algorithm 'sparse_momentum', 'rigl', 'set', 'dsr', 'static', 'snip',"
-                " 'gmp' or a SparseAlgorithm, not 'dst' (its thresholds must be in the optimizer the Trainer makes"
-                " before any callback runs): train DST with SparseTrainingCallback or a plain loop"
+                f"SparseTrainerCallback supports algorithm {allowed} or a SparseAlgorithm, not 'dst' (its thresholds"
+                " must be in the optimizer the Trainer makes before any callback runs): train DST with"
+                " SparseTrainingCallback or a plain loop"
             )
         if not isinstance(log_updates, bool):
             raise ValueError(f"`log_updates` must be True or False, got {log_updates!r}")
