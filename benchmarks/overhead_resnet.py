@@ -62,6 +62,8 @@ from lightning_sparse import SparseTrainingCallback, Sparsifier
 from lightning_sparse.kernels import cpu_masked_zero
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import cpu_model  # noqa: E402
 
 SECTIONS = ("apply", "update", "callback", "throughput", "scaling")
 UPDATES = (("sparse_momentum", 0.5), ("rigl", 0.3))  # method and its initial pruning rate (drop fraction)
@@ -736,7 +738,7 @@ def main() -> None:
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_sparse"):
         logging.getLogger(name).setLevel(logging.ERROR)
     print(
-        f"torch {torch.__version__}, torchvision {torchvision.__version__}, lightning {L.__version__};"
+        f"CPU: {cpu_model()}; torch {torch.__version__}, torchvision {torchvision.__version__}, lightning {L.__version__};"
         f" {torch.get_num_threads()} threads; sections: {' '.join(args.sections)}",
         flush=True,
     )

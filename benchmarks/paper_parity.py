@@ -55,6 +55,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 from fashion_mnist import MODELS, FashionMNIST  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import cpu_model  # noqa: E402
+
 from lightning_sparse import Sparsifier  # noqa: E402
 from lightning_sparse.cost import CostModel, TrainFlops, layer_calls  # noqa: E402
 from lightning_sparse.functional.init import layer_active_counts  # noqa: E402
@@ -347,7 +350,8 @@ def part_c(nets: Sequence[str], methods: Sequence[str], seeds: Sequence[int], ep
     data = load_data()
     out(f"\n## (c) Fashion-MNIST, density {density}, {epochs} epochs, seeds {list(seeds)}\n")
     out(f"SGD Nesterov 0.9, lr 0.1 (÷10 at 1/2 and 3/4 of training), batch 100, weight decay 5e-4;"
-        f" {len(data[0])} training / {len(data[2])} test images. One line per run as it finishes:\n")  # fmt: skip
+        f" {len(data[0])} training / {len(data[2])} test images; CPU: {cpu_model()}, {torch.get_num_threads()}"
+        " thread(s). One line per run as it finishes:\n")  # fmt: skip
     results: dict[str, dict[str, list[dict[str, float]]]] = {net: {m: [] for m in methods} for net in nets}
     for net in nets:
         for seed in seeds:

@@ -58,8 +58,9 @@ class SparseTrainerCallback(TrainerCallback):
             density}``. GPT-2's ``Conv1D``, ``nn.Linear`` and convolutions are masked; embeddings (and the output
             layer tied to them) stay dense unless ``mask_embeddings=True``.
         algorithm: a name of :data:`~lightning_sparse.ALGORITHMS` (``"sparse_momentum"``, ``"rigl"``, ``"set"``,
-            ``"granet"``, ...) or a :class:`~lightning_sparse.SparseAlgorithm` (``"dst"`` is refused: its thresholds must join the
-            optimizer before the Trainer makes it; use the Lightning callback or a plain loop).
+            ``"granet"``, ...) or a :class:`~lightning_sparse.SparseAlgorithm` (``"dst"`` is refused: its
+            thresholds must join the optimizer before the Trainer makes it; use the Lightning callback or a plain
+            loop).
         log_updates: log each mask update at its own step (sets ``control.should_log``), whatever
             ``logging_steps`` says; ``False``: the update's metrics wait for the next logging step.
         resume_from: the checkpoint folder holding ``sparse_trainer_state.pt`` when the Trainer resumes from a

@@ -178,7 +178,8 @@ def test_sparse_momentum_grown_weights_start_at_zero_with_their_momentum_reset_u
     import dataclasses
 
     # the default resets the grown positions' momentum; reset_grown=False is the reference's: it keeps it
-    algorithm = dataclasses.replace(ALGORITHMS["sparse_momentum"], reset_grown=False) if reference else "sparse_momentum"
+    reference_algorithm = dataclasses.replace(ALGORITHMS["sparse_momentum"], reset_grown=False)
+    algorithm = reference_algorithm if reference else "sparse_momentum"
     layer, opt, before, weights_before, result = _grown_case(algorithm)
     new = result.masks[0]
     grown_new = new & ~before
