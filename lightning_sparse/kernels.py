@@ -172,6 +172,16 @@ def cpu_masked_zero(kernel: str) -> MaskedZero | None:
     )
 
 
+def loaded_mask_passes() -> Any:
+    """``torch.ops.lightning_sparse`` (with the passes of :mod:`lightning_sparse.functional.passes`) when the mask
+    kernel has been built and loaded in this process (by :func:`cpu_masked_zero`), else None: nothing is compiled
+    here, so ``mask_kernel="torch"`` stays free of C++."""
+    if _build.cache_info().currsize == 0:
+        return None
+    op, _ = _build()
+    return None if op is None else torch.ops.lightning_sparse
+
+
 def _op_or_fallback(kernel: str, built: tuple[Any, str], cpp_error: str, fallback: str) -> Any:
     """The op of ``built`` (``(op, why it failed)`` from ``_build*``); when it failed, raise ``RuntimeError`` with
     ``cpp_error`` (``{reason}`` filled in) for ``kernel="cpp"``, else warn with ``fallback`` (what runs instead)

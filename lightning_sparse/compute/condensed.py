@@ -61,10 +61,10 @@ class CondensedPlan:
         ptr: ``[in + 1]`` int64 column pointers of the column-major (CSC) order.
         cols: ``[held * k]`` the output row of each entry in column-major order (int32, int64 past 2**31 rows).
         flat: ``[held * k]`` int64 flat position ``o * in + i`` of each entry, row-major (the torch path).
-        The C++ kernels' tiled order (batches from 8 samples) stores the entries tile-major: by tile of 128 inputs,
+        The C++ kernels' tiled order (batches from 8 samples) stores the entries tile-major: by tile of 256 inputs,
         then row, then input (``order``: the tile-major place of each row-major entry; ``tindices``: their inputs;
         ``seg`` ``[tiles * held + 1]``: where the run of each (tile, row) begins),
-        and the column-major entries by tile of 128 rows, then input, then row (``tpositions``: the place of each
+        and the column-major entries by tile of 256 rows, then input, then row (``tpositions``: the place of each
         row-major entry; ``tcols``: their rows; ``colseg`` ``[tiles * in + 1]``).
     """
 
@@ -135,7 +135,7 @@ class CondensedPlan:
         return mask.index_fill_(0, self.flat, True).view(self.out_features, self.in_features)
 
 
-_TILE = 128  # inputs per tile of the C++ kernels' tiled order (kTile in csrc/condensed_train.cpp)
+_TILE = 256  # inputs per tile of the C++ kernels' tiled order (kTile in csrc/condensed_train.cpp)
 _SMALL_BATCH = 8  # below this, the C++ kernels' gather order (kSmallBatch)
 
 

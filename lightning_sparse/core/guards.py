@@ -13,8 +13,8 @@ from torch.distributed import ProcessGroup
 from lightning_sparse.core import distributed
 from lightning_sparse.core.distributed import ShardSpec
 from lightning_sparse.core.layers import MaskedLayer, name_matches
-from lightning_sparse.core.loop_checks import has_nonfinite
 from lightning_sparse.core.optimizer import check_momentum_optimizer
+from lightning_sparse.functional.passes import has_nonfinite
 from lightning_sparse.functional.patterns import Pattern, input_size
 from lightning_sparse.methods.base import LayerState
 

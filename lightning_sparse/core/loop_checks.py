@@ -15,6 +15,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from lightning_sparse.core import distributed
 from lightning_sparse.core.distributed import ShardSpec
+from lightning_sparse.functional.passes import has_nonfinite, nonzero_count
 
 ORDER = (
     "call `sparsifier.step()` once after every `optimizer.step()` and before `optimizer.zero_grad()`"
@@ -57,20 +58,10 @@ class OptimizerSteps:
         return taken if self.counting else None
 
 
-def has_nonfinite(t: Tensor) -> Tensor:
-    """Whether ``t`` holds NaN or inf, as a 0-dim bool tensor (no host synchronization): one ``aminmax`` (NaN
-    propagates to both, an infinity is the minimum or the maximum), one read of ``t`` and no temporary of its
-    size, unlike ``isfinite(t).all()``."""
-    if not t.is_floating_point() or t.numel() == 0:
-        return torch.zeros((), dtype=torch.bool, device=t.device)
-    low, high = t.detach().aminmax()
-    return ~(low.isfinite() & high.isfinite())
-
-
 def _gradient_flags(g: Tensor) -> Tensor:
     """``[non-finite, any nonzero]`` of one gradient from one ``aminmax`` (for floating point gradients)."""
     if not g.is_floating_point() or g.numel() == 0:
-        return torch.stack([has_nonfinite(g), g.count_nonzero() > 0])
+        return torch.stack([has_nonfinite(g), nonzero_count(g) > 0])
     low, high = g.detach().aminmax()
     return torch.stack([~(low.isfinite() & high.isfinite()), (low != 0) | (high != 0)])
 

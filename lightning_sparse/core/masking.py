@@ -18,6 +18,7 @@ from torch import Tensor
 from lightning_sparse.core import distributed
 from lightning_sparse.core.distributed import ShardSpec, shards_of
 from lightning_sparse.functional.init import layer_active_counts
+from lightning_sparse.functional.passes import nonzero_count
 from lightning_sparse.functional.patterns import parse_pattern, unit_shape
 from lightning_sparse.functional.selection import hash_scores, select_highest
 from lightning_sparse.functional.units import pattern_counts, select_per_unit
@@ -238,7 +239,7 @@ class Masking:
     def nonzero_counts(self) -> list[int]:
         """Non-zero weights per masked layer, measured from the weights themselves (one host sync; one
         all-reduce under FSDP2)."""
-        local_counts = torch.stack([torch.count_nonzero(w).to(torch.int64) for w in self.local_weights()])
+        local_counts = torch.stack([nonzero_count(w) for w in self.local_weights()])
         totals = distributed.reduce_layer_sums(local_counts, self.specs, self.group)
         return [int(n) for n in totals.tolist()]
 

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from lightning_sparse.core.distributed import local
+from lightning_sparse.functional.passes import zero_where_
 
 ADAM_FAMILY = (torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam, torch.optim.RAdam)
 SUPPORTED_OPTIMIZERS = "torch.optim.SGD with momentum > 0, Adam, AdamW, NAdam or RAdam"
@@ -56,6 +57,5 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer, param: Tensor, posit
     """Zero every per-weight optimizer state tensor of ``param`` (momentum, second moments) at ``positions``
     (a bool tensor shaped like ``param``, or like its local shard under FSDP2). Scalar state such as Adam's
     ``step`` is left alone."""
-    for value in optimizer.state.get(param, {}).values():
-        if isinstance(value, Tensor) and value.shape == param.shape:
-            local(value).masked_fill_(positions, 0)
+    state = optimizer.state.get(param, {}).values()
+    zero_where_([local(v) for v in state if isinstance(v, Tensor) and v.shape == param.shape], positions)

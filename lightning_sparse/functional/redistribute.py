@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from lightning_sparse.functional.init import largest_remainder
+from lightning_sparse.functional.passes import abs_sum_where, nonzero_count
 
 # A count computed from a float product such as 0.3 * 10 must not round up because of the last bit.
 _EPS = 1e-7
@@ -30,12 +31,7 @@ def momentum_shares(
     the per-layer ``[sum |M|, active count]`` pairs (shape ``[L, 2]``) over the processes holding shards of the
     layers (FSDP2); ``None`` when every layer is whole here.
     """
-    sums = torch.stack(
-        [
-            torch.stack([m.detach().abs().float().mul_(k.view(torch.uint8)).sum(), k.count_nonzero().float()])
-            for m, k in zip(momenta, masks)
-        ]
-    )
+    sums = torch.stack([torch.stack([abs_sum_where(m, k), nonzero_count(k).float()]) for m, k in zip(momenta, masks)])
     if reduce is not None:
         sums = reduce(sums)
     return _normalize(sums[:, 0] / sums[:, 1].clamp_min(1))

@@ -13,6 +13,7 @@ from torch import Tensor
 from lightning_sparse.core.distributed import local
 from lightning_sparse.core.optimizer import reset_optimizer_state
 from lightning_sparse.functional.init import INIT_METHODS
+from lightning_sparse.functional.passes import zero_where_
 from lightning_sparse.functional.patterns import parse_pattern
 from lightning_sparse.functional.schedules import PRUNE_RATE_SCHEDULES
 from lightning_sparse.methods.ablation import Ablation
@@ -247,9 +248,10 @@ class SparseAlgorithm:
         """Per layer, the positions that start afresh after ``result``: active now and inactive before the update
         (``before``: the masks the update started from), plus, with ``reinit_when_same``, the ones dropped and
         regrown in it (active now, not kept through pruning)."""
+        # on bool tensors `a > b` is `a & ~b`, in one pass and one temporary instead of two
         if self.reinit_when_same:
-            return [mask & ~pruned for mask, pruned in zip(result.masks, result.pruned_masks)]
-        return [mask & ~old for mask, old in zip(result.masks, before)]
+            return [mask > pruned for mask, pruned in zip(result.masks, result.pruned_masks)]
+        return [mask > old for mask, old in zip(result.masks, before)]
 
     @torch.no_grad()
     def start_grown_(
@@ -268,7 +270,7 @@ class SparseAlgorithm:
         rows. Returns the positions (:meth:`grown_positions`)."""
         grown = self.grown_positions(before, result)
         for weight, positions in zip(weights, grown):
-            local(weight).masked_fill_(positions, 0.0)
+            zero_where_([local(weight)], positions)
             if self.reset_grown and optimizer is not None:
                 reset_optimizer_state(optimizer, weight, positions)
         return grown

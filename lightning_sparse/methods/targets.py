@@ -32,6 +32,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
+from lightning_sparse.functional.passes import nonzero_count
 from lightning_sparse.functional.patterns import Pattern, unit_counts, unit_shape
 from lightning_sparse.functional.schedules import gmp_sparsity
 from lightning_sparse.functional.units import round_half_up, round_to_rows, trim_units
@@ -138,7 +139,7 @@ def check_counts(
     too); it runs before the masks are set, so a refused update leaves the model as it was."""
     if not layers:
         return
-    local = torch.stack([torch.stack([p.count_nonzero(), m.count_nonzero()]) for p, m in zip(result.pruned_masks, result.masks)])
+    local = torch.stack([torch.stack([nonzero_count(p), nonzero_count(m)]) for p, m in zip(result.pruned_masks, result.masks)])
     counted = (reducer(local.to(torch.int64)) if reducer is not None else local.to(torch.int64)).tolist()
     wrong = []
     for layer, (kept, now), active, pruned, grown in zip(layers, counted, result.active, result.pruned, result.grown):

@@ -51,11 +51,12 @@ def _reference(x, w, b, dy):
 @pytest.mark.parametrize(
     "shape",
     [(5, 7, 3, 1, ()), (37, 50, 9, 3, (2, 5)), (40, 33, 5, 8, ()), (70, 300, 31, 257, (0, 69)), (33, 20, 20, 9, ()),
-     (17, 300, 4, 700, ()), (48, 64, 16, 130, ())],
+     (17, 300, 4, 700, ()), (48, 64, 16, 130, ()), (300, 520, 11, 70, (1, 299))],
 )  # fmt: skip
 @pytest.mark.parametrize("kernel", ["cpp", "torch"])
 def test_float32_against_float64_reference(shape, kernel):
-    # batch sizes on both sides of the kernels' small-batch switch, chunked batches, k below, at and above 16
+    # batch sizes on both sides of the kernels' small-batch switch, chunked batches, k below, at and above 16,
+    # inputs and outputs over several tiles of the tiled order (256)
     out, features, k, batch, empty = shape
     mask = fan_in_mask(out, features, k, empty)
     plan = CondensedPlan.from_mask(mask)

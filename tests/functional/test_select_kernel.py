@@ -52,11 +52,13 @@ def _counts(k: int) -> list[int]:
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("numel", [1, 5, 257, 4099, 70_000])
-def test_fused_selection_equals_torch_path(dtype, numel):
+@pytest.mark.parametrize("numel", [1, 5, 257, 4099, 20_000, 70_000])
+@pytest.mark.parametrize("share", [0.6, 0.05])
+def test_fused_selection_equals_torch_path(dtype, numel, share):
+    # few candidates: nth_element over (key, index) pairs (select_small); many, or past 65536 entries: the histograms
     generator = torch.Generator().manual_seed(numel)
     values = _values(numel, dtype, generator)
-    candidates = torch.rand(numel, generator=generator) < 0.6
+    candidates = torch.rand(numel, generator=generator) < share
     for name, select in SELECT.items():
         for n in _counts(int(candidates.sum())):
             fused = select(values, candidates, n, kernel="cpp")
