@@ -3,9 +3,11 @@
 A step is forward, backward, optimizer step, masking and mask updates (RigL, ``pattern="fan_in"``; updates every
 ``--interval`` steps, amortized over the timed steps), on the CPU, at 1 and 2 threads:
 
-Each synthetic measurement times single steps: the median plain step plus the extra time of one update step (the
-dense-gradient backward and the update) divided by ``--interval`` (RigL's 100). Updates run in
-``functional/selection.py``, whose speed is issue 21's item 3.
+The synthetic parts time single steps of every configuration (dense, and each density in each compute mode), all
+models alive at once, in rounds of ``--steps`` timed steps per configuration in a rotating order (see
+:func:`synthetic`): the median plain step plus the extra time of the update steps (the dense-gradient backward and
+the update) divided by ``--interval`` (RigL's 100). Updates run in ``functional/selection.py``, whose speed is
+issue 21's item 3.
 
 * ``mlp``: an MLP 3072-3072-3072-10 (ReLU) at batch 256 and 1, random data, SGD with momentum (``--optimizer
   sgd-fused``: ``fused=True``; the SGD step over the dense weights is paid in every mode, and torch's default
@@ -15,7 +17,8 @@ dense-gradient backward and the update) divided by ``--interval`` (RigL's 100). 
 * ``vit``: the MLP blocks of ``examples/vit_fashion_mnist.py`` (4 blocks 64-128-64, GELU, residual) on the
   17 tokens of 128 images (2176 rows).
 
-Medians of alternating repetitions (the machine may be shared). The dense column has no Sparsifier at all.
+The LeNet epochs alternate the modes, ``--repeats`` epochs each, and take medians (the machine may be shared). The
+dense column has no Sparsifier at all.
 
     python benchmarks/training_speed.py                       # everything (a few minutes)
     python benchmarks/training_speed.py --parts mlp --threads 2 --densities 0.1
@@ -87,40 +90,52 @@ def trainer_for(make, mode: str, density: float, total: int, interval: int):
     return model, step
 
 
-def time_steps(make, shape, mode, density, steps, interval, warmup=2) -> float:
-    """Seconds per step: the median of ``steps`` plain steps, plus the extra time of an update step (RigL's
-    dense gradient and the update) divided by ``interval`` (the update runs once in the timed steps)."""
-    _, step = trainer_for(make, mode, density, 10 * (steps + warmup), steps + warmup)
-    gen = torch.Generator().manual_seed(0)
-    x, y = torch.randn(*shape, generator=gen), torch.randint(0, 10, shape[:-1], generator=gen)
-    for _ in range(warmup):
-        step(x, y)
-    plain, updates = [], []
-    for _ in range(steps + 1):
-        start = time.perf_counter()
-        updated = step(x, y)
-        (updates if updated else plain).append(time.perf_counter() - start)
-    base = statistics.median(plain)
-    return base + (statistics.mean(updates) - base) / interval if updates else base
-
-
 def synthetic(name, make, shape, densities, steps, interval, repeats) -> None:
+    """Every configuration (dense, and each density in each compute mode) trains its own model, all alive at once,
+    in rounds: per round each configuration runs one untimed step (its data back in the caches) and ``steps`` timed
+    ones, the configurations in a rotating order. A machine whose speed drifts (shared CPUs: figures drifted by
+    1.5x between runs minutes apart) then slows every configuration alike. Per configuration: the median plain step,
+    plus the extra time of its update steps (RigL's dense gradient and the update; one per round) divided by
+    ``interval``."""
     print(f"\n{name}: ms per training step (RigL fan_in, update every {interval} steps), speed-up over dense")
     print(f"{'density':>8} | " + " | ".join(f"{m:>17}" for m in MODES) + " | condensed/dense")
-    dense = []
-    rows: dict[float, dict[str, list[float]]] = {d: {m: [] for m in MODES[1:]} for d in densities}
-    for _ in range(repeats):  # alternate the modes, take medians
-        dense.append(time_steps(make, shape, "dense", 1.0, steps, interval))
-        for d in densities:
-            for m in MODES[1:]:
-                rows[d][m].append(time_steps(make, shape, m, d, steps, interval))
-    base = statistics.median(dense) * 1e3
+    configs = [("dense", 1.0)] + [(m, d) for d in densities for m in MODES[1:]]
+    block = steps + 1
+    total = 10 * block * (repeats + 2)  # RigL stops updating at 75 % of its steps: updates in every round
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(*shape, generator=gen), torch.randint(0, 10, shape[:-1], generator=gen)
+    trainers = {c: trainer_for(make, c[0], c[1], total, block)[1] for c in configs}
+    for step in trainers.values():  # the first update runs at step `block`: before the timed rounds
+        for _ in range(block):
+            step(x, y)
+    plain: dict[tuple[str, float], list[float]] = {c: [] for c in configs}
+    updates: dict[tuple[str, float], list[float]] = {c: [] for c in configs}
+    for r in range(repeats):
+        for c in configs[r % len(configs) :] + configs[: r % len(configs)]:
+            step = trainers[c]
+            for i in range(block):
+                start = time.perf_counter()
+                updated = step(x, y)
+                elapsed = time.perf_counter() - start
+                if updated:
+                    updates[c].append(elapsed)
+                elif i:
+                    plain[c].append(elapsed)
+    seconds = {}
+    for c in configs:
+        base = statistics.median(plain[c])
+        seconds[c] = base + (statistics.mean(updates[c]) - base) / interval if updates[c] and c[0] != "dense" else base
+    base = seconds[("dense", 1.0)] * 1e3
     for d in densities:
-        cells = [base] + [statistics.median(rows[d][m]) * 1e3 for m in MODES[1:]]
+        cells = [base] + [seconds[(m, d)] * 1e3 for m in MODES[1:]]
         print(f"{d:>8} | " + " | ".join(f"{c:>17.2f}" for c in cells) + f" | {base / cells[2]:.2f}x")
 
 
 def lenet_epochs(densities, repeats) -> None:
+    """Per density and repetition, one model per mode trains one epoch on the same batches: each batch is read once
+    and the three modes take their step on it one after the other (in a rotating order), so that a drift of the
+    machine's speed slows every mode alike. An epoch's time is the sum of its steps (reading the data, the same in
+    every mode, is printed apart); medians over the repetitions."""
     from fashion_mnist import load_fashion_mnist
 
     train, test = load_fashion_mnist("train"), load_fashion_mnist("test")
@@ -128,21 +143,36 @@ def lenet_epochs(densities, repeats) -> None:
     print("\nLeNet-300-100 on Fashion-MNIST: one epoch (batch 128, RigL fan_in, update every 100 steps): s, test error")
     for d in densities:
         times: dict[str, list[float]] = {m: [] for m in MODES}
+        reading: list[float] = []
         errors: dict[str, float] = {}
-        for _ in range(repeats):  # the modes alternate; every run sees the same data order
-            for mode in MODES:
-                loader = torch.utils.data.DataLoader(train, batch_size=128, shuffle=True,
-                                                     generator=torch.Generator().manual_seed(0))  # fmt: skip
-                model, step = trainer_for(lenet, mode, d, len(loader), 100)
+        for _ in range(repeats):  # every repetition sees the same data order
+            loader = torch.utils.data.DataLoader(train, batch_size=128, shuffle=True,
+                                                 generator=torch.Generator().manual_seed(0))  # fmt: skip
+            trainers = {mode: trainer_for(lenet, mode, d, len(loader), 100) for mode in MODES}
+            spent = dict.fromkeys(MODES, 0.0)
+            read = 0.0
+            batches = iter(loader)
+            for i in range(len(loader)):
                 start = time.perf_counter()
-                for x, y in loader:
-                    step(x.float(), y)
-                times[mode].append(time.perf_counter() - start)
+                x, y = next(batches)
+                x = x.float()
+                read += time.perf_counter() - start
+                for mode in MODES[i % len(MODES) :] + MODES[: i % len(MODES)]:
+                    start = time.perf_counter()
+                    trainers[mode][1](x, y)
+                    spent[mode] += time.perf_counter() - start
+            reading.append(read)
+            for mode, (model, _) in trainers.items():
+                times[mode].append(spent[mode])
                 with torch.no_grad():
                     errors[mode] = float((model(xt.float()).argmax(1) != yt).float().mean())
         for mode in MODES:
-            print(f"  density {d:<5} {mode:>18}: {statistics.median(times[mode]):6.2f} s/epoch,"
+            print(f"  density {d:<5} {mode:>18}: {statistics.median(times[mode]):6.3f} s/epoch,"
                   f" test error {100 * errors[mode]:.2f} %")  # fmt: skip
+        dense = statistics.median(times["dense"])
+        condensed = statistics.median(times["compute=condensed"])
+        print(f"  condensed/dense {dense / condensed:.2f}x; reading the data: {statistics.median(reading):.3f} s/epoch"
+              " (not in the figures above)")
 
 
 def warm_kernels() -> None:
@@ -158,9 +188,9 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=["mlp", "lenet", "vit"], choices=["mlp", "lenet", "vit"])
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--densities", nargs="+", type=float, default=[0.2, 0.1, 0.05])
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration and round")
     parser.add_argument("--interval", type=int, default=100, help="RigL update interval (amortized in the timing)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds (synthetic parts) or epochs per mode (lenet)")
     parser.add_argument(
         "--optimizer", choices=["sgd", "sgd-fused"], default="sgd",
         help="torch.optim.SGD with its default (for-each) implementation, or fused=True (one C++ pass per tensor)",
