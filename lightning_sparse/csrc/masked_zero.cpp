@@ -14,15 +14,16 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#endif
-#include <cstdint>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <type_traits>
 #include <utility>
 #include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -152,20 +153,35 @@ int64_t sum_over_chunks(const at::Tensor& t, F f) {
       [](int64_t a, int64_t b) { return a + b; });
 }
 
+// entries of a floating point tensor whose bits, sign left out, are not zero
+template <typename bits_t>
+int64_t count_nonzero_bits(const at::Tensor& t) {
+  const bits_t value = float_bits<bits_t>(t.scalar_type()).first;
+  return sum_over_chunks<bits_t>(t, [&](const bits_t* p, int64_t n) {
+    return count_bits_nonzero<bits_t>(p, n, value);
+  });
+}
+
+// chunks of a floating point tensor that hold NaN or inf
+template <typename bits_t>
+int64_t count_nonfinite_chunks(const at::Tensor& t) {
+  const bits_t e = float_bits<bits_t>(t.scalar_type()).second;
+  return sum_over_chunks<bits_t>(t, [&](const bits_t* p, int64_t n) {
+    return int64_t{any_exponent_full<bits_t>(p, n, e)};
+  });
+}
+
 at::Tensor nonzero_count(const at::Tensor& t) {
   check_pass_input(t, "nonzero_count");
   int64_t count = 0;
   if (t.scalar_type() == at::kBool) {
     count = sum_over_chunks<uint8_t>(t, [](const uint8_t* p, int64_t n) { return count_ones(p, n); });
   } else if (t.element_size() == 4) {
-    const uint32_t value = float_bits<uint32_t>(t.scalar_type()).first;
-    count = sum_over_chunks<uint32_t>(t, [&](const uint32_t* p, int64_t n) { return count_bits_nonzero<uint32_t>(p, n, value); });
+    count = count_nonzero_bits<uint32_t>(t);
   } else if (t.element_size() == 8) {
-    const uint64_t value = float_bits<uint64_t>(t.scalar_type()).first;
-    count = sum_over_chunks<uint64_t>(t, [&](const uint64_t* p, int64_t n) { return count_bits_nonzero<uint64_t>(p, n, value); });
+    count = count_nonzero_bits<uint64_t>(t);
   } else {
-    const uint16_t value = float_bits<uint16_t>(t.scalar_type()).first;
-    count = sum_over_chunks<uint16_t>(t, [&](const uint16_t* p, int64_t n) { return count_bits_nonzero<uint16_t>(p, n, value); });
+    count = count_nonzero_bits<uint16_t>(t);
   }
   return at::scalar_tensor(count, at::TensorOptions().dtype(at::kLong));
 }
@@ -175,14 +191,11 @@ at::Tensor any_nonfinite(const at::Tensor& t) {
   TORCH_CHECK(t.scalar_type() != at::kBool, "any_nonfinite: a floating point tensor, got bool");
   int64_t found = 0;
   if (t.element_size() == 4) {
-    const uint32_t e = float_bits<uint32_t>(t.scalar_type()).second;
-    found = sum_over_chunks<uint32_t>(t, [&](const uint32_t* p, int64_t n) { return int64_t{any_exponent_full<uint32_t>(p, n, e)}; });
+    found = count_nonfinite_chunks<uint32_t>(t);
   } else if (t.element_size() == 8) {
-    const uint64_t e = float_bits<uint64_t>(t.scalar_type()).second;
-    found = sum_over_chunks<uint64_t>(t, [&](const uint64_t* p, int64_t n) { return int64_t{any_exponent_full<uint64_t>(p, n, e)}; });
+    found = count_nonfinite_chunks<uint64_t>(t);
   } else {
-    const uint16_t e = float_bits<uint16_t>(t.scalar_type()).second;
-    found = sum_over_chunks<uint16_t>(t, [&](const uint16_t* p, int64_t n) { return int64_t{any_exponent_full<uint16_t>(p, n, e)}; });
+    found = count_nonfinite_chunks<uint16_t>(t);
   }
   return at::scalar_tensor(found > 0, at::TensorOptions().dtype(at::kBool));
 }
