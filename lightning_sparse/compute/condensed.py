@@ -91,18 +91,26 @@ class CondensedPlan:
         return self.indices.shape[0]
 
     @classmethod
-    def from_mask(cls, mask: Tensor, name: str = "layer") -> CondensedPlan:
+    def from_mask(cls, mask: Tensor, name: str = "layer", kernel: str = "auto") -> CondensedPlan:
         """The plan of a ``[out, in]`` boolean mask (a conv mask ``[out, in, 1, 1]`` is flattened). Raises
-        ``ValueError`` if the non-empty rows hold different numbers of entries."""
+        ``ValueError`` if the non-empty rows hold different numbers of entries. A CPU mask is indexed by the C++
+        ``condensed_train_plan`` (counting sorts, ~30x faster than the sorts of the torch path, which ``kernel="torch"``
+        and other devices take; both give the same tensors)."""
         mask = mask.detach().reshape(mask.shape[0], -1).to(torch.bool)
         out, features = mask.shape
-        counts = mask.sum(1)
+        ops = None
+        if mask.device.type == "cpu" and max(out, features) < 2**31 and kernel != "torch":
+            ops = kernels.cpu_condensed_train(kernel)
+        built = ops.condensed_train_plan(mask.contiguous()) if ops is not None else None
+        counts = built[0] if built is not None else mask.sum(1)
         low, high = fan_in_range(counts)
         if low != high:
             raise ValueError(
                 f"compute='condensed': the mask of {name} has rows with {low} to {high} active entries, not a constant"
                 " fan-in (train with pattern='fan_in')"
             )
+        if built is not None:
+            return cls._from_built(built, out, features, high)
         rows = None
         if high and bool((counts == 0).any()):  # neuron ablation emptied these rows: not computed
             rows = (counts > 0).nonzero().view(-1)
@@ -128,6 +136,20 @@ class CondensedPlan:
         tcols = torch.empty_like(cols).index_copy_(0, by_column, cols)
         return cls(features, out, high, indices, rows, pack_blocks(indices), positions, ptr, cols, flat,
                    forward, tindices, seg, tpositions, tcols, colseg)  # fmt: skip
+
+    @classmethod
+    def _from_built(cls, built: list[Tensor], out: int, features: int, k: int) -> CondensedPlan:
+        counts, indices, flat, positions, ptr, cols, order, tindices, seg, tpositions, tcols, colseg = built
+        nonempty = counts > 0
+        held = int(nonempty.sum()) if k else 0
+        rows = None
+        if k and held < out:  # neuron ablation emptied these rows: not computed
+            rows = nonempty.nonzero().view(-1)
+        elif not k and out:
+            rows = torch.zeros(0, dtype=torch.int64)
+        indices = indices.view(held, k)
+        return cls(features, out, k, indices, rows, pack_blocks(indices), positions, ptr, cols, flat, order, tindices,
+                   seg, tpositions, tcols, colseg)  # fmt: skip
 
     def dense_mask(self) -> Tensor:
         """The ``[out, in]`` boolean mask this plan was made from."""
@@ -440,7 +462,7 @@ class CondensedCompute:
                 continue
             if "forward" in module.__dict__:
                 raise ValueError(f"compute='condensed': the module of {name} already has its own forward attribute")
-            plans[name] = (module, CondensedPlan.from_mask(masks[name], name))
+            plans[name] = (module, CondensedPlan.from_mask(masks[name], name, self.kernel))
         for name, (module, plan) in plans.items():
             attached = _Attached(self, name, module.weight, plan)
             module.__dict__["_condensed"] = attached
@@ -450,7 +472,7 @@ class CondensedCompute:
 
     def refresh(self, masks: Mapping[str, Tensor]) -> None:
         """Rebuild the condensed form of every attached layer from ``masks`` (after a mask update)."""
-        plans = {name: CondensedPlan.from_mask(masks[name], name) for name in self._layers}
+        plans = {name: CondensedPlan.from_mask(masks[name], name, self.kernel) for name in self._layers}
         for name, plan in plans.items():
             self._layers[name][1].plan = plan
 

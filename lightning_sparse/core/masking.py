@@ -169,7 +169,7 @@ class Masking:
         """Active weights per layer over the whole weight, counted from the masks (one host read)."""
         if not self.masks:
             return []
-        local_counts = torch.stack([m.sum() for m in self.masks]).to(torch.int64)
+        local_counts = torch.stack([nonzero_count(m) for m in self.masks])
         totals = distributed.reduce_layer_sums(local_counts, self.specs, self.group)
         return [int(n) for n in totals.tolist()]
 

@@ -60,6 +60,7 @@ from lightning_sparse.core.masking import Masking, ZeroedWeights
 from lightning_sparse.core.optimizer import check_momentum_optimizer, optimizer_momentum
 from lightning_sparse.core.report_inputs import report_inputs
 from lightning_sparse.core.selection import select_layers
+from lightning_sparse.functional.passes import nonzero_count
 from lightning_sparse.functional.units import pattern_counts
 from lightning_sparse.methods import LayerState, SparseAlgorithm, UpdateContext, UpdateResult
 from lightning_sparse.methods.dst import DST
@@ -415,7 +416,7 @@ class Sparsifier:
         if not self._explored:
             return Explored({}, 0.0)
         specs, group = self._layout()
-        local_counts = torch.stack([e.sum() for e in self._explored]).to(torch.int64)
+        local_counts = torch.stack([nonzero_count(e) for e in self._explored])
         counts = distributed.reduce_layer_sums(local_counts, specs, group).tolist()
         sizes = self.sizes
         return Explored({n: c / s for n, c, s in zip(self.names, counts, sizes)}, sum(counts) / max(sum(sizes), 1))

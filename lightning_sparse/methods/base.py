@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.distributed import ProcessGroup
 
 from lightning_sparse.core.distributed import ShardSpec, common_group, reduce_layer_sums, shards_of
+from lightning_sparse.functional.passes import nonzero_count
 from lightning_sparse.functional.patterns import Pattern
 from lightning_sparse.functional.prune_grow import add_highest, drop_lowest, random_growth
 from lightning_sparse.functional.selection import hash_scores
@@ -196,5 +197,5 @@ def shard_reducer(layers: Sequence[LayerState]) -> Callable[[Tensor], Tensor] | 
 
 def layer_counts(masks: Sequence[Tensor], reducer: Callable[[Tensor], Tensor] | None) -> list[int]:
     """Active entries of each mask, summed over the shards when ``reducer`` is given (one host read)."""
-    counts = torch.stack([m.sum() for m in masks]).to(torch.int64)
+    counts = torch.stack([nonzero_count(m) for m in masks])
     return [int(c) for c in (reducer(counts) if reducer is not None else counts).tolist()]

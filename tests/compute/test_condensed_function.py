@@ -28,6 +28,29 @@ def test_plan_of_a_mask():
         CondensedPlan.from_mask(torch.tensor([[True, True, False], [True, False, False]]))
 
 
+@pytest.mark.parametrize(
+    "shape", [(5, 7, 3, ()), (1, 1, 1, ()), (4, 6, 0, ()), (300, 520, 11, (1, 299)), (257, 300, 40, ()), (6, 600, 600, (2,))]
+)  # fmt: skip
+def test_plan_from_cpp_equals_plan_from_torch(shape):
+    # C++ counting sorts against the torch path's sorts: every index tensor equal, dtypes too (several tiles of 256
+    # inputs and rows, empty rows, all rows empty, full rows)
+    out, features, k, empty = shape
+    mask = fan_in_mask(out, features, k, empty)
+    fast, reference = CondensedPlan.from_mask(mask, kernel="cpp"), CondensedPlan.from_mask(mask, kernel="torch")
+    assert (fast.k, fast.held, fast.in_features, fast.out_features) == (reference.k, reference.held, features, out)
+    for field in ("indices", "rows", "packed_indices", "positions", "ptr", "cols", "flat", "order", "tindices", "seg",
+                  "tpositions", "tcols", "colseg"):  # fmt: skip
+        a, b = getattr(fast, field), getattr(reference, field)
+        if b is None:
+            assert a is None, field
+        else:
+            assert a.dtype == b.dtype and torch.equal(a, b), field
+    uneven = torch.tensor([[True, True, False], [True, False, False]])
+    for kernel in ("cpp", "torch"):
+        with pytest.raises(ValueError, match="rows with 1 to 2 active entries, not a constant fan-in"):
+            CondensedPlan.from_mask(uneven, kernel=kernel)
+
+
 @pytest.mark.parametrize("empty", [(), (0, 3)])
 def test_gradcheck_float64(empty):
     # the torch path (float64): analytic gradients of x, weight and bias against finite differences; the weight's
