@@ -93,9 +93,10 @@ class CondensedPlan:
     @classmethod
     def from_mask(cls, mask: Tensor, name: str = "layer", kernel: str = "auto") -> CondensedPlan:
         """The plan of a ``[out, in]`` boolean mask (a conv mask ``[out, in, 1, 1]`` is flattened). Raises
-        ``ValueError`` if the non-empty rows hold different numbers of entries. A CPU mask is indexed by the C++
-        ``condensed_train_plan`` (counting sorts, ~30x faster than the sorts of the torch path, which ``kernel="torch"``
-        and other devices take; both give the same tensors)."""
+        ``ValueError`` if the non-empty rows hold different numbers of entries. ``kernel`` is named as in
+        :class:`CondensedCompute`: with ``"auto"`` or ``"cpp"`` a CPU mask is indexed by the C++ ``condensed_train_plan``
+        (counting sorts, ~6x faster than the sorts of the torch path: ~50 against ~300 ms for 3072 x 3072 at density
+        0.1), with ``"torch"``, and on other devices, by torch's ops; both give the same tensors."""
         mask = mask.detach().reshape(mask.shape[0], -1).to(torch.bool)
         out, features = mask.shape
         ops = None
