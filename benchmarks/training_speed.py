@@ -10,8 +10,9 @@ the update) divided by ``--interval`` (RigL's 100). Updates run in ``functional/
 issue 21's item 3.
 
 * ``mlp``: an MLP 3072-3072-3072-10 (ReLU) at batch 256 and 1, random data, SGD with momentum (``--optimizer
-  sgd-fused``: ``fused=True``; the SGD step over the dense weights is paid in every mode, and torch's default
-  for-each implementation spends about three times as long on it as the fused one);
+  sgd-fused``: ``fused=True``; the SGD step over the dense weights is paid in every mode, and torch's
+  default implementation, on the CPU one loop of ops per tensor, spends about three times as long on it as the fused
+  one);
 * ``lenet``: LeNet-300-100 on Fashion-MNIST, one whole epoch at batch 128 (the time of the epoch and the test
   error after it: accuracy is unchanged by the compute mode), read as ``examples/fashion_mnist.py`` reads it;
 * ``vit``: the MLP blocks of ``examples/vit_fashion_mnist.py`` (4 blocks 64-128-64, GELU, residual) on the
@@ -193,7 +194,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="rounds (synthetic parts) or epochs per mode (lenet)")
     parser.add_argument(
         "--optimizer", choices=["sgd", "sgd-fused"], default="sgd",
-        help="torch.optim.SGD with its default (for-each) implementation, or fused=True (one C++ pass per tensor)",
+        help="torch.optim.SGD as it defaults (on the CPU: a loop of ops per tensor), or fused=True (one C++ pass per tensor)",
     )  # fmt: skip
     args = parser.parse_args()
     OPTIMIZER.update({"fused": True} if args.optimizer == "sgd-fused" else {})
