@@ -607,6 +607,35 @@ __attribute__((target("avx512f"))) inline void seg_dot_avx512(const float* g, co
     _mm512_mask_storeu_ps(dv + p, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, dv + p), hsum16(acc)));
   }
 }
+// dst[j * ld_dst + i] = src[i * ld_src + j] (+ bias[i]) for i, j < 16: a 16 x 16 block transposed in registers (the
+// write-out of tiled_rows: one scalar move per output was most of a small layer's product)
+__attribute__((target("avx512f"))) void transpose16_avx512(const float* src, int64_t ld_src, float* dst,
+                                                            int64_t ld_dst, const float* bias) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ld_src);
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 2; ++i) {
+    for (int j = 0; j < 4; ++j) {
+      t[8 * i + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], _MM_SHUFFLE(2, 0, 2, 0));
+      t[8 * i + 4 + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], _MM_SHUFFLE(3, 1, 3, 1));
+    }
+  }
+  const __m512 b = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
+  for (int j = 0; j < 8; ++j) {
+    _mm512_storeu_ps(dst + j * ld_dst, _mm512_add_ps(_mm512_shuffle_f32x4(t[j], t[8 + j], _MM_SHUFFLE(2, 0, 2, 0)), b));
+    _mm512_storeu_ps(dst + (8 + j) * ld_dst,
+                     _mm512_add_ps(_mm512_shuffle_f32x4(t[j], t[8 + j], _MM_SHUFFLE(3, 1, 3, 1)), b));
+  }
+}
 #endif
 
 template <typename index_t>
@@ -652,7 +681,14 @@ void tiled_rows(const float* src, int64_t n_src, int64_t chunks, int64_t batch, 
       const int64_t width = std::min(kW, batch - c * kW);
       for (int64_t r0 = h0; r0 < h1; r0 += kBlock) {  // 16 rows at a time: one cache line of out per sample
         const int64_t r1 = std::min(h1, r0 + kBlock);
-        for (int64_t s = 0; s < width; ++s) {
+        int64_t s0 = 0;
+#if LS_X86
+        if (kAvx512 && !map && r1 - r0 == kBlock)  // 16 x 16 blocks transposed in registers
+          for (; s0 + 16 <= width; s0 += 16)
+            transpose16_avx512(buffer.data() + (r0 - h0) * kW + s0, kW, out + (c * kW + s0) * out_ld + r0, out_ld,
+                               bias ? bias + r0 : nullptr);
+#endif
+        for (int64_t s = s0; s < width; ++s) {
           float* dst = out + (c * kW + s) * out_ld;
           for (int64_t h = r0; h < r1; ++h) {
             const int64_t o = map ? map[h] : h;
