@@ -29,6 +29,18 @@ namespace {
 
 constexpr int64_t kGrainSize = 1 << 16;
 
+// f(bits_t{}) with bits_t the unsigned integer of `size` bytes (1, 2, 4 or 8): the passes work on an element's bits
+template <typename F>
+auto with_bits(int64_t size, const char* name, F&& f) {
+  TORCH_CHECK(size == 1 || size == 2 || size == 4 || size == 8, name, ": unsupported element size ", size);
+  switch (size) {
+    case 1: return f(uint8_t{});
+    case 2: return f(uint16_t{});
+    case 4: return f(uint32_t{});
+    default: return f(uint64_t{});
+  }
+}
+
 template <typename bits_t>
 void zero_where_false(const at::Tensor& weight, const at::Tensor& mask) {
   auto* w = static_cast<bits_t*>(weight.mutable_data_ptr());
@@ -53,13 +65,8 @@ void masked_zero_(at::TensorList weights, at::TensorList masks) {
                 " must be contiguous");
     TORCH_CHECK(weight.numel() == mask.numel(), "masked_zero_: weight ", k, " has ", weight.numel(),
                 " elements but its mask has ", mask.numel());
-    switch (weight.element_size()) {
-      case 1: zero_where_false<uint8_t>(weight, mask); break;
-      case 2: zero_where_false<uint16_t>(weight, mask); break;
-      case 4: zero_where_false<uint32_t>(weight, mask); break;
-      case 8: zero_where_false<uint64_t>(weight, mask); break;
-      default: TORCH_CHECK(false, "masked_zero_: unsupported element size ", weight.element_size());
-    }
+    with_bits(weight.element_size(), "masked_zero_",
+              [&](auto bits) { zero_where_false<decltype(bits)>(weight, mask); });
   }
 }
 
@@ -176,12 +183,9 @@ at::Tensor nonzero_count(const at::Tensor& t) {
   int64_t count = 0;
   if (t.scalar_type() == at::kBool) {
     count = sum_over_chunks<uint8_t>(t, [](const uint8_t* p, int64_t n) { return count_ones(p, n); });
-  } else if (t.element_size() == 4) {
-    count = count_nonzero_bits<uint32_t>(t);
-  } else if (t.element_size() == 8) {
-    count = count_nonzero_bits<uint64_t>(t);
   } else {
-    count = count_nonzero_bits<uint16_t>(t);
+    count = with_bits(t.element_size(), "nonzero_count",
+                      [&](auto bits) { return count_nonzero_bits<decltype(bits)>(t); });
   }
   return at::scalar_tensor(count, at::TensorOptions().dtype(at::kLong));
 }
@@ -189,14 +193,8 @@ at::Tensor nonzero_count(const at::Tensor& t) {
 at::Tensor any_nonfinite(const at::Tensor& t) {
   check_pass_input(t, "any_nonfinite");
   TORCH_CHECK(t.scalar_type() != at::kBool, "any_nonfinite: a floating point tensor, got bool");
-  int64_t found = 0;
-  if (t.element_size() == 4) {
-    found = count_nonfinite_chunks<uint32_t>(t);
-  } else if (t.element_size() == 8) {
-    found = count_nonfinite_chunks<uint64_t>(t);
-  } else {
-    found = count_nonfinite_chunks<uint16_t>(t);
-  }
+  const int64_t found = with_bits(t.element_size(), "any_nonfinite",
+                                  [&](auto bits) { return count_nonfinite_chunks<decltype(bits)>(t); });
   return at::scalar_tensor(found > 0, at::TensorOptions().dtype(at::kBool));
 }
 
@@ -299,13 +297,7 @@ void zero_where_(at::TensorList tensors, const at::Tensor& mask) {
     const at::Tensor& t = tensors[k];
     TORCH_CHECK(t.is_cpu() && t.is_contiguous() && t.numel() == mask.numel(), "zero_where_: tensor ", k,
                 " must be a contiguous CPU tensor with the mask's ", mask.numel(), " elements");
-    switch (t.element_size()) {
-      case 1: zero_where_true<uint8_t>(t, m); break;
-      case 2: zero_where_true<uint16_t>(t, m); break;
-      case 4: zero_where_true<uint32_t>(t, m); break;
-      case 8: zero_where_true<uint64_t>(t, m); break;
-      default: TORCH_CHECK(false, "zero_where_: unsupported element size ", t.element_size());
-    }
+    with_bits(t.element_size(), "zero_where_", [&](auto bits) { zero_where_true<decltype(bits)>(t, m); });
   }
 }
 
