@@ -36,6 +36,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <string>
 #include <vector>
@@ -118,13 +119,23 @@ __attribute__((target("avx2,fma"))) inline __m256 gather8_i64(const float* x, co
 
 __attribute__((target("avx2,fma"))) void block_dot_avx2(const float* v, const int64_t* idx, const float* x,
                                                         int64_t k, float* s) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-  for (int64_t j = 0; j < k; ++j) {
+  // entries j and j + 1 in alternating accumulators: the order of every other variant and strategy
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 2 <= k; j += 2) {
+    const int64_t* i = idx + j * kBlock;
+    const float* w = v + j * kBlock;
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w), gather8_i64(x, i), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 8), gather8_i64(x, i + 8), a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 16), gather8_i64(x, i + 16), a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 24), gather8_i64(x, i + 24), a3);
+  }
+  if (j < k) {
     a0 = _mm256_fmadd_ps(_mm256_loadu_ps(v + j * kBlock), gather8_i64(x, idx + j * kBlock), a0);
     a1 = _mm256_fmadd_ps(_mm256_loadu_ps(v + j * kBlock + 8), gather8_i64(x, idx + j * kBlock + 8), a1);
   }
-  _mm256_storeu_ps(s, a0);
-  _mm256_storeu_ps(s + 8, a1);
+  _mm256_storeu_ps(s, _mm256_add_ps(a0, a2));
+  _mm256_storeu_ps(s + 8, _mm256_add_ps(a1, a3));
 }
 
 template <typename index_t>
@@ -157,37 +168,86 @@ __attribute__((target("avx2,fma"))) void axpy_avx2(const float* v, const index_t
 }
 
 // The scalar-load strategy (any AVX2 CPU): the 16 inputs of entry j are read with scalar loads and put into
-// vectors (the compiler's vinsertps/vinsertf128), then one FMA per 8 rows. No gather instruction: on CPUs whose
-// gathers are microcoded or slow (AMD Zen 1-4 among them) 16 scalar loads cost less than a 16-lane gather.
+// vectors, then one FMA per 8 rows. No gather instruction: on CPUs whose gathers are microcoded or slow (AMD Zen
+// 1-4 among them) 16 scalar loads cost less than a 16-lane gather. This loop is bound by the core's load and
+// dispatch slots (~0.65 cycles per entry on a Zen 4, measured), so every instruction per entry counts: uint16
+// indices are read two per 32-bit load (one load, a movzx and a shift for two inputs, where a load per index
+// took ~15 % longer), and the 8 inputs of a vector are placed by `vinsertps` (AVX2) or by masked broadcast loads
+// (AVX-512VL: one instruction per input, load and merge). Both add the same products in the same order as the
+// gather strategy.
+// x[i[0..7]] as one vector, AVX2: two quads of vmovss + 3 vinsertps
+__attribute__((target("avx2,fma"), always_inline)) inline __m128 quad_avx2(const float* x, uint32_t a, uint32_t b) {
+  __m128 r = _mm_load_ss(x + (a & 0xFFFFu));
+  r = _mm_insert_ps(r, _mm_load_ss(x + (a >> 16)), 0x10);
+  r = _mm_insert_ps(r, _mm_load_ss(x + (b & 0xFFFFu)), 0x20);
+  return _mm_insert_ps(r, _mm_load_ss(x + (b >> 16)), 0x30);
+}
+__attribute__((target("avx2,fma"), always_inline)) inline __m256 inputs8_avx2(const float* x, const uint16_t* i) {
+  uint32_t w[4];  // the 8 indices, two per word (little endian: the first in the low half)
+  std::memcpy(w, i, sizeof(w));
+  return _mm256_set_m128(quad_avx2(x, w[2], w[3]), quad_avx2(x, w[0], w[1]));
+}
+template <typename index_t>  // int32_t or int64_t: one load per index
+__attribute__((target("avx2,fma"), always_inline)) inline __m256 inputs8_avx2(const float* x, const index_t* i) {
+  auto at = [x](index_t n) { return x[static_cast<int64_t>(n)]; };
+  return _mm256_set_ps(at(i[7]), at(i[6]), at(i[5]), at(i[4]), at(i[3]), at(i[2]), at(i[1]), at(i[0]));
+}
+// AVX-512VL: lane 0 by vmovss, lanes 1-7 by masked broadcast loads (vbroadcastss ymm{k}, m32)
+#define LS_TARGET_VL __attribute__((target("avx512f,avx512vl,fma")))
+#define LS_INLINE_VL __attribute__((target("avx512f,avx512vl,fma"), always_inline))  // a call per vector costs ~25 %
+LS_INLINE_VL inline __m256 place8(float x0, const float* p1, const float* p2, const float* p3, const float* p4,
+                                  const float* p5, const float* p6, const float* p7) {
+  __m256 r = _mm256_castps128_ps256(_mm_set_ss(x0));
+  r = _mm256_mask_broadcastss_ps(r, 0x02, _mm_load_ss(p1));
+  r = _mm256_mask_broadcastss_ps(r, 0x04, _mm_load_ss(p2));
+  r = _mm256_mask_broadcastss_ps(r, 0x08, _mm_load_ss(p3));
+  r = _mm256_mask_broadcastss_ps(r, 0x10, _mm_load_ss(p4));
+  r = _mm256_mask_broadcastss_ps(r, 0x20, _mm_load_ss(p5));
+  r = _mm256_mask_broadcastss_ps(r, 0x40, _mm_load_ss(p6));
+  return _mm256_mask_broadcastss_ps(r, 0x80, _mm_load_ss(p7));
+}
+LS_INLINE_VL inline __m256 inputs8_vl(const float* x, const uint16_t* i) {
+  uint32_t w[4];
+  std::memcpy(w, i, sizeof(w));
+  return place8(x[w[0] & 0xFFFFu], x + (w[0] >> 16), x + (w[1] & 0xFFFFu), x + (w[1] >> 16), x + (w[2] & 0xFFFFu),
+                x + (w[2] >> 16), x + (w[3] & 0xFFFFu), x + (w[3] >> 16));
+}
+template <typename index_t>
+LS_INLINE_VL inline __m256 inputs8_vl(const float* x, const index_t* i) {
+  return place8(x[i[0]], x + i[1], x + i[2], x + i[3], x + i[4], x + i[5], x + i[6], x + i[7]);
+}
+
+// s[0:16] = the block's sums, entries j and j + 1 in alternating accumulators (the gather strategy's order)
+#define LS_SCALAR_BLOCK_DOT(inputs8)                                                                        \
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),                     \
+         a3 = _mm256_setzero_ps();                                                                          \
+  int64_t j = 0;                                                                                            \
+  for (; j + 2 <= k; j += 2) {                                                                              \
+    const index_t* i = idx + j * kBlock;                                                                    \
+    const float* w = v + j * kBlock;                                                                        \
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w), inputs8(x, i), a0);                                            \
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 8), inputs8(x, i + 8), a1);                                    \
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 16), inputs8(x, i + 16), a2);                                  \
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 24), inputs8(x, i + 24), a3);                                  \
+  }                                                                                                         \
+  if (j < k) {                                                                                              \
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(v + j * kBlock), inputs8(x, idx + j * kBlock), a0);                \
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(v + j * kBlock + 8), inputs8(x, idx + j * kBlock + 8), a1);       \
+  }                                                                                                         \
+  _mm256_storeu_ps(s, _mm256_add_ps(a0, a2));                                                               \
+  _mm256_storeu_ps(s + 8, _mm256_add_ps(a1, a3));
+
 template <typename index_t>
 __attribute__((target("avx2,fma"))) void block_dot_scalar_avx2(const float* v, const index_t* idx, const float* x,
                                                                int64_t k, float* s) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-  auto at = [x](index_t i) { return x[static_cast<int64_t>(i)]; };
-  int64_t j = 0;
-  for (; j + 2 <= k; j += 2) {
-    const index_t* i = idx + j * kBlock;
-    const float* w = v + j * kBlock;
-    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w), _mm256_set_ps(at(i[7]), at(i[6]), at(i[5]), at(i[4]), at(i[3]),
-                                                           at(i[2]), at(i[1]), at(i[0])), a0);
-    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 8), _mm256_set_ps(at(i[15]), at(i[14]), at(i[13]), at(i[12]),
-                                                               at(i[11]), at(i[10]), at(i[9]), at(i[8])), a1);
-    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 16), _mm256_set_ps(at(i[23]), at(i[22]), at(i[21]), at(i[20]),
-                                                                at(i[19]), at(i[18]), at(i[17]), at(i[16])), a2);
-    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 24), _mm256_set_ps(at(i[31]), at(i[30]), at(i[29]), at(i[28]),
-                                                                at(i[27]), at(i[26]), at(i[25]), at(i[24])), a3);
-  }
-  if (j < k) {
-    const index_t* i = idx + j * kBlock;
-    const float* w = v + j * kBlock;
-    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w), _mm256_set_ps(at(i[7]), at(i[6]), at(i[5]), at(i[4]), at(i[3]),
-                                                           at(i[2]), at(i[1]), at(i[0])), a0);
-    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 8), _mm256_set_ps(at(i[15]), at(i[14]), at(i[13]), at(i[12]),
-                                                               at(i[11]), at(i[10]), at(i[9]), at(i[8])), a1);
-  }
-  _mm256_storeu_ps(s, _mm256_add_ps(a0, a2));
-  _mm256_storeu_ps(s + 8, _mm256_add_ps(a1, a3));
+  LS_SCALAR_BLOCK_DOT(inputs8_avx2)
 }
+template <typename index_t>
+LS_TARGET_VL void block_dot_scalar_vl(const float* v, const index_t* idx, const float* x, int64_t k, float* s) {
+  LS_SCALAR_BLOCK_DOT(inputs8_vl)
+}
+#undef LS_SCALAR_BLOCK_DOT
+#undef LS_INLINE_VL
 
 // ---------------------------------------------------------------------------------------------- AVX-512
 // 16 indices as a vector of int32: int32 loaded as they are, uint16 widened
@@ -294,6 +354,18 @@ Isa detect_isa() {
 
 const Isa kIsa = detect_isa();
 
+// AVX-512VL (every AVX-512 CPU but Xeon Phi), for the scalar strategy's masked broadcasts
+bool detect_vl() {
+#if LS_X86
+  __builtin_cpu_init();
+  return kIsa == Isa::kAvx512 && __builtin_cpu_supports("avx512vl");
+#else
+  return false;
+#endif
+}
+
+const bool kHasVl = detect_vl();
+
 // How the small-batch (gather) order reads the 16 inputs of one entry of a block:
 // * kGather: one hardware gather (AVX-512: one of 16 lanes; AVX2: two of 8), fast on Intel cores;
 // * kScalar: 16 scalar loads put into vectors (AVX2 and up), for CPUs whose gathers are slow (AMD).
@@ -329,6 +401,7 @@ Strategy parse_strategy(c10::string_view name) {
 template <typename index_t>
 inline void block_dot(Strategy strategy, const float* v, const index_t* idx, const float* x, int64_t k, float* s) {
 #if LS_X86
+  if (strategy == Strategy::kScalar && kHasVl) return block_dot_scalar_vl(v, idx, x, k, s);
   if (strategy == Strategy::kScalar && kIsa != Isa::kPortable) return block_dot_scalar_avx2(v, idx, x, k, s);
   if (kIsa == Isa::kAvx512) return block_dot_avx512(v, idx, x, k, s);
   if (kIsa == Isa::kAvx2) return block_dot_avx2(v, idx, x, k, s);

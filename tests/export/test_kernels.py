@@ -177,6 +177,8 @@ def test_condensed_kernel_other_instruction_sets(isa):
         "import torch, tests.export.test_kernels as t; from lightning_sparse import kernels\n"
         "op = kernels.cpu_condensed_linear('cpp'); print(torch.ops.lightning_sparse.condensed_isa())\n"
         "t.test_condensed_kernel_equals_the_dense_product()\n"
+        "import tests.export.test_condensed_strategies as s\n"  # each variant's scalar strategy, bit-equal to gather
+        "for d in (torch.int32, torch.int64, torch.uint16): s.test_every_strategy_equals_the_dense_product_and_each_other_bit_for_bit(d)\n"
         "assert kernels.cpu_masked_zero('cpp') is not None\n"
     )
     env = {**os.environ, "LIGHTNING_SPARSE_ISA": isa}
