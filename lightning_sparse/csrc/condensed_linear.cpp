@@ -248,6 +248,7 @@ LS_TARGET_VL void block_dot_scalar_vl(const float* v, const index_t* idx, const 
 }
 #undef LS_SCALAR_BLOCK_DOT
 #undef LS_INLINE_VL
+#undef LS_TARGET_VL
 
 // ---------------------------------------------------------------------------------------------- AVX-512
 // 16 indices as a vector of int32: int32 loaded as they are, uint16 widened
