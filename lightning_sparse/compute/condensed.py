@@ -365,6 +365,8 @@ def condensed_linear(
 ) -> Tensor:
     """``x [..., in]`` -> ``[..., out]`` with :class:`CondensedLinearFunction` (``weight`` ``[out, in]`` or a 1x1
     conv's ``[out, in, 1, 1]``)."""
+    if x.dim() == 2 and weight.dim() == 2:  # no views: each costs a node in the backward graph (~3 us per step)
+        return CondensedLinearFunction.apply(x, weight, bias, plan, kernel, dense_gradients, layer)
     w = weight.reshape(plan.out_features, plan.in_features)
     y = CondensedLinearFunction.apply(x.reshape(-1, plan.in_features), w, bias, plan, kernel, dense_gradients, layer)
     return y.reshape(*x.shape[:-1], plan.out_features)
