@@ -365,6 +365,11 @@ def condensed_linear(
 ) -> Tensor:
     """``x [..., in]`` -> ``[..., out]`` with :class:`CondensedLinearFunction` (``weight`` ``[out, in]`` or a 1x1
     conv's ``[out, in, 1, 1]``)."""
+    if x.dim() == 0 or x.shape[-1] != plan.in_features:  # the kernels index x by the plan: never read past a row
+        raise RuntimeError(
+            f"condensed layer: the input's last dimension must be in_features = {plan.in_features}, got input of"
+            f" shape {tuple(x.shape)} (nn.Linear would refuse it too)"
+        )
     if x.dim() == 2 and weight.dim() == 2:  # no views: each costs a node in the backward graph (~3 us per step)
         return CondensedLinearFunction.apply(x, weight, bias, plan, kernel, dense_gradients, layer)
     w = weight.reshape(plan.out_features, plan.in_features)

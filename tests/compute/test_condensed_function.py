@@ -180,3 +180,17 @@ def test_copies_of_an_attached_module_compute_densely():
     for clone in (copy.deepcopy(lin), pickle.loads(pickle.dumps(lin))):
         assert torch.allclose(clone(x), nn.functional.linear(x, clone.weight, clone.bias))
     assert torch.allclose(lin(x), x @ (lin.weight * mask).t() + lin.bias)
+
+
+@pytest.mark.parametrize("kernel", ["auto", "torch"])
+def test_an_input_of_the_wrong_width_is_refused(kernel):
+    # the kernels index x by the plan's positions: a narrower input would be read past its rows, a wider one
+    # multiplied at the wrong positions; nn.Linear refuses both, so does the condensed layer (2-D inputs take a
+    # path without reshapes, whose size checks refused them before)
+    lin = nn.Linear(100, 20)
+    plan = CondensedPlan.from_mask(fan_in_mask(20, 100, 10))
+    for shape in [(1, 50), (128, 50), (4, 200), (4, 3, 50), (50,)]:
+        with pytest.raises(RuntimeError, match=rf"in_features = 100, got input of shape {tuple(shape)}".replace("(", r"\(").replace(")", r"\)")):
+            condensed_linear(torch.randn(*shape), lin.weight, lin.bias, plan, kernel=kernel)
+    for shape, out in [((100,), (20,)), ((3, 100), (3, 20)), ((2, 3, 100), (2, 3, 20))]:
+        assert condensed_linear(torch.randn(*shape), lin.weight, lin.bias, plan, kernel=kernel).shape == out
