@@ -216,6 +216,11 @@ class CondensedLinearFunction(torch.autograd.Function):
         dense_gradients: bool,
         layer: Any,
     ) -> Tensor:
+        if x.dim() != 2 or x.shape[1] != plan.in_features or weight.shape != (plan.out_features, plan.in_features):
+            raise RuntimeError(  # the kernels index x and weight by the plan: never read past them
+                f"CondensedLinearFunction: x must be [batch, {plan.in_features}] and weight [{plan.out_features},"
+                f" {plan.in_features}] for this plan, got {tuple(x.shape)} and {tuple(weight.shape)}"
+            )
         ops = _cpp_ops(kernel, x, weight, bias) if plan.held and plan.k else None
         ctx.plan, ctx.dense, ctx.layer, ctx.ops = plan, dense_gradients, layer, ops
         ctx.values_t = None

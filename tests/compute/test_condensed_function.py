@@ -6,7 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_sparse.compute.condensed import CondensedCompute, CondensedPlan, condensed_linear
+from lightning_sparse.compute.condensed import (
+    CondensedCompute,
+    CondensedLinearFunction,
+    CondensedPlan,
+    condensed_linear,
+)
 
 
 def fan_in_mask(out, features, k, empty=(), seed=0):
@@ -194,3 +199,11 @@ def test_an_input_of_the_wrong_width_is_refused(kernel):
             condensed_linear(torch.randn(*shape), lin.weight, lin.bias, plan, kernel=kernel)
     for shape, out in [((100,), (20,)), ((3, 100), (3, 20)), ((2, 3, 100), (2, 3, 20))]:
         assert condensed_linear(torch.randn(*shape), lin.weight, lin.bias, plan, kernel=kernel).shape == out
+
+
+def test_the_function_refuses_operands_that_do_not_fit_its_plan():
+    plan = CondensedPlan.from_mask(fan_in_mask(20, 100, 10))
+    x, w = torch.randn(4, 100), torch.randn(20, 100)
+    for bad_x, bad_w in [(torch.randn(4, 50), w), (torch.randn(2, 4, 100), w), (x, torch.randn(20, 50)), (x, torch.randn(10, 100))]:
+        with pytest.raises(RuntimeError, match=r"x must be \[batch, 100\] and weight \[20, 100\] for this plan"):
+            CondensedLinearFunction.apply(bad_x, bad_w, None, plan, "auto", False, None)
