@@ -375,7 +375,7 @@ def condensed_linear(
             f"condensed layer: the input's last dimension must be in_features = {plan.in_features}, got input of"
             f" shape {tuple(x.shape)} (nn.Linear would refuse it too)"
         )
-    if x.dim() == 2 and weight.dim() == 2:  # no views: each costs a node in the backward graph (~3 us per step)
+    if x.dim() == 2 and weight.dim() == 2:  # no views: two backward nodes fewer, 10-20 % of a small layer's step
         return CondensedLinearFunction.apply(x, weight, bias, plan, kernel, dense_gradients, layer)
     w = weight.reshape(plan.out_features, plan.in_features)
     y = CondensedLinearFunction.apply(x.reshape(-1, plan.in_features), w, bias, plan, kernel, dense_gradients, layer)
