@@ -110,15 +110,9 @@ class CondensedPlan:
                 f"compute='condensed': the mask of {name} has rows with {low} to {high} active entries, not a constant"
                 " fan-in (train with pattern='fan_in')"
             )
+        rows, held = _held_rows(counts, high, out)
         if built is not None:
-            return cls._from_built(built, out, features, high)
-        rows = None
-        if high and bool((counts == 0).any()):  # neuron ablation emptied these rows: not computed
-            rows = (counts > 0).nonzero().view(-1)
-        held = out if rows is None else rows.numel()
-        if not high:
-            held = 0
-            rows = torch.zeros(0, dtype=torch.int64, device=mask.device) if out else None
+            return cls._from_built(built, out, features, high, rows, held)
         entries = mask.nonzero()  # row-major: (o, i), increasing i along each row
         device = mask.device
         index_dtype = torch.int32 if features < 2**31 else torch.int64
@@ -139,15 +133,9 @@ class CondensedPlan:
                    forward, tindices, seg, tpositions, tcols, colseg)  # fmt: skip
 
     @classmethod
-    def _from_built(cls, built: list[Tensor], out: int, features: int, k: int) -> CondensedPlan:
-        counts, indices, flat, positions, ptr, cols, order, tindices, seg, tpositions, tcols, colseg = built
-        nonempty = counts > 0
-        held = int(nonempty.sum()) if k else 0
-        rows = None
-        if k and held < out:  # neuron ablation emptied these rows: not computed
-            rows = nonempty.nonzero().view(-1)
-        elif not k and out:
-            rows = torch.zeros(0, dtype=torch.int64)
+    def _from_built(cls, built: list[Tensor], out: int, features: int, k: int, rows: Tensor | None,
+                    held: int) -> CondensedPlan:  # fmt: skip
+        _, indices, flat, positions, ptr, cols, order, tindices, seg, tpositions, tcols, colseg = built
         indices = indices.view(held, k)
         return cls(features, out, k, indices, rows, pack_blocks(indices), positions, ptr, cols, flat, order, tindices,
                    seg, tpositions, tcols, colseg)  # fmt: skip
@@ -156,6 +144,17 @@ class CondensedPlan:
         """The ``[out, in]`` boolean mask this plan was made from."""
         mask = torch.zeros(self.out_features * self.in_features, dtype=torch.bool, device=self.indices.device)
         return mask.index_fill_(0, self.flat, True).view(self.out_features, self.in_features)
+
+
+def _held_rows(counts: Tensor, k: int, out: int) -> tuple[Tensor | None, int]:
+    """The rows a plan computes (``None``: all ``out``) and their number, from the active entries per row
+    ``counts``: rows that neuron ablation emptied are not computed, and with ``k == 0`` none is."""
+    if not k:
+        return (counts.new_zeros(0) if out else None), 0
+    if bool((counts == 0).any()):
+        rows = (counts > 0).nonzero().view(-1)
+        return rows, rows.numel()
+    return None, out
 
 
 _TILE = 256  # inputs per tile of the C++ kernels' tiled order (kTile in csrc/condensed_train.cpp)
