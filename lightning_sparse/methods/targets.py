@@ -140,7 +140,7 @@ def check_counts(
     if not layers:
         return
     local = torch.stack([torch.stack([nonzero_count(p), nonzero_count(m)]) for p, m in zip(result.pruned_masks, result.masks)])
-    counted = (reducer(local.to(torch.int64)) if reducer is not None else local.to(torch.int64)).tolist()
+    counted = (reducer(local) if reducer is not None else local).tolist()  # nonzero_count: int64 already
     wrong = []
     for layer, (kept, now), active, pruned, grown in zip(layers, counted, result.active, result.pruned, result.grown):
         survivors = active - grown
